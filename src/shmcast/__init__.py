@@ -1,0 +1,48 @@
+"""shmcast: broadcast messages from one process to many through shared memory.
+
+One writer, N readers, every reader gets every message in order; waiting sleeps in the kernel
+on a futex, so an idle process costs nothing and nothing freezes under load.  See README.md and
+docs/ for the guide, docs/protocol.md for the protocol.
+"""
+
+from ._errors import (
+    AttachError,
+    MessageKindError,
+    MessageTooLarge,
+    QueueBroken,
+    QueueClosed,
+    QueueTimeout,
+    RoleError,
+    SegmentError,
+    SerializationError,
+    ShmcastError,
+)
+from ._queue import BroadcastQueue, Handle, QueueStats
+from ._serialize import PickleSerializer, Serializer
+from ._wait import BackoffWait, FutexWait, IdleWait, SpinWait, WaitPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttachError",
+    "BackoffWait",
+    "BroadcastQueue",
+    "FutexWait",
+    "Handle",
+    "IdleWait",
+    "MessageKindError",
+    "MessageTooLarge",
+    "PickleSerializer",
+    "QueueBroken",
+    "QueueClosed",
+    "QueueStats",
+    "QueueTimeout",
+    "RoleError",
+    "SegmentError",
+    "SerializationError",
+    "Serializer",
+    "ShmcastError",
+    "SpinWait",
+    "WaitPolicy",
+    "__version__",
+]

@@ -1,0 +1,523 @@
+"""The ring protocol: slots, sequences, backpressure, waiting and liveness.
+
+This module moves *slots*; it knows nothing of objects.  The rules it follows, and the
+memory-ordering argument behind each one, are in docs/protocol.md; the comments below cite them
+as P1..P6.  In brief:
+
+- the writer fills slots with plain stores and publishes them with one release store of
+  ``write_seq`` (P1), followed by a full fence and a look at ``sleepers`` to wake sleeping readers
+  (P3) -- both done by one native call, ``store_and_wake``;
+- a reader copies slots out and releases them with a release store of its own ``read_seq`` (P2),
+  followed by a full fence and a look at ``writer_sleeping`` (P4), also one native call;
+- the writer reuses a slot only when every gating reader has released it (I1).  It caches the
+  gating sequence (the minimum ``read_seq``) and recomputes it, in one native call, only when the
+  cache says the ring is full;
+- a waiter that must sleep announces itself, re-checks, and sleeps on a futex word for at most one
+  slice (P3/P4), so that it also looks at its peer's liveness once per slice.
+
+Who may call what: a :class:`RingWriter` belongs to the one writer process, a :class:`RingReader`
+to the process attached at its index.  Neither is thread-safe; the queue serializes calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from . import _layout as L
+from ._errors import (
+    AttachError,
+    MessageKindError,
+    MessageTooLarge,
+    QueueBroken,
+    QueueClosed,
+    QueueTimeout,
+    SegmentError,
+)
+from ._liveness import identity, is_alive
+from ._segment import Segment
+from ._wait import WaitPolicy
+
+log = logging.getLogger("shmcast")
+
+_DEC = 0xFFFFFFFF  # adding this to a u32 subtracts one
+_WAKE_ALL = 0
+
+
+def _timeout_error(what: str, timeout_of: float | None) -> QueueTimeout:
+    return QueueTimeout(f"{what} timed out" + (f" after {timeout_of:g} s" if timeout_of else ""))
+
+
+def initialize(seg: Segment, header: L.Header) -> None:
+    """Write a fresh segment's header and control words (creator only, before any handle
+    is given out; the hand-over of the handle orders these stores before any peer's loads)."""
+    buf, a, g = seg.buf, seg.atomics, header.geometry
+    header.pack_into(buf)
+    for i in range(g.n_readers):
+        a.store32(g.reader_off(i) + L.R_STATE, L.READER_EXPECTED)
+    pid, start = identity()
+    a.store64(L.WRITER_PID, pid)
+    a.store64(L.WRITER_START, start)
+    a.store32(L.WRITER_STATE, L.WRITER_OPEN)
+    buf[0:8] = L.MAGIC  # last: a half-initialised segment never passes validation
+
+
+def event_wait(a, futex_off: int, ready, deadline: float | None, slice_: float, tick=None) -> bool:
+    """Wait for a rare state change announced by P5 (bump ``futex_off``, wake all).
+
+    The futex word is read *before* ``ready()`` is evaluated, so a change made after the check
+    makes ``wait32`` return at once: no wake-up is lost.  Returns ``ready()``'s final answer.
+    """
+    while True:
+        seen = a.load32(futex_off)
+        if ready():
+            return True
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            return False
+        if tick is not None:
+            tick()
+        a.wait32(futex_off, seen, slice_ if deadline is None else min(slice_, deadline - now))
+
+
+def announce(a, futex_off: int) -> None:
+    """The other half of :func:`event_wait`: bump the word and wake every waiter (P5)."""
+    a.add32(futex_off, 1)
+    a.wake32(futex_off, _WAKE_ALL)
+
+
+class RingWriter:
+    """The writer's side of the ring: claim free slots, fill, publish."""
+
+    def __init__(
+        self, seg: Segment, geometry: L.Geometry, policy: WaitPolicy, on_dead_reader: str = "raise"
+    ) -> None:
+        if on_dead_reader not in ("raise", "drop"):
+            raise ValueError("on_dead_reader must be 'raise' or 'drop'")
+        self._a = seg.atomics
+        self._buf = seg.buf
+        self._g = geometry
+        self._n = geometry.n_slots
+        self._slot = geometry.slot_size
+        self._data_off = geometry.data_off
+        self.policy = policy
+        self.on_dead_reader = on_dead_reader
+        self._w = self._a.load64(L.WRITE_SEQ)
+        self._msg_no = self._a.load64(L.WRITER_MSGS)
+        self._gate = 0  # cached: slots below this sequence are known to be free (I1)
+        self._need = 0  # slots the current wait asks for
+        self.waits = 0  # statistics: how often put had to wait for space
+
+    # -- the Waiter protocol, for space (P4) --------------------------------------------------
+
+    def _gating(self) -> int:
+        m = self._a.min_seq(L.READERS_OFF, L.LINE, self._g.n_readers, L.R_STATE, L.READER_GATING)
+        # With no gating reader, the ring runs freely, one ring-length at a time, so that a
+        # reader joining later is seen within n_slots slots.
+        return (self._w if m is None else m) + self._n
+
+    def ready(self) -> bool:
+        self._gate = self._gating()
+        return self._w + self._need <= self._gate
+
+    def sleep(self, timeout: float) -> bool:
+        a = self._a
+        a.exchange32(L.WRITER_SLEEPING, 1)  # P4: announce (exchange = full fence) ...
+        try:
+            seen = a.load32(L.SPACE_FUTEX_OFF)
+            if self.ready():  # ... re-check ...
+                return True
+            a.wait32(L.SPACE_FUTEX_OFF, seen, timeout)  # ... sleep only if still full
+            return False
+        finally:
+            a.store32(L.WRITER_SLEEPING, 0)
+
+    def tick(self) -> None:
+        """Look at the readers that hold the writer back; a dead one raises or is dropped."""
+        a, g = self._a, self._g
+        limit = self._w + self._need - self._n  # readers below this sequence block us
+        for i in range(g.n_readers):
+            line = g.reader_off(i)
+            if a.load32(line + L.R_STATE) != L.READER_ATTACHED or a.load64(line + L.R_SEQ) >= limit:
+                continue
+            pid, start = a.load64(line + L.R_PID), a.load64(line + L.R_START)
+            if is_alive(pid, start):
+                continue
+            if self.on_dead_reader == "drop":
+                if a.cas32(line + L.R_STATE, L.READER_ATTACHED, L.READER_DROPPED):
+                    log.warning(
+                        "shmcast: reader %d (pid %d) died; dropped, the writer goes on", i, pid
+                    )
+                    announce(a, L.ATTACH_FUTEX_OFF)
+                continue
+            raise QueueBroken(
+                f"reader {i} (pid {pid}) died without releasing slot {a.load64(line + L.R_SEQ)}; "
+                "the writer cannot reuse it (pass on_dead_reader='drop' to go on without it)",
+                peer=f"reader {i}",
+                pid=pid,
+            )
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def claim(self, k: int, deadline: float | None, timeout: float | None = None) -> None:
+        """Block until slots ``[w, w+k)`` are free (I1).  QueueTimeout, QueueBroken."""
+        if self._w + k <= self._gate:
+            return
+        self._need = k
+        if self.ready():
+            return
+        self.waits += 1
+        if not self.policy.wait(self, deadline):
+            raise _timeout_error("put", timeout)
+
+    def publish(self, k: int) -> None:
+        """Make the next ``k`` filled slots visible (P1) and wake sleeping readers (P3)."""
+        self._w += k
+        self._a.store_and_wake(L.WRITE_SEQ, self._w, L.SLEEPERS_OFF, L.DATA_FUTEX_OFF, _WAKE_ALL)
+
+    def _desc(self, seq: int, total: int, nbytes: int, flags: int, msg_no: int) -> None:
+        L.DESC.pack_into(self._buf, self._g.desc_at(seq % self._n), total, nbytes, flags, msg_no, 0)
+
+    def begin_contiguous(
+        self, total: int, deadline: float | None, timeout: float | None = None
+    ) -> tuple[int, memoryview]:
+        """Claim room for a contiguous message of ``total`` bytes; return (slots, region).
+
+        The region is writable until :meth:`commit_contiguous` or abandonment (nothing is
+        published until commit).  A run of padding is published first if the message would
+        otherwise wrap around the end of the ring.
+        """
+        slot, n = self._slot, self._n
+        k = max(1, -(-total // slot))
+        if k > n:
+            raise MessageTooLarge(
+                f"{total} bytes do not fit in the ring at once (capacity {n * slot} bytes)"
+            )
+        idx = self._w % n
+        if idx + k > n:
+            pad = n - idx
+            self.claim(pad, deadline, timeout)
+            self._desc(self._w, pad, 0, L.FLAG_PAD, self._msg_no)
+            self.publish(pad)
+            idx = 0
+        self.claim(k, deadline, timeout)
+        off = self._data_off + idx * slot
+        return k, self._buf[off : off + total]
+
+    def commit_contiguous(self, k: int, total: int, kind: int) -> None:
+        """Publish the message begun by :meth:`begin_contiguous`."""
+        flags = L.FLAG_FIRST | L.FLAG_CONTIG | (kind << L.KIND_SHIFT)
+        self._desc(self._w, total, min(total, self._slot), flags, self._msg_no)
+        self._msg_no += 1
+        self._a.store64(L.WRITER_MSGS, self._msg_no)
+        self.publish(k)
+
+    def write_streamed(
+        self,
+        parts: list[memoryview],
+        total: int,
+        kind: int,
+        deadline: float | None,
+        timeout: float | None = None,
+    ) -> None:
+        """Send a message larger than the ring, publishing slots as readers free them.
+
+        If this raises half-way (timeout, dead reader), the message number is already spent:
+        readers see the next message start with another number and drop the unfinished one.
+        """
+        slot, n = self._slot, self._n
+        msg_no = self._msg_no
+        self._msg_no += 1
+        self._a.store64(L.WRITER_MSGS, self._msg_no)
+        cursor = _Cursor(parts)
+        done = 0
+        flags = L.FLAG_FIRST | (kind << L.KIND_SHIFT)
+        while done < total:
+            self.claim(1, deadline, timeout)
+            idx = self._w % n
+            b = min(self._gate - self._w, n - idx, -(-(total - done) // slot))
+            nbytes = min(total - done, b * slot)
+            off = self._data_off + idx * slot
+            cursor.copy_into(self._buf[off : off + nbytes])
+            for j in range(b):
+                self._desc(self._w + j, total, min(slot, nbytes - j * slot), flags, msg_no)
+                flags = L.FLAG_CONT | (kind << L.KIND_SHIFT)
+            done += nbytes
+            self.publish(b)
+
+    def close(self) -> None:
+        """Mark the queue closed and wake every reader (P6)."""
+        self._a.store32(L.WRITER_STATE, L.WRITER_CLOSED)
+        announce(self._a, L.DATA_FUTEX_OFF)
+
+    @property
+    def write_seq(self) -> int:
+        return self._w
+
+    @property
+    def messages(self) -> int:
+        return self._msg_no
+
+
+class _Cursor:
+    """Copies a list of byte views, in order, into successive destination views."""
+
+    __slots__ = ("_i", "_parts", "_pos")
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self._parts = parts
+        self._i = 0
+        self._pos = 0
+
+    def copy_into(self, dest: memoryview) -> None:
+        filled, want = 0, len(dest)
+        while filled < want:
+            part = self._parts[self._i]
+            take = min(len(part) - self._pos, want - filled)
+            dest[filled : filled + take] = part[self._pos : self._pos + take]
+            filled += take
+            self._pos += take
+            if self._pos == len(part):
+                self._i += 1
+                self._pos = 0
+
+
+class _Partial:
+    """A streamed message being assembled by a reader (kept across a get() timeout)."""
+
+    __slots__ = ("data", "filled", "kind", "msg_no")
+
+    def __init__(self, msg_no: int, kind: int, total: int) -> None:
+        self.msg_no = msg_no
+        self.kind = kind
+        self.data = bytearray(total)
+        self.filled = 0
+
+
+class RingReader:
+    """A reader's side of the ring: wait for published slots, read them, release them."""
+
+    def __init__(self, seg: Segment, geometry: L.Geometry, index: int, policy: WaitPolicy) -> None:
+        self._a = seg.atomics
+        self._buf = seg.buf
+        self._g = geometry
+        self._n = geometry.n_slots
+        self._slot = geometry.slot_size
+        self._data_off = geometry.data_off
+        self.index = index
+        self._line = geometry.reader_off(index)
+        self._seq_off = self._line + L.R_SEQ
+        self.policy = policy
+        self._r = self._a.load64(self._seq_off)
+        self._known_w = self._r  # write_seq as last seen (never ahead of the real one)
+        self._target = 0
+        self._partial: _Partial | None = None
+        self._msgs = self._a.load64(self._line + L.R_MSGS)
+        self._writer = (self._a.load64(L.WRITER_PID), self._a.load64(L.WRITER_START))
+        self.waits = 0
+
+    # -- attach / detach (P5) -------------------------------------------------------------
+
+    @staticmethod
+    def claim_index(a, geometry: L.Geometry, index: int) -> None:
+        """Take reader index ``index`` for the calling process (AttachError if it is taken).
+
+        A fresh index starts at sequence 0 (the writer has waited for it); an index left by a
+        reader that detached, or by one that died, is taken over at the current write position,
+        at the next message boundary.
+        """
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise AttachError(f"reader index must be an int, not {type(index).__name__}")
+        if not 0 <= index < geometry.n_readers:
+            raise AttachError(
+                f"reader index {index} is out of range: this queue has {geometry.n_readers} "
+                f"reader(s), indices 0 to {geometry.n_readers - 1}"
+            )
+        line = geometry.reader_off(index)
+        pid, start = identity()
+        state = a.load32(line + L.R_STATE)
+        old_pid, old_start = a.load64(line + L.R_PID), a.load64(line + L.R_START)
+        if old_pid and is_alive(old_pid, old_start) and state != L.READER_DETACHED:
+            who = "this process" if old_pid == pid else f"pid {old_pid}"
+            raise AttachError(f"reader index {index} is already attached by {who}")
+        if not a.cas64(line + L.R_PID, old_pid, pid):
+            raise AttachError(f"reader index {index} was taken by another process just now")
+        a.store64(line + L.R_START, start)
+        if state == L.READER_EXPECTED:
+            a.store32(line + L.R_STATE, L.READER_ATTACHED)
+        else:
+            # Rejoin: make our read_seq gating only at a position the writer cannot have lapped
+            # (see docs/protocol.md, "Liveness"): store, go gating, re-read, store again.
+            a.store64(line + L.R_SEQ, a.load64(L.WRITE_SEQ))
+            a.exchange32(line + L.R_STATE, L.READER_ATTACHED)
+            a.store64(line + L.R_SEQ, a.load64(L.WRITE_SEQ))
+            a.store32(line + L.R_SLEEPING, 0)
+        announce(a, L.ATTACH_FUTEX_OFF)
+
+    def detach(self) -> None:
+        """Leave the queue: the writer stops waiting for this index, which may be taken again."""
+        a = self._a
+        a.store32(self._line + L.R_STATE, L.READER_DETACHED)
+        a.store64(self._line + L.R_PID, 0)
+        announce(a, L.SPACE_FUTEX_OFF)
+        announce(a, L.ATTACH_FUTEX_OFF)
+
+    # -- the Waiter protocol, for data (P3) -----------------------------------------------
+
+    def ready(self) -> bool:
+        state = self._a.load32(L.WRITER_STATE)  # P6: state before sequence
+        w = self._a.load64(L.WRITE_SEQ)
+        if w >= self._target:
+            self._known_w = w
+            return True
+        return state == L.WRITER_CLOSED
+
+    def sleep(self, timeout: float) -> bool:
+        a = self._a
+        a.add32(L.SLEEPERS_OFF, 1)  # P3 step 1: announce (seq_cst: a full fence)
+        a.store32(self._line + L.R_SLEEPING, 1)
+        try:
+            seen = a.load32(L.DATA_FUTEX_OFF)  # step 2
+            if self.ready():  # step 3: re-check
+                return True
+            a.wait32(L.DATA_FUTEX_OFF, seen, timeout)  # step 4
+            return False
+        finally:
+            a.store32(self._line + L.R_SLEEPING, 0)
+            a.add32(L.SLEEPERS_OFF, _DEC)
+
+    def tick(self) -> None:
+        """A dead writer: once everything it published is read, raise QueueBroken."""
+        pid, start = self._writer
+        if is_alive(pid, start) or self._a.load64(L.WRITE_SEQ) >= self._target:
+            return
+        raise QueueBroken(
+            f"the writer (pid {pid}) died; reader {self.index} has read everything it published",
+            peer="writer",
+            pid=pid,
+        )
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def wait_published(self, count: int, deadline: float | None, timeout: float | None) -> None:
+        """Block until slots ``[r, r+count)`` are published (I2).
+        QueueTimeout, QueueClosed (writer closed, all read), QueueBroken (writer died)."""
+        target = self._r + count
+        if target <= self._known_w:
+            return
+        self._target = target
+        if self.ready() and self._known_w >= target:
+            return
+        self.waits += 1
+        if not self.policy.wait(self, deadline):
+            raise _timeout_error("get", timeout)
+        if self._known_w < target:
+            self._known_w = self._a.load64(L.WRITE_SEQ)  # re-read after seeing closed (P6)
+            if self._known_w < target:
+                raise QueueClosed("the writer closed the queue and everything it sent was read")
+
+    def release(self, k: int) -> None:
+        """Hand slots back to the writer (P2) and wake it if it sleeps for space (P4)."""
+        self._r += k
+        self._a.store_and_wake(self._seq_off, self._r, L.WRITER_SLEEPING, L.SPACE_FUTEX_OFF, 1)
+
+    def finish_message(self, k: int) -> None:
+        """Release the ``k`` slots of a delivered message and count it."""
+        self._msgs += 1
+        self._a.store64(self._line + L.R_MSGS, self._msgs)
+        if k:
+            self.release(k)
+
+    def _corrupt(self, why: str) -> SegmentError:
+        return SegmentError(f"reader {self.index}: corrupted slot at sequence {self._r}: {why}")
+
+    def next_message(
+        self, deadline: float | None, timeout: float | None, want_kind: int | None = None
+    ) -> tuple[int, memoryview, int]:
+        """Wait for the next message; return ``(kind, data, slots)``.
+
+        For a contiguous message ``data`` lies in the ring and the caller must call
+        ``finish_message(slots)`` once done with it; for a streamed one ``data`` is private and
+        ``slots`` is 0.  With ``want_kind`` given, a message of another kind raises
+        MessageKindError and stays in the queue.
+        """
+        n, slot, buf = self._n, self._slot, self._buf
+        while True:
+            if self._partial is not None:
+                if want_kind is not None and self._partial.kind != want_kind:
+                    raise MessageKindError(_kind_mismatch(self._partial.kind))
+                done = self._stream(deadline, timeout)
+                if done is not None:
+                    return done
+                continue
+            self.wait_published(1, deadline, timeout)
+            idx = self._r % n
+            total, _nbytes, flags, msg_no, _ = L.DESC.unpack_from(buf, self._g.desc_at(idx))
+            if flags & L.FLAG_PAD:
+                if not 0 < total <= n - idx:
+                    raise self._corrupt(f"padding run of {total} slots")
+                self.release(total)
+                continue
+            if not flags & L.FLAG_FIRST:
+                self.release(1)  # the tail of a message we joined late or that was abandoned
+                continue
+            kind = (flags & L.KIND_MASK) >> L.KIND_SHIFT
+            if want_kind is not None and kind != want_kind:
+                raise MessageKindError(_kind_mismatch(kind))
+            if flags & L.FLAG_CONTIG:
+                k = max(1, -(-total // slot))
+                if idx + k > n:
+                    raise self._corrupt(f"contiguous message of {total} bytes runs past the end")
+                self.wait_published(k, deadline, timeout)  # published with one store: no wait
+                off = self._data_off + idx * slot
+                return kind, buf[off : off + total], k
+            self._partial = _Partial(msg_no, kind, total)
+
+    def _stream(self, deadline: float | None, timeout: float | None):
+        """Copy published slots of the partial message out, releasing them as we go."""
+        p = self._partial
+        assert p is not None
+        n, slot, buf, g = self._n, self._slot, self._buf, self._g
+        total = len(p.data)
+        while p.filled < total:
+            self.wait_published(1, deadline, timeout)
+            idx = self._r % n
+            # Look at the published slots up to the ring's end and the message's last slot.
+            avail = min(self._known_w - self._r, n - idx, -(-(total - p.filled) // slot))
+            run = nbytes_run = 0
+            for j in range(avail):
+                t, nb, flags, msg_no, _ = L.DESC.unpack_from(buf, g.desc_at(idx + j))
+                first_ok = flags & L.FLAG_FIRST and p.filled == 0 and j == 0
+                cont_ok = flags & L.FLAG_CONT and (p.filled > 0 or j > 0)
+                if msg_no != p.msg_no or t != total or not (first_ok or cont_ok):
+                    break  # the writer abandoned this message; the next one starts here
+                if nb > slot or p.filled + nbytes_run + nb > total:
+                    raise self._corrupt(f"slot of {nb} bytes overflows the message")
+                run += 1
+                nbytes_run += nb
+            if run == 0:
+                self._partial = None
+                return None
+            off = self._data_off + idx * slot
+            p.data[p.filled : p.filled + nbytes_run] = buf[off : off + nbytes_run]
+            p.filled += nbytes_run
+            self.release(run)
+            if run < avail:
+                self._partial = None
+                return None
+        self._partial = None
+        return p.kind, memoryview(p.data), 0
+
+    @property
+    def read_seq(self) -> int:
+        return self._r
+
+    @property
+    def messages(self) -> int:
+        return self._msgs
+
+
+def _kind_mismatch(kind: int) -> str:
+    if kind == L.MSG_OBJECT:
+        return "the next message is an object sent with put(); read it with get() or view()"
+    return "the next message is raw bytes sent with put_bytes(); read it with get_bytes()"
