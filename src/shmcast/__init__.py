@@ -5,6 +5,7 @@ on a futex, so an idle process costs nothing and nothing freezes under load.  Se
 docs/ for the guide, docs/protocol.md for the protocol.
 """
 
+from ._endpoint import Handle, QueueStats
 from ._errors import (
     AttachError,
     MessageKindError,
@@ -17,7 +18,8 @@ from ._errors import (
     SerializationError,
     ShmcastError,
 )
-from ._queue import BroadcastQueue, Handle, QueueStats
+from ._gather import GatherQueue
+from ._queue import BroadcastQueue
 from ._serialize import PickleSerializer, Serializer
 from ._wait import BackoffWait, FutexWait, IdleWait, SpinWait, WaitPolicy
 
@@ -28,6 +30,7 @@ __all__ = [
     "BackoffWait",
     "BroadcastQueue",
     "FutexWait",
+    "GatherQueue",
     "Handle",
     "IdleWait",
     "MessageKindError",

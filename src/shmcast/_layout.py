@@ -1,60 +1,58 @@
-"""The byte layout of a broadcast segment: the one place that defines where every word lives.
+"""The byte layout of a shmcast segment: the one place that defines where every word lives.
 
-A segment is one POSIX shared-memory object, laid out as::
+A segment is one POSIX shared-memory object holding one or more *rings*.  A broadcast queue has
+one ring (one writer, ``n_peers`` readers); a gather queue has one ring per writer (``n_peers``
+writers, each with the one reader).  Layout::
 
-    offset                      size                    contents
-    0                           128                     header (below), written once by the creator
-    128                         128                     writer line
-    256                         128                     sleepers          (u32 at +0)
-    384                         128                     data_futex        (u32 at +0)
-    512                         128                     space_futex       (u32 at +0)
-    640                         128                     attach_futex      (u32 at +0)
-    768                         128 * n_readers         reader lines, one per reader index
-    desc_off (128-aligned)      32 * n_slots            slot descriptors
-    data_off (4096-aligned)     slot_size * n_slots     slot data, adjacent
+    offset            size                    contents
+    0                 128                     header (below), written once by the creator
+    128               128                     broadcast: the writer's line      (gather: unused)
+    256               128                     sleepers      (u32 at +0): readers asleep on data
+    384               128                     data_futex    (u32 at +0): readers sleep here
+    512               128                     broadcast: space_futex (u32)      (gather: unused)
+    640               128                     attach_futex  (u32 at +0): attach/detach events
+    768               ...                     broadcast: one reader line per reader
+                                              gather: per writer j, three lines: its writer
+                                              line, the reader's line for ring j, and ring j's
+                                              space_futex
+    desc_off          32 * n_slots * rings    slot descriptors, ring after ring (128-aligned)
+    data_off          ring_bytes * rings      slot data (4096-aligned; each ring page-aligned)
 
-Header (all little-endian, native alignment)::
+Header (little-endian)::
 
     +0   8s   magic            b"SHMCAST\\0"
     +8   u32  version          LAYOUT_VERSION
-    +12  u32  kind             KIND_BROADCAST
+    +12  u32  kind             KIND_BROADCAST or KIND_GATHER
     +16  u64  nonce            random; ties a handle to this very segment
     +24  u64  total_size       bytes mapped
-    +32  u32  n_readers
-    +36  u32  n_slots
-    +40  u64  slot_size        a multiple of 64
+    +32  u32  n_peers          readers (broadcast) or writers (gather)
+    +36  u32  n_slots          slots per ring
+    +40  u64  slot_size        bytes per slot, a multiple of 64
     +48  u64  creator_pid
     +56  u64  creator_start    process start time (clock ticks since boot)
     +64  u64  created_ns       wall clock at creation
     +72  u64  desc_off
     +80  u64  data_off
 
-Writer line::
+Participant line (the same shape for writers and readers)::
 
-    +0   u64  write_seq        slots published (docs/protocol.md P1)
-    +8   u32  writer_sleeping  1 while the writer sleeps for space (P4)
-    +12  u32  writer_state     WRITER_OPEN or WRITER_CLOSED (P6)
+    +0   u64  seq              writer: slots published (docs/protocol.md P1)
+                               reader: slots consumed (P2)
+    +8   u32  sleeping         writer: 1 while it sleeps for space (P4, read by readers)
+                               reader: 1 while it sleeps for data (informational)
+    +12  u32  state            EXPECTED, ATTACHED, DETACHED or DROPPED
     +16  u64  pid
     +24  u64  start_time
-    +32  u64  msg_count        messages published (statistics)
+    +32  u64  msg_count        messages published / consumed (statistics)
 
-Reader line (reader *i* at ``READERS_OFF + 128 * i``)::
+Each 128-byte line (two 64-byte lines, so that the adjacent-line prefetcher does not couple
+neighbours) is written on the fast path by one process only.  Sequences are 64-bit and never wrap.
 
-    +0   u64  read_seq         slots consumed (P2)
-    +8   u32  state            a READER_* bit
-    +12  u32  sleeping         1 while this reader sleeps (informational, for inspection)
-    +16  u64  pid
-    +24  u64  start_time
-    +32  u64  msg_count        messages consumed (statistics)
-
-Each 128-byte line is written by one party only on the fast path (two 64-byte lines, so that the
-adjacent-line prefetcher does not couple neighbours).  Sequences are 64-bit and never wrap.
-
-Slot descriptor (slot *j* at ``desc_off + 32 * j``)::
+Slot descriptor (slot *j* of a ring at ``desc_off + 32 * j``)::
 
     +0   u64  total            message length (FIRST), or slots in the run (PAD)
     +8   u32  nbytes           payload bytes in this slot
-    +12  u32  flags            FLAG_* bits
+    +12  u32  flags            FLAG_* bits, and the message kind in bits 8..15
     +16  u64  msg_no           message number, the same in every slot of a message
     +24  u64  reserved
 """
@@ -69,6 +67,8 @@ from ._errors import SegmentError
 MAGIC = b"SHMCAST\x00"
 LAYOUT_VERSION = 1
 KIND_BROADCAST = 1
+KIND_GATHER = 2
+KIND_NAMES = {KIND_BROADCAST: "broadcast", KIND_GATHER: "gather"}
 
 LINE = 128
 PAGE = 4096
@@ -76,47 +76,31 @@ SLOT_ALIGN = 64
 DESC_SIZE = 32
 
 HEADER = struct.Struct("<8sIIQQIIQQQQQQ")
-assert HEADER.size == 88
 
 # Fixed lines.
-WRITER_OFF = 1 * LINE
+BCAST_WRITER_OFF = 1 * LINE
 SLEEPERS_OFF = 2 * LINE
 DATA_FUTEX_OFF = 3 * LINE
-SPACE_FUTEX_OFF = 4 * LINE
+BCAST_SPACE_FUTEX_OFF = 4 * LINE
 ATTACH_FUTEX_OFF = 5 * LINE
-READERS_OFF = 6 * LINE
+PEERS_OFF = 6 * LINE
+GATHER_BLOCK = 3 * LINE  # per writer: writer line, reader line, space futex
 
-# Writer line fields (absolute).
-WRITE_SEQ = WRITER_OFF + 0
-WRITER_SLEEPING = WRITER_OFF + 8
-WRITER_STATE = WRITER_OFF + 12
-WRITER_PID = WRITER_OFF + 16
-WRITER_START = WRITER_OFF + 24
-WRITER_MSGS = WRITER_OFF + 32
+# Participant line fields (relative to the line).
+SEQ = 0
+SLEEPING = 8
+STATE = 12
+PID = 16
+START = 24
+MSGS = 32
 
-# Reader line fields (relative to the reader's line).
-R_SEQ = 0
-R_STATE = 8
-R_SLEEPING = 12
-R_PID = 16
-R_START = 24
-R_MSGS = 32
-
-WRITER_INIT = 0
-WRITER_OPEN = 1
-WRITER_CLOSED = 2
-
-READER_EXPECTED = 1  # not attached yet; the writer waits for it (gating)
-READER_ATTACHED = 2  # attached (gating)
-READER_DETACHED = 4  # left cleanly; its index may be taken again
-READER_DROPPED = 8  # found dead and dropped by the writer
-READER_GATING = READER_EXPECTED | READER_ATTACHED
-READER_STATE_NAMES = {
-    READER_EXPECTED: "expected",
-    READER_ATTACHED: "attached",
-    READER_DETACHED: "detached",
-    READER_DROPPED: "dropped",
-}
+# Participant states (bits, so that a mask selects several).
+EXPECTED = 1  # not attached yet; a writer waits for such a reader (gating)
+ATTACHED = 2
+DETACHED = 4  # left cleanly (a writer: closed); the index may be taken again
+DROPPED = 8  # found dead and dropped by its peer
+GATING = EXPECTED | ATTACHED
+STATE_NAMES = {EXPECTED: "expected", ATTACHED: "attached", DETACHED: "detached", DROPPED: "dropped"}
 
 # Descriptor flags.
 FLAG_FIRST = 1 << 0  # first slot of a message
@@ -129,9 +113,8 @@ MSG_RAW = 1  # bytes from put_bytes / reserve
 MSG_OBJECT = 2  # an object encoded by the queue's serializer
 
 DESC = struct.Struct("<QIIQQ")
-assert DESC.size == DESC_SIZE
 
-MAX_READERS = 1024
+MAX_PEERS = 1024
 MAX_SLOTS = 1 << 20
 
 
@@ -140,32 +123,22 @@ def _round_up(n: int, to: int) -> int:
 
 
 @dataclass(frozen=True)
-class Geometry:
-    """The sizes and offsets of one segment, derived from its three parameters."""
+class RingLayout:
+    """Where the words of one ring live: absolute offsets into the segment."""
 
+    writer: int  #: the writer's participant line
+    readers: int  #: the first reader's participant line
     n_readers: int
+    sleepers: int  #: u32 count of readers asleep on data_futex
+    data_futex: int
+    space_futex: int
+    desc_off: int
+    data_off: int
     n_slots: int
     slot_size: int
 
-    @property
-    def desc_off(self) -> int:
-        return _round_up(READERS_OFF + LINE * self.n_readers, LINE)
-
-    @property
-    def data_off(self) -> int:
-        return _round_up(self.desc_off + DESC_SIZE * self.n_slots, PAGE)
-
-    @property
-    def total_size(self) -> int:
-        return _round_up(self.data_off + self.slot_size * self.n_slots, PAGE)
-
-    @property
-    def capacity(self) -> int:
-        """The largest message that travels contiguously (and can be viewed in place)."""
-        return self.slot_size * self.n_slots
-
-    def reader_off(self, index: int) -> int:
-        return READERS_OFF + LINE * index
+    def reader_line(self, index: int) -> int:
+        return self.readers + LINE * index
 
     def desc_at(self, slot_index: int) -> int:
         return self.desc_off + DESC_SIZE * slot_index
@@ -173,18 +146,72 @@ class Geometry:
     def data_at(self, slot_index: int) -> int:
         return self.data_off + self.slot_size * slot_index
 
+
+@dataclass(frozen=True)
+class Geometry:
+    """The sizes and offsets of one segment, derived from its kind and three parameters."""
+
+    kind: int
+    n_peers: int
+    n_slots: int
+    slot_size: int
+
+    @property
+    def n_rings(self) -> int:
+        return 1 if self.kind == KIND_BROADCAST else self.n_peers
+
+    @property
+    def desc_off(self) -> int:
+        per_peer = LINE if self.kind == KIND_BROADCAST else GATHER_BLOCK
+        return _round_up(PEERS_OFF + per_peer * self.n_peers, LINE)
+
+    @property
+    def ring_bytes(self) -> int:
+        return _round_up(self.slot_size * self.n_slots, PAGE)
+
+    @property
+    def data_off(self) -> int:
+        return _round_up(self.desc_off + DESC_SIZE * self.n_slots * self.n_rings, PAGE)
+
+    @property
+    def total_size(self) -> int:
+        return self.data_off + self.ring_bytes * self.n_rings
+
+    @property
+    def capacity(self) -> int:
+        """The largest message that travels contiguously (and can be viewed in place)."""
+        return self.slot_size * self.n_slots
+
+    def ring(self, r: int = 0) -> RingLayout:
+        """The layout of ring ``r`` (broadcast: the only ring; gather: writer ``r``'s)."""
+        desc = self.desc_off + DESC_SIZE * self.n_slots * r
+        data = self.data_off + self.ring_bytes * r
+        if self.kind == KIND_BROADCAST:
+            return RingLayout(
+                BCAST_WRITER_OFF, PEERS_OFF, self.n_peers, SLEEPERS_OFF, DATA_FUTEX_OFF,
+                BCAST_SPACE_FUTEX_OFF, desc, data, self.n_slots, self.slot_size,
+            )  # fmt: skip
+        block = PEERS_OFF + GATHER_BLOCK * r
+        return RingLayout(
+            block, block + LINE, 1, SLEEPERS_OFF, DATA_FUTEX_OFF, block + 2 * LINE,
+            desc, data, self.n_slots, self.slot_size,
+        )  # fmt: skip
+
+    def peer_line(self, index: int) -> int:
+        """The line of peer ``index``: a reader (broadcast) or a writer (gather)."""
+        if self.kind == KIND_BROADCAST:
+            return PEERS_OFF + LINE * index
+        return PEERS_OFF + GATHER_BLOCK * index
+
     @classmethod
-    def checked(cls, n_readers: int, n_slots: int, slot_size: int) -> Geometry:
-        """Validate user-supplied parameters; raise ValueError with the reason."""
-        for label, value in (
-            ("n_readers", n_readers),
-            ("n_slots", n_slots),
-            ("slot_size", slot_size),
-        ):
+    def checked(cls, kind: int, n_peers: int, n_slots: int, slot_size: int) -> Geometry:
+        """Validate user-supplied parameters; raise TypeError/ValueError with the reason."""
+        peers = "n_readers" if kind == KIND_BROADCAST else "n_writers"
+        for label, value in ((peers, n_peers), ("n_slots", n_slots), ("slot_size", slot_size)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"{label} must be an int, not {type(value).__name__}")
-        if not 1 <= n_readers <= MAX_READERS:
-            raise ValueError(f"n_readers must be between 1 and {MAX_READERS}, got {n_readers}")
+        if not 1 <= n_peers <= MAX_PEERS:
+            raise ValueError(f"{peers} must be between 1 and {MAX_PEERS}, got {n_peers}")
         if not 2 <= n_slots <= MAX_SLOTS:
             raise ValueError(f"n_slots must be between 2 and {MAX_SLOTS}, got {n_slots}")
         if slot_size < SLOT_ALIGN or slot_size % SLOT_ALIGN or slot_size > 1 << 31:
@@ -192,7 +219,7 @@ class Geometry:
                 f"slot_size must be a multiple of {SLOT_ALIGN} between {SLOT_ALIGN} and 2 GiB, "
                 f"got {slot_size}"
             )
-        return cls(n_readers, n_slots, slot_size)
+        return cls(kind, n_peers, n_slots, slot_size)
 
 
 @dataclass(frozen=True)
@@ -200,9 +227,7 @@ class Header:
     """The creator's header, as read back from a segment."""
 
     version: int
-    kind: int
     nonce: int
-    total_size: int
     geometry: Geometry
     creator_pid: int
     creator_start: int
@@ -212,66 +237,36 @@ class Header:
         """Write everything but the magic (the creator writes the magic last)."""
         g = self.geometry
         HEADER.pack_into(
-            buf,
-            0,
-            b"\0" * 8,
-            self.version,
-            self.kind,
-            self.nonce,
-            self.total_size,
-            g.n_readers,
-            g.n_slots,
-            g.slot_size,
-            self.creator_pid,
-            self.creator_start,
-            self.created_ns,
-            g.desc_off,
-            g.data_off,
-        )
+            buf, 0, b"\0" * 8, self.version, g.kind, self.nonce, g.total_size, g.n_peers,
+            g.n_slots, g.slot_size, self.creator_pid, self.creator_start, self.created_ns,
+            g.desc_off, g.data_off,
+        )  # fmt: skip
 
     @classmethod
     def read(cls, buf: memoryview, name: str) -> Header:
         """Parse and validate a header; SegmentError says what is wrong with it."""
         if len(buf) < HEADER.size:
-            raise SegmentError(
-                f"segment {name!r} is too small ({len(buf)} bytes) to be a shmcast queue"
-            )
-        (
-            magic,
-            version,
-            kind,
-            nonce,
-            total,
-            n_readers,
-            n_slots,
-            slot_size,
-            pid,
-            start,
-            created,
-            desc_off,
-            data_off,
-        ) = HEADER.unpack_from(buf, 0)
+            raise SegmentError(f"segment {name!r} is too small to be a shmcast queue")
+        (magic, version, kind, nonce, total, n_peers, n_slots, slot_size, pid, start, created,
+         desc_off, data_off) = HEADER.unpack_from(buf, 0)  # fmt: skip
         if magic != MAGIC:
             raise SegmentError(f"segment {name!r} is not a shmcast queue (bad magic {magic!r})")
         if version != LAYOUT_VERSION:
             raise SegmentError(
                 f"segment {name!r} has layout version {version}; this shmcast reads version "
-                f"{LAYOUT_VERSION} (writer and readers must run the same shmcast version)"
+                f"{LAYOUT_VERSION} (all processes must run the same shmcast version)"
             )
-        if kind != KIND_BROADCAST:
-            raise SegmentError(f"segment {name!r} holds a queue of another kind ({kind})")
+        if kind not in KIND_NAMES:
+            raise SegmentError(f"segment {name!r} has a corrupted header (unknown kind {kind})")
         try:
-            geometry = Geometry.checked(n_readers, n_slots, slot_size)
-        except ValueError as exc:
+            geometry = Geometry.checked(kind, n_peers, n_slots, slot_size)
+        except (TypeError, ValueError) as exc:
             raise SegmentError(f"segment {name!r} has a corrupted header: {exc}") from None
-        if (geometry.desc_off, geometry.data_off, geometry.total_size) != (
-            desc_off,
-            data_off,
-            total,
-        ):
+        expected = (geometry.desc_off, geometry.data_off, geometry.total_size)
+        if expected != (desc_off, data_off, total):
             raise SegmentError(f"segment {name!r} has a corrupted header (inconsistent offsets)")
         if total > len(buf):
             raise SegmentError(
-                f"segment {name!r} is truncated: header says {total} bytes, mapped {len(buf)}"
+                f"segment {name!r} is truncated: its header says {total} bytes, found {len(buf)}"
             )
-        return cls(version, kind, nonce, total, geometry, pid, start, created)
+        return cls(version, nonce, geometry, pid, start, created)

@@ -49,17 +49,59 @@ def _timeout_error(what: str, timeout_of: float | None) -> QueueTimeout:
 
 
 def initialize(seg: Segment, header: L.Header) -> None:
-    """Write a fresh segment's header and control words (creator only, before any handle
-    is given out; the hand-over of the handle orders these stores before any peer's loads)."""
+    """Write a fresh segment's header and control words (creator only, before any handle is
+    given out: the hand-over of the handle orders these stores before any peer's loads).
+
+    Broadcast: the creator is the writer, every reader index is *expected*.  Gather: the
+    creator is the reader (of every ring), every writer index is *expected*.
+    """
     buf, a, g = seg.buf, seg.atomics, header.geometry
     header.pack_into(buf)
-    for i in range(g.n_readers):
-        a.store32(g.reader_off(i) + L.R_STATE, L.READER_EXPECTED)
     pid, start = identity()
-    a.store64(L.WRITER_PID, pid)
-    a.store64(L.WRITER_START, start)
-    a.store32(L.WRITER_STATE, L.WRITER_OPEN)
+    for r in range(g.n_rings):
+        ring = g.ring(r)
+        if g.kind == L.KIND_BROADCAST:
+            mine, theirs = [ring.writer], [ring.reader_line(i) for i in range(ring.n_readers)]
+        else:
+            mine, theirs = [ring.reader_line(0)], [ring.writer]
+        for line in mine:
+            a.store64(line + L.PID, pid)
+            a.store64(line + L.START, start)
+            a.store32(line + L.STATE, L.ATTACHED)
+        for line in theirs:
+            a.store32(line + L.STATE, L.EXPECTED)
     buf[0:8] = L.MAGIC  # last: a half-initialised segment never passes validation
+
+
+def claim_line(a, line: int, what: str) -> int:
+    """Take the participant line at ``line`` for the calling process; return its old state.
+
+    The line is free if it is *expected*, *detached*, or held by a process that died.
+    AttachError otherwise.  Ownership is the compare-exchange of the pid word; the caller then
+    sets the state (P5).
+    """
+    pid, start = identity()
+    state = a.load32(line + L.STATE)
+    old_pid, old_start = a.load64(line + L.PID), a.load64(line + L.START)
+    if old_pid and state != L.DETACHED and is_alive(old_pid, old_start):
+        who = "this process" if old_pid == pid else f"pid {old_pid}"
+        raise AttachError(f"{what} is already attached by {who}")
+    if not a.cas64(line + L.PID, old_pid, pid):
+        raise AttachError(f"{what} was taken by another process just now")
+    a.store64(line + L.START, start)
+    return state
+
+
+def check_index(index: object, count: int, what: str) -> int:
+    """Validate a reader or writer index (AttachError with the valid range)."""
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise AttachError(f"{what} index must be an int, not {type(index).__name__}")
+    if not 0 <= index < count:
+        raise AttachError(
+            f"{what} index {index} is out of range: this queue has {count} {what}(s), "
+            f"indices 0 to {count - 1}"
+        )
+    return index
 
 
 def event_wait(a, futex_off: int, ready, deadline: float | None, slice_: float, tick=None) -> bool:
@@ -87,33 +129,34 @@ def announce(a, futex_off: int) -> None:
 
 
 class RingWriter:
-    """The writer's side of the ring: claim free slots, fill, publish."""
+    """The writer's side of one ring: claim free slots, fill, publish."""
 
     def __init__(
-        self, seg: Segment, geometry: L.Geometry, policy: WaitPolicy, on_dead_reader: str = "raise"
+        self, seg: Segment, ring: L.RingLayout, policy: WaitPolicy, on_dead_reader: str = "raise"
     ) -> None:
         if on_dead_reader not in ("raise", "drop"):
-            raise ValueError("on_dead_reader must be 'raise' or 'drop'")
+            raise ValueError(f"on_dead_reader must be 'raise' or 'drop', not {on_dead_reader!r}")
         self._a = seg.atomics
         self._buf = seg.buf
-        self._g = geometry
-        self._n = geometry.n_slots
-        self._slot = geometry.slot_size
-        self._data_off = geometry.data_off
+        self._ring = ring
+        self._n = ring.n_slots
+        self._slot = ring.slot_size
+        self._seq_off = ring.writer + L.SEQ
         self.policy = policy
         self.on_dead_reader = on_dead_reader
-        self._w = self._a.load64(L.WRITE_SEQ)
-        self._msg_no = self._a.load64(L.WRITER_MSGS)
+        self._w = self._a.load64(self._seq_off)
+        self._msg_no = self._a.load64(ring.writer + L.MSGS)
         self._gate = 0  # cached: slots below this sequence are known to be free (I1)
         self._need = 0  # slots the current wait asks for
-        self.waits = 0  # statistics: how often put had to wait for space
+        self.waits = 0  # statistics: how often a put had to wait for space
 
     # -- the Waiter protocol, for space (P4) --------------------------------------------------
 
     def _gating(self) -> int:
-        m = self._a.min_seq(L.READERS_OFF, L.LINE, self._g.n_readers, L.R_STATE, L.READER_GATING)
+        ring = self._ring
+        m = self._a.min_seq(ring.readers, L.LINE, ring.n_readers, L.STATE - L.SEQ, L.GATING)
         # With no gating reader, the ring runs freely, one ring-length at a time, so that a
-        # reader joining later is seen within n_slots slots.
+        # reader joining later is taken into account within n_slots slots.
         return (self._w if m is None else m) + self._n
 
     def ready(self) -> bool:
@@ -121,43 +164,41 @@ class RingWriter:
         return self._w + self._need <= self._gate
 
     def sleep(self, timeout: float) -> bool:
-        a = self._a
-        a.exchange32(L.WRITER_SLEEPING, 1)  # P4: announce (exchange = full fence) ...
+        a, ring = self._a, self._ring
+        a.exchange32(ring.writer + L.SLEEPING, 1)  # P4: announce (exchange: a full fence) ...
         try:
-            seen = a.load32(L.SPACE_FUTEX_OFF)
+            seen = a.load32(ring.space_futex)
             if self.ready():  # ... re-check ...
                 return True
-            a.wait32(L.SPACE_FUTEX_OFF, seen, timeout)  # ... sleep only if still full
+            a.wait32(ring.space_futex, seen, timeout)  # ... and sleep only if still full
             return False
         finally:
-            a.store32(L.WRITER_SLEEPING, 0)
+            a.store32(ring.writer + L.SLEEPING, 0)
 
     def tick(self) -> None:
         """Look at the readers that hold the writer back; a dead one raises or is dropped."""
-        a, g = self._a, self._g
+        a, ring = self._a, self._ring
         limit = self._w + self._need - self._n  # readers below this sequence block us
-        for i in range(g.n_readers):
-            line = g.reader_off(i)
-            if a.load32(line + L.R_STATE) != L.READER_ATTACHED or a.load64(line + L.R_SEQ) >= limit:
+        for i in range(ring.n_readers):
+            line = ring.reader_line(i)
+            if a.load32(line + L.STATE) != L.ATTACHED or a.load64(line + L.SEQ) >= limit:
                 continue
-            pid, start = a.load64(line + L.R_PID), a.load64(line + L.R_START)
+            pid, start = a.load64(line + L.PID), a.load64(line + L.START)
             if is_alive(pid, start):
                 continue
             if self.on_dead_reader == "drop":
-                if a.cas32(line + L.R_STATE, L.READER_ATTACHED, L.READER_DROPPED):
-                    log.warning(
-                        "shmcast: reader %d (pid %d) died; dropped, the writer goes on", i, pid
-                    )
+                if a.cas32(line + L.STATE, L.ATTACHED, L.DROPPED):
+                    log.warning("shmcast: reader %d (pid %d) died; dropped it", i, pid)
                     announce(a, L.ATTACH_FUTEX_OFF)
                 continue
             raise QueueBroken(
-                f"reader {i} (pid {pid}) died without releasing slot {a.load64(line + L.R_SEQ)}; "
-                "the writer cannot reuse it (pass on_dead_reader='drop' to go on without it)",
+                f"reader {i} (pid {pid}) died without releasing slot {a.load64(line + L.SEQ)}; "
+                "the writer cannot reuse it (on_dead_reader='drop' goes on without it)",
                 peer=f"reader {i}",
                 pid=pid,
             )
 
-    # -- slots ----------------------------------------------------------------------------
+    # -- slots --------------------------------------------------------------------------------
 
     def claim(self, k: int, deadline: float | None, timeout: float | None = None) -> None:
         """Block until slots ``[w, w+k)`` are free (I1).  QueueTimeout, QueueBroken."""
@@ -173,19 +214,28 @@ class RingWriter:
     def publish(self, k: int) -> None:
         """Make the next ``k`` filled slots visible (P1) and wake sleeping readers (P3)."""
         self._w += k
-        self._a.store_and_wake(L.WRITE_SEQ, self._w, L.SLEEPERS_OFF, L.DATA_FUTEX_OFF, _WAKE_ALL)
+        ring = self._ring
+        self._a.store_and_wake(self._seq_off, self._w, ring.sleepers, ring.data_futex, _WAKE_ALL)
 
     def _desc(self, seq: int, total: int, nbytes: int, flags: int, msg_no: int) -> None:
-        L.DESC.pack_into(self._buf, self._g.desc_at(seq % self._n), total, nbytes, flags, msg_no, 0)
+        L.DESC.pack_into(
+            self._buf, self._ring.desc_at(seq % self._n), total, nbytes, flags, msg_no, 0
+        )
+
+    def _count_message(self) -> int:
+        msg_no = self._msg_no
+        self._msg_no += 1
+        self._a.store64(self._ring.writer + L.MSGS, self._msg_no)
+        return msg_no
 
     def begin_contiguous(
         self, total: int, deadline: float | None, timeout: float | None = None
     ) -> tuple[int, memoryview]:
         """Claim room for a contiguous message of ``total`` bytes; return (slots, region).
 
-        The region is writable until :meth:`commit_contiguous` or abandonment (nothing is
-        published until commit).  A run of padding is published first if the message would
-        otherwise wrap around the end of the ring.
+        The region is writable until :meth:`commit_contiguous`; nothing is published before
+        that, so abandoning it sends nothing.  A run of padding is published first if the
+        message would otherwise wrap around the end of the ring.
         """
         slot, n = self._slot, self._n
         k = max(1, -(-total // slot))
@@ -201,15 +251,13 @@ class RingWriter:
             self.publish(pad)
             idx = 0
         self.claim(k, deadline, timeout)
-        off = self._data_off + idx * slot
+        off = self._ring.data_at(idx)
         return k, self._buf[off : off + total]
 
     def commit_contiguous(self, k: int, total: int, kind: int) -> None:
         """Publish the message begun by :meth:`begin_contiguous`."""
         flags = L.FLAG_FIRST | L.FLAG_CONTIG | (kind << L.KIND_SHIFT)
-        self._desc(self._w, total, min(total, self._slot), flags, self._msg_no)
-        self._msg_no += 1
-        self._a.store64(L.WRITER_MSGS, self._msg_no)
+        self._desc(self._w, total, min(total, self._slot), flags, self._count_message())
         self.publish(k)
 
     def write_streamed(
@@ -226,9 +274,7 @@ class RingWriter:
         readers see the next message start with another number and drop the unfinished one.
         """
         slot, n = self._slot, self._n
-        msg_no = self._msg_no
-        self._msg_no += 1
-        self._a.store64(L.WRITER_MSGS, self._msg_no)
+        msg_no = self._count_message()
         cursor = _Cursor(parts)
         done = 0
         flags = L.FLAG_FIRST | (kind << L.KIND_SHIFT)
@@ -237,7 +283,7 @@ class RingWriter:
             idx = self._w % n
             b = min(self._gate - self._w, n - idx, -(-(total - done) // slot))
             nbytes = min(total - done, b * slot)
-            off = self._data_off + idx * slot
+            off = self._ring.data_at(idx)
             cursor.copy_into(self._buf[off : off + nbytes])
             for j in range(b):
                 self._desc(self._w + j, total, min(slot, nbytes - j * slot), flags, msg_no)
@@ -246,9 +292,10 @@ class RingWriter:
             self.publish(b)
 
     def close(self) -> None:
-        """Mark the queue closed and wake every reader (P6)."""
-        self._a.store32(L.WRITER_STATE, L.WRITER_CLOSED)
-        announce(self._a, L.DATA_FUTEX_OFF)
+        """Mark this ring's writer gone and wake its readers (P6)."""
+        self._a.store32(self._ring.writer + L.STATE, L.DETACHED)
+        announce(self._a, self._ring.data_futex)
+        announce(self._a, L.ATTACH_FUTEX_OFF)
 
     @property
     def write_seq(self) -> int:
@@ -295,109 +342,112 @@ class _Partial:
 
 
 class RingReader:
-    """A reader's side of the ring: wait for published slots, read them, release them."""
+    """A reader's side of one ring: wait for published slots, read them, release them."""
 
-    def __init__(self, seg: Segment, geometry: L.Geometry, index: int, policy: WaitPolicy) -> None:
+    def __init__(self, seg: Segment, ring: L.RingLayout, index: int, policy: WaitPolicy) -> None:
         self._a = seg.atomics
         self._buf = seg.buf
-        self._g = geometry
-        self._n = geometry.n_slots
-        self._slot = geometry.slot_size
-        self._data_off = geometry.data_off
+        self._ring = ring
+        self._n = ring.n_slots
+        self._slot = ring.slot_size
         self.index = index
-        self._line = geometry.reader_off(index)
-        self._seq_off = self._line + L.R_SEQ
+        self._line = ring.reader_line(index)
+        self._seq_off = self._line + L.SEQ
+        self._wseq_off = ring.writer + L.SEQ
+        self._wstate_off = ring.writer + L.STATE
         self.policy = policy
         self._r = self._a.load64(self._seq_off)
         self._known_w = self._r  # write_seq as last seen (never ahead of the real one)
         self._target = 0
         self._partial: _Partial | None = None
-        self._msgs = self._a.load64(self._line + L.R_MSGS)
-        self._writer = (self._a.load64(L.WRITER_PID), self._a.load64(L.WRITER_START))
+        self._msgs = self._a.load64(self._line + L.MSGS)
         self.waits = 0
 
-    # -- attach / detach (P5) -------------------------------------------------------------
+    # -- attach / detach (P5) -----------------------------------------------------------------
 
-    @staticmethod
-    def claim_index(a, geometry: L.Geometry, index: int) -> None:
-        """Take reader index ``index`` for the calling process (AttachError if it is taken).
-
-        A fresh index starts at sequence 0 (the writer has waited for it); an index left by a
-        reader that detached, or by one that died, is taken over at the current write position,
-        at the next message boundary.
-        """
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise AttachError(f"reader index must be an int, not {type(index).__name__}")
-        if not 0 <= index < geometry.n_readers:
-            raise AttachError(
-                f"reader index {index} is out of range: this queue has {geometry.n_readers} "
-                f"reader(s), indices 0 to {geometry.n_readers - 1}"
-            )
-        line = geometry.reader_off(index)
-        pid, start = identity()
-        state = a.load32(line + L.R_STATE)
-        old_pid, old_start = a.load64(line + L.R_PID), a.load64(line + L.R_START)
-        if old_pid and is_alive(old_pid, old_start) and state != L.READER_DETACHED:
-            who = "this process" if old_pid == pid else f"pid {old_pid}"
-            raise AttachError(f"reader index {index} is already attached by {who}")
-        if not a.cas64(line + L.R_PID, old_pid, pid):
-            raise AttachError(f"reader index {index} was taken by another process just now")
-        a.store64(line + L.R_START, start)
-        if state == L.READER_EXPECTED:
-            a.store32(line + L.R_STATE, L.READER_ATTACHED)
-        else:
-            # Rejoin: make our read_seq gating only at a position the writer cannot have lapped
-            # (see docs/protocol.md, "Liveness"): store, go gating, re-read, store again.
-            a.store64(line + L.R_SEQ, a.load64(L.WRITE_SEQ))
-            a.exchange32(line + L.R_STATE, L.READER_ATTACHED)
-            a.store64(line + L.R_SEQ, a.load64(L.WRITE_SEQ))
-            a.store32(line + L.R_SLEEPING, 0)
-        announce(a, L.ATTACH_FUTEX_OFF)
+    def rejoin(self) -> None:
+        """Start reading at the writer's current position (for a reader index that was
+        detached or dropped).  Our sequence becomes gating only at a position the writer cannot
+        have lapped: store it, go gating (a full fence), re-read, store again."""
+        a = self._a
+        a.store64(self._seq_off, a.load64(self._wseq_off))
+        a.exchange32(self._line + L.STATE, L.ATTACHED)
+        self._r = a.load64(self._wseq_off)
+        self._known_w = self._r
+        a.store64(self._seq_off, self._r)
 
     def detach(self) -> None:
-        """Leave the queue: the writer stops waiting for this index, which may be taken again."""
+        """Leave: the writer stops waiting for this index, which may be taken again."""
         a = self._a
-        a.store32(self._line + L.R_STATE, L.READER_DETACHED)
-        a.store64(self._line + L.R_PID, 0)
-        announce(a, L.SPACE_FUTEX_OFF)
+        a.store32(self._line + L.STATE, L.DETACHED)
+        a.store64(self._line + L.PID, 0)
+        announce(a, self._ring.space_futex)
         announce(a, L.ATTACH_FUTEX_OFF)
 
-    # -- the Waiter protocol, for data (P3) -----------------------------------------------
+    # -- the Waiter protocol, for data (P3) -----------------------------------------------------
+
+    def has_data(self) -> bool:
+        """True when the slot at our sequence is published.  (Acquire load, P1.)"""
+        w = self._a.load64(self._wseq_off)
+        if w > self._r:
+            self._known_w = w
+            return True
+        return False
+
+    def writer_gone(self) -> bool:
+        """True when the writer closed (P6) or died, and everything it published was read."""
+        a = self._a
+        state = a.load32(self._wstate_off)  # P6: state before sequence
+        if a.load64(self._wseq_off) > self._r:
+            return False
+        if state & (L.DETACHED | L.DROPPED):
+            return True
+        if state == L.ATTACHED:
+            pid, start = a.load64(self._ring.writer + L.PID), a.load64(self._ring.writer + L.START)
+            return not is_alive(pid, start)
+        return False
 
     def ready(self) -> bool:
-        state = self._a.load32(L.WRITER_STATE)  # P6: state before sequence
-        w = self._a.load64(L.WRITE_SEQ)
+        a = self._a
+        state = a.load32(self._wstate_off)  # P6: state before sequence
+        w = a.load64(self._wseq_off)
         if w >= self._target:
             self._known_w = w
             return True
-        return state == L.WRITER_CLOSED
+        return bool(state & (L.DETACHED | L.DROPPED))
 
     def sleep(self, timeout: float) -> bool:
-        a = self._a
-        a.add32(L.SLEEPERS_OFF, 1)  # P3 step 1: announce (seq_cst: a full fence)
-        a.store32(self._line + L.R_SLEEPING, 1)
+        a, ring = self._a, self._ring
+        a.add32(ring.sleepers, 1)  # P3 step 1: announce (seq_cst: a full fence)
+        a.store32(self._line + L.SLEEPING, 1)
         try:
-            seen = a.load32(L.DATA_FUTEX_OFF)  # step 2
+            seen = a.load32(ring.data_futex)  # step 2
             if self.ready():  # step 3: re-check
                 return True
-            a.wait32(L.DATA_FUTEX_OFF, seen, timeout)  # step 4
+            a.wait32(ring.data_futex, seen, timeout)  # step 4
             return False
         finally:
-            a.store32(self._line + L.R_SLEEPING, 0)
-            a.add32(L.SLEEPERS_OFF, _DEC)
+            a.store32(self._line + L.SLEEPING, 0)
+            a.add32(ring.sleepers, _DEC)
 
     def tick(self) -> None:
         """A dead writer: once everything it published is read, raise QueueBroken."""
-        pid, start = self._writer
-        if is_alive(pid, start) or self._a.load64(L.WRITE_SEQ) >= self._target:
+        a, line = self._a, self._ring.writer
+        if a.load64(self._wseq_off) >= self._target or a.load32(self._wstate_off) != L.ATTACHED:
             return
-        raise QueueBroken(
-            f"the writer (pid {pid}) died; reader {self.index} has read everything it published",
+        pid, start = a.load64(line + L.PID), a.load64(line + L.START)
+        if not is_alive(pid, start):
+            raise self.broken()
+
+    def broken(self) -> QueueBroken:
+        pid = self._a.load64(self._ring.writer + L.PID)
+        return QueueBroken(
+            f"the writer (pid {pid}) died; everything it published has been read",
             peer="writer",
             pid=pid,
         )
 
-    # -- slots ----------------------------------------------------------------------------
+    # -- slots --------------------------------------------------------------------------------
 
     def wait_published(self, count: int, deadline: float | None, timeout: float | None) -> None:
         """Block until slots ``[r, r+count)`` are published (I2).
@@ -412,24 +462,27 @@ class RingReader:
         if not self.policy.wait(self, deadline):
             raise _timeout_error("get", timeout)
         if self._known_w < target:
-            self._known_w = self._a.load64(L.WRITE_SEQ)  # re-read after seeing closed (P6)
+            self._known_w = self._a.load64(self._wseq_off)  # re-read after seeing closed (P6)
             if self._known_w < target:
                 raise QueueClosed("the writer closed the queue and everything it sent was read")
 
     def release(self, k: int) -> None:
         """Hand slots back to the writer (P2) and wake it if it sleeps for space (P4)."""
         self._r += k
-        self._a.store_and_wake(self._seq_off, self._r, L.WRITER_SLEEPING, L.SPACE_FUTEX_OFF, 1)
+        ring = self._ring
+        self._a.store_and_wake(
+            self._seq_off, self._r, ring.writer + L.SLEEPING, ring.space_futex, 1
+        )
 
     def finish_message(self, k: int) -> None:
         """Release the ``k`` slots of a delivered message and count it."""
         self._msgs += 1
-        self._a.store64(self._line + L.R_MSGS, self._msgs)
+        self._a.store64(self._line + L.MSGS, self._msgs)
         if k:
             self.release(k)
 
     def _corrupt(self, why: str) -> SegmentError:
-        return SegmentError(f"reader {self.index}: corrupted slot at sequence {self._r}: {why}")
+        return SegmentError(f"corrupted slot at sequence {self._r}: {why}")
 
     def next_message(
         self, deadline: float | None, timeout: float | None, want_kind: int | None = None
@@ -441,7 +494,7 @@ class RingReader:
         ``slots`` is 0.  With ``want_kind`` given, a message of another kind raises
         MessageKindError and stays in the queue.
         """
-        n, slot, buf = self._n, self._slot, self._buf
+        n, slot, buf, ring = self._n, self._slot, self._buf, self._ring
         while True:
             if self._partial is not None:
                 if want_kind is not None and self._partial.kind != want_kind:
@@ -451,33 +504,53 @@ class RingReader:
                     return done
                 continue
             self.wait_published(1, deadline, timeout)
-            idx = self._r % n
-            total, _nbytes, flags, msg_no, _ = L.DESC.unpack_from(buf, self._g.desc_at(idx))
-            if flags & L.FLAG_PAD:
-                if not 0 < total <= n - idx:
-                    raise self._corrupt(f"padding run of {total} slots")
-                self.release(total)
+            head = self._head()
+            if head is None:
                 continue
-            if not flags & L.FLAG_FIRST:
-                self.release(1)  # the tail of a message we joined late or that was abandoned
-                continue
+            total, flags, msg_no = head
             kind = (flags & L.KIND_MASK) >> L.KIND_SHIFT
             if want_kind is not None and kind != want_kind:
                 raise MessageKindError(_kind_mismatch(kind))
             if flags & L.FLAG_CONTIG:
+                idx = self._r % n
                 k = max(1, -(-total // slot))
                 if idx + k > n:
                     raise self._corrupt(f"contiguous message of {total} bytes runs past the end")
                 self.wait_published(k, deadline, timeout)  # published with one store: no wait
-                off = self._data_off + idx * slot
+                off = ring.data_at(idx)
                 return kind, buf[off : off + total], k
             self._partial = _Partial(msg_no, kind, total)
+
+    def _head(self) -> tuple[int, int, int] | None:
+        """Skip published padding and orphaned continuation slots; return ``(total, flags,
+        msg_no)`` of the message starting at our sequence, or None if no published slot is
+        left.  Never blocks."""
+        n, buf, ring = self._n, self._buf, self._ring
+        while self._r < self._known_w or self.has_data():
+            idx = self._r % n
+            total, _nbytes, flags, msg_no, _ = L.DESC.unpack_from(buf, ring.desc_at(idx))
+            if flags & L.FLAG_PAD:
+                if not 0 < total <= n - idx:
+                    raise self._corrupt(f"padding run of {total} slots")
+                self.release(total)
+            elif not flags & L.FLAG_FIRST:
+                self.release(1)  # the tail of a message we joined late or that was abandoned
+            else:
+                return total, flags, msg_no
+        return None
+
+    def poll(self) -> bool:
+        """True when a message can be started now without blocking (its first slot, or the
+        next slot of a message in progress, is published).  Never blocks."""
+        if self._partial is not None:
+            return self._r < self._known_w or self.has_data()
+        return self._head() is not None
 
     def _stream(self, deadline: float | None, timeout: float | None):
         """Copy published slots of the partial message out, releasing them as we go."""
         p = self._partial
         assert p is not None
-        n, slot, buf, g = self._n, self._slot, self._buf, self._g
+        n, slot, buf, ring = self._n, self._slot, self._buf, self._ring
         total = len(p.data)
         while p.filled < total:
             self.wait_published(1, deadline, timeout)
@@ -486,7 +559,7 @@ class RingReader:
             avail = min(self._known_w - self._r, n - idx, -(-(total - p.filled) // slot))
             run = nbytes_run = 0
             for j in range(avail):
-                t, nb, flags, msg_no, _ = L.DESC.unpack_from(buf, g.desc_at(idx + j))
+                t, nb, flags, msg_no, _ = L.DESC.unpack_from(buf, ring.desc_at(idx + j))
                 first_ok = flags & L.FLAG_FIRST and p.filled == 0 and j == 0
                 cont_ok = flags & L.FLAG_CONT and (p.filled > 0 or j > 0)
                 if msg_no != p.msg_no or t != total or not (first_ok or cont_ok):
@@ -495,13 +568,11 @@ class RingReader:
                     raise self._corrupt(f"slot of {nb} bytes overflows the message")
                 run += 1
                 nbytes_run += nb
-            if run == 0:
-                self._partial = None
-                return None
-            off = self._data_off + idx * slot
-            p.data[p.filled : p.filled + nbytes_run] = buf[off : off + nbytes_run]
-            p.filled += nbytes_run
-            self.release(run)
+            if run:
+                off = ring.data_at(idx)
+                p.data[p.filled : p.filled + nbytes_run] = buf[off : off + nbytes_run]
+                p.filled += nbytes_run
+                self.release(run)
             if run < avail:
                 self._partial = None
                 return None

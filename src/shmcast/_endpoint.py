@@ -1,0 +1,293 @@
+"""What every queue endpoint shares: guards, lifecycle, and the put/get family over rings.
+
+A concrete queue (:class:`~shmcast.BroadcastQueue`, :class:`~shmcast.GatherQueue`) creates or
+attaches to a segment and says which ring this endpoint writes (``_sender``) and which it reads
+(``_receive``); everything else, encoding straight into the ring, zero-copy blocks, timeouts,
+closing, lives here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from . import _layout as L
+from ._errors import MessageTooLarge, QueueClosed, SerializationError
+from ._ring import RingReader, RingWriter
+from ._segment import Segment
+from ._serialize import PickleSerializer, Serializer
+from ._wait import WaitPolicy
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What a peer needs to attach: the segment's name and the nonce that proves it is the same
+    queue.  Small and picklable; pass it to the other processes."""
+
+    name: str
+    nonce: int
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A snapshot of one endpoint's counters, from ``stats()``."""
+
+    role: str  #: "writer" or "reader"
+    index: int | None  #: this endpoint's reader (broadcast) or writer (gather) index
+    messages: int  #: messages put or taken by this endpoint's ring(s)
+    sequence: int  #: slots published or consumed
+    waits: int  #: calls that had to wait
+    wait_policy: str
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    """Absolute monotonic deadline for a ``timeout`` argument (None: no deadline)."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout != timeout:
+        raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0, got {timeout}")
+    return time.monotonic() + timeout
+
+
+def as_bytes_view(part: Any) -> memoryview:
+    """A flat byte view of any contiguous buffer."""
+    view = part if isinstance(part, memoryview) else memoryview(part)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view
+
+
+def release_quietly(view: memoryview) -> None:
+    # BufferError: something made from the view is still alive; it goes when it is collected.
+    with contextlib.suppress(BufferError):
+        view.release()
+
+
+def check_serializer(serializer: Serializer | None) -> Serializer:
+    if serializer is None:
+        return PickleSerializer()
+    if not isinstance(serializer, Serializer):
+        raise TypeError("serializer must have dumps(obj) and loads(data, *, copy) methods")
+    return serializer
+
+
+class Endpoint:
+    """Base class of the queues.  Subclasses set the attributes in ``_setup`` and implement
+    ``_sender``, ``_receive`` and ``_close_now``."""
+
+    _seg: Segment
+    _geometry: L.Geometry
+    _handle: Handle
+    _serializer: Serializer
+    _policy: WaitPolicy
+    _closed: bool
+
+    def _setup(self, seg: Segment, geometry: L.Geometry, handle: Handle, serializer: Serializer,
+               policy: WaitPolicy) -> None:  # fmt: skip
+        self._seg = seg
+        self._geometry = geometry
+        self._handle = handle
+        self._serializer = serializer
+        self._policy = policy
+        self._closed = False
+        self._busy = threading.Lock()
+
+    # -- to be provided by each queue ---------------------------------------------------------
+
+    def _sender(self) -> RingWriter:
+        """The ring this endpoint writes; RoleError (or QueueClosed) if it cannot send."""
+        raise NotImplementedError
+
+    def _receive(self, deadline: float | None, timeout: float | None, want_kind: int | None,
+                 source: int | None) -> tuple[RingReader, int, memoryview, int]:  # fmt: skip
+        """Wait for the next message; return (ring, kind, data, slots) as
+        :meth:`RingReader.next_message` does, with the ring to finish it on."""
+        raise NotImplementedError
+
+    def _close_now(self) -> None:
+        raise NotImplementedError
+
+    # -- common properties --------------------------------------------------------------------
+
+    @property
+    def handle(self) -> Handle:
+        """The picklable handle the other processes attach with."""
+        return self._handle
+
+    @property
+    def name(self) -> str:
+        """The shared-memory segment's name (in /dev/shm)."""
+        return self._handle.name
+
+    @property
+    def n_slots(self) -> int:
+        return self._geometry.n_slots
+
+    @property
+    def slot_size(self) -> int:
+        return self._geometry.slot_size
+
+    @property
+    def capacity(self) -> int:
+        """The largest message that can be reserved or viewed in place (``n_slots*slot_size``);
+        larger messages are streamed through the ring."""
+        return self._geometry.capacity
+
+    @property
+    def closed(self) -> bool:
+        """True once this endpoint was closed."""
+        return self._closed
+
+    def __reduce__(self):
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled; send queue.handle to the other "
+            f"process and attach there with {type(self).__name__}.attach(handle, ...)"
+        )
+
+    @contextmanager
+    def _use(self) -> Iterator[None]:
+        if self._closed:
+            raise QueueClosed(f"{self!r} is closed")
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "this queue endpoint is already in use: by another thread, or by an enclosing "
+                "reserve()/view() block of the same thread"
+            )
+        try:
+            yield
+        finally:
+            self._busy.release()
+
+    def _activity(self) -> None:
+        if self._policy.tracks_activity:
+            self._policy.activity()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this endpoint (idempotent).  Also done at interpreter exit and when the object
+        is collected.  See the queue's own documentation for what closing means to peers."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_now()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def put(self, obj: Any, timeout: float | None = None) -> None:
+        """Send ``obj``.
+
+        Blocks while the ring is full (a reader is behind) up to ``timeout`` seconds (None:
+        forever).  Raises SerializationError (nothing sent), QueueTimeout (nothing sent),
+        QueueBroken (a reader died), QueueClosed, RoleError (this endpoint cannot send).
+        """
+        with self._use():
+            writer = self._sender()
+            try:
+                parts = self._serializer.dumps(obj)
+            except Exception as exc:
+                raise SerializationError(
+                    f"cannot serialize {type(obj).__name__} object: {exc}"
+                ) from exc
+            self._send(writer, parts, L.MSG_OBJECT, timeout)
+
+    def put_bytes(self, data: Any, timeout: float | None = None) -> None:
+        """Send raw bytes (any contiguous buffer: bytes, bytearray, memoryview, numpy array);
+        received with ``get_bytes`` (or ``get``).  Blocks and raises as :meth:`put`."""
+        with self._use():
+            writer = self._sender()
+            try:
+                view = as_bytes_view(data)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"put_bytes needs a contiguous buffer: {exc}") from None
+            self._send(writer, (view,), L.MSG_RAW, timeout)
+
+    def _send(self, writer: RingWriter, parts: Any, kind: int, timeout: float | None) -> None:
+        deadline = deadline_of(timeout)
+        views = [as_bytes_view(p) for p in parts]
+        total = sum(len(v) for v in views)
+        if total <= self._geometry.capacity:
+            k, region = writer.begin_contiguous(total, deadline, timeout)
+            pos = 0
+            for v in views:
+                region[pos : pos + len(v)] = v
+                pos += len(v)
+            writer.commit_contiguous(k, total, kind)
+        else:
+            writer.write_streamed(views, total, kind, deadline, timeout)
+        self._activity()
+
+    @contextmanager
+    def reserve(self, nbytes: int, timeout: float | None = None) -> Iterator[memoryview]:
+        """Zero-copy send: yield a writable view of ``nbytes`` bytes in the ring, to fill.
+
+        On normal exit the bytes are published as one raw message (read with ``get_bytes``);
+        if the block raises, nothing is published.  Do not keep the view, or arrays made on it,
+        past the block.  MessageTooLarge if ``nbytes`` exceeds :attr:`capacity`.  Blocks and
+        raises as :meth:`put` while waiting for room.
+        """
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+            raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+        if nbytes > self._geometry.capacity:
+            raise MessageTooLarge(
+                f"cannot reserve {nbytes} bytes: the ring holds {self._geometry.capacity} at "
+                "once (put_bytes streams any size; or create the queue with more or larger slots)"
+            )
+        with self._use():
+            writer = self._sender()
+            k, region = writer.begin_contiguous(nbytes, deadline_of(timeout), timeout)
+            try:
+                yield region
+                writer.commit_contiguous(k, nbytes, L.MSG_RAW)
+                self._activity()
+            finally:
+                release_quietly(region)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def _get(self, timeout: float | None, source: int | None, want_kind: int | None) -> Any:
+        with self._use():
+            ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, want_kind,
+                                                    source)  # fmt: skip
+            try:
+                if kind == L.MSG_RAW:
+                    return bytes(data)
+                return self._decode(data, copy=slots != 0)
+            finally:
+                ring.finish_message(slots)
+                self._activity()
+
+    @contextmanager
+    def _view(self, timeout: float | None, source: int | None) -> Iterator[Any]:
+        with self._use():
+            ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, None, source)
+            try:
+                if kind == L.MSG_RAW:
+                    yield data.toreadonly()
+                else:
+                    yield self._decode(data, copy=False)
+            finally:
+                release_quietly(data)
+                ring.finish_message(slots)
+                self._activity()
+
+    def _decode(self, data: memoryview, copy: bool) -> Any:
+        try:
+            return self._serializer.loads(data, copy=copy)
+        except SerializationError:
+            raise
+        except Exception as exc:
+            raise SerializationError(f"cannot decode message: {exc}") from exc

@@ -1,0 +1,274 @@
+"""``GatherQueue``: many writers, one reader (replies from N workers to one engine).
+
+One segment holds one single-producer ring per writer; the reader, who creates the queue,
+reads them all and sleeps on one futex word that every writer wakes (docs/protocol.md P3 with
+the rings sharing ``sleepers`` and ``data_futex``).  Writers attach at their index, exactly as
+broadcast readers do, and get backpressure from the reader as broadcast writers do.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import _layout as L
+from ._endpoint import Endpoint, Handle, QueueStats, check_serializer, deadline_of
+from ._errors import QueueBroken, QueueClosed, QueueTimeout, RoleError
+from ._liveness import is_alive
+from ._queue import create_segment, open_segment, wait_all_attached
+from ._ring import RingReader, RingWriter, announce, check_index, claim_line
+from ._segment import Segment
+from ._serialize import Serializer
+from ._wait import WaitPolicy, resolve_policy
+
+DEFAULT_SLOTS = 16
+DEFAULT_SLOT_SIZE = 64 * 1024
+
+_GONE = L.DETACHED | L.DROPPED
+
+
+def _close_reader(seg: Segment, rings: list[RingReader], pid: int) -> None:
+    if os.getpid() == pid:
+        for ring in rings:
+            ring.detach()
+        seg.unlink()
+        seg.close()
+
+
+def _close_writer(seg: Segment, writer: RingWriter, pid: int) -> None:
+    if os.getpid() == pid:
+        writer.close()
+        seg.close()
+
+
+class _AnyWriter:
+    """The reader's Waiter when it takes from whichever writer has a message first."""
+
+    def __init__(self, queue: GatherQueue) -> None:
+        self._q = queue
+
+    def ready(self) -> bool:
+        q = self._q
+        return any(r.has_data() for r in q._rings) or q._all_writers_closed()
+
+    def sleep(self, timeout: float) -> bool:
+        a = self._q._seg.atomics
+        a.add32(L.SLEEPERS_OFF, 1)  # P3, shared by all rings: announce, re-check, sleep
+        try:
+            seen = a.load32(L.DATA_FUTEX_OFF)
+            if self.ready():
+                return True
+            a.wait32(L.DATA_FUTEX_OFF, seen, timeout)
+            return False
+        finally:
+            a.add32(L.SLEEPERS_OFF, 0xFFFFFFFF)
+
+    def tick(self) -> None:
+        self._q._raise_if_writer_dead()
+
+
+class GatherQueue(Endpoint):
+    """A shared-memory gather queue: ``n_writers`` writers, one reader.
+
+    The reader creates it and hands :attr:`handle` to the writer processes, which attach at
+    their index::
+
+        replies = GatherQueue(n_writers=12)                  # the engine (reader)
+        w = GatherQueue.attach(handle, writer=i)             # worker i, in its own process
+        w.put(result)                                        # worker
+        obj = replies.get(writer=i)                          # engine: from worker i
+        i, obj = replies.get_with_sender()                   # engine: from whoever is first
+
+    Messages from one writer arrive in the order it sent them; taking from any writer is fair
+    (round robin over the writers that have something).  Geometry, wait policies, serializer,
+    timeouts, zero-copy blocks and errors are as for :class:`~shmcast.BroadcastQueue`; the
+    geometry is per writer's ring.
+
+    Liveness: a writer blocked by a dead reader raises QueueBroken; the reader, once it has
+    read everything a dead writer published, raises QueueBroken naming it.  Closing: the
+    reader's :meth:`close` removes the segment's name and makes writers' puts raise
+    QueueClosed; a writer's :meth:`close` detaches it (the reader gets QueueClosed from it
+    once drained, and from :meth:`get` without ``writer`` once every writer has closed).
+    """
+
+    def __init__(
+        self,
+        n_writers: int,
+        *,
+        n_slots: int = DEFAULT_SLOTS,
+        slot_size: int = DEFAULT_SLOT_SIZE,
+        wait: str | WaitPolicy | None = None,
+        serializer: Serializer | None = None,
+    ) -> None:
+        policy = resolve_policy(wait)
+        serializer = check_serializer(serializer)
+        seg, header = create_segment(L.KIND_GATHER, n_writers, n_slots, slot_size)
+        g = header.geometry
+        self._setup(seg, g, Handle(seg.name, header.nonce), serializer, policy)
+        self._rings = [RingReader(seg, g.ring(j), 0, policy) for j in range(n_writers)]
+        self._writer: RingWriter | None = None
+        self._index: int | None = None
+        self._next = 0
+        self._last = -1
+        self._any = _AnyWriter(self)
+        self._finalizer = weakref.finalize(self, _close_reader, seg, self._rings, os.getpid())
+
+    @classmethod
+    def attach(
+        cls,
+        handle: Handle,
+        writer: int,
+        *,
+        wait: str | WaitPolicy | None = None,
+        serializer: Serializer | None = None,
+    ) -> GatherQueue:
+        """Attach the calling process as writer ``writer`` of the queue behind ``handle``.
+
+        Raises SegmentError, AttachError, TypeError as :meth:`BroadcastQueue.attach` does.
+        """
+        policy = resolve_policy(wait)
+        serializer = check_serializer(serializer)
+        seg, header = open_segment(handle, L.KIND_GATHER, "gather queue")
+        try:
+            g = header.geometry
+            index = check_index(writer, g.n_peers, "writer")
+            line = g.peer_line(index)
+            claim_line(seg.atomics, line, f"writer index {index}")
+            ring = RingWriter(seg, g.ring(index), policy)
+            seg.atomics.store32(line + L.STATE, L.ATTACHED)
+            announce(seg.atomics, L.ATTACH_FUTEX_OFF)
+        except BaseException:
+            seg.close()
+            raise
+        self = cls.__new__(cls)
+        self._setup(seg, g, handle, serializer, policy)
+        self._rings = []
+        self._writer = ring
+        self._index = index
+        self._reader_state = g.ring(index).reader_line(0) + L.STATE
+        self._finalizer = weakref.finalize(self, _close_writer, seg, ring, os.getpid())
+        return self
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def is_reader(self) -> bool:
+        return self._writer is None
+
+    @property
+    def writer(self) -> int | None:
+        """This endpoint's writer index, or None for the reader."""
+        return self._index
+
+    @property
+    def n_writers(self) -> int:
+        return self._geometry.n_peers
+
+    def __repr__(self) -> str:
+        role = "reader" if self._writer is None else f"writer {self._index}"
+        return (
+            f"<GatherQueue {role} name={self.name!r} writers={self.n_writers} "
+            f"slots={self.n_slots}x{self.slot_size} wait={self._policy.name!r} "
+            f"{'closed' if self._closed else 'open'}>"
+        )
+
+    def stats(self) -> QueueStats:
+        """Counters of this endpoint (the reader's add up over all rings)."""
+        p = self._policy.name
+        if self._writer is not None:
+            w = self._writer
+            return QueueStats("writer", self._index, w.messages, w.write_seq, w.waits, p)
+        rings = self._rings
+        return QueueStats(
+            "reader", None, sum(r.messages for r in rings), sum(r.read_seq for r in rings),
+            sum(r.waits for r in rings), p,
+        )  # fmt: skip
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def wait_until_ready(self, timeout: float | None = None) -> None:
+        """Block until every writer index has been attached (QueueTimeout names the missing)."""
+        deadline = deadline_of(timeout)
+        if self._closed:
+            raise QueueClosed(f"{self!r} is closed")
+        wait_all_attached(self._seg, self._geometry, deadline, self._policy.slice)
+
+    def _close_now(self) -> None:
+        self._finalizer()
+
+    # -- the put/get family -------------------------------------------------------------------
+
+    def _sender(self) -> RingWriter:
+        writer = self._writer
+        if writer is None:
+            raise RoleError("only writers can send to a gather queue; this endpoint is its reader")
+        if self._seg.atomics.load32(self._reader_state) & _GONE:
+            raise QueueClosed("the reader closed the gather queue")
+        return writer
+
+    def _writer_state(self, j: int) -> int:
+        return self._seg.atomics.load32(self._geometry.peer_line(j) + L.STATE)
+
+    def _all_writers_closed(self) -> bool:
+        return all(self._writer_state(j) & _GONE for j in range(self.n_writers))
+
+    def _raise_if_writer_dead(self) -> None:
+        a = self._seg.atomics
+        for j, ring in enumerate(self._rings):
+            line = self._geometry.peer_line(j)
+            if a.load32(line + L.STATE) != L.ATTACHED or ring.has_data():
+                continue
+            pid, start = a.load64(line + L.PID), a.load64(line + L.START)
+            if not is_alive(pid, start):
+                raise QueueBroken(
+                    f"writer {j} (pid {pid}) died; everything it published has been read",
+                    peer=f"writer {j}",
+                    pid=pid,
+                )
+
+    def _receive(self, deadline, timeout, want_kind, source):
+        if self._writer is not None:
+            raise RoleError("only the reader can receive from a gather queue")
+        if source is not None:
+            ring = self._rings[check_index(source, self.n_writers, "writer")]
+            return (ring, *ring.next_message(deadline, timeout, want_kind))
+        n = len(self._rings)
+        while True:
+            for k in range(n):
+                j = (self._next + k) % n
+                ring = self._rings[j]
+                if ring.poll():
+                    self._next = j + 1
+                    self._last = j
+                    return (ring, *ring.next_message(deadline, timeout, want_kind))
+            if self._all_writers_closed():
+                raise QueueClosed("every writer closed the gather queue and all was read")
+            if not self._policy.wait(self._any, deadline):
+                raise QueueTimeout("get timed out" + (f" after {timeout:g} s" if timeout else ""))
+
+    def get(self, timeout: float | None = None, writer: int | None = None) -> Any:
+        """Receive the next message (reader only), from ``writer`` or, if None, from whichever
+        writer has one (round robin).  Blocks and raises as :meth:`BroadcastQueue.get`; a
+        dead writer raises QueueBroken once everything it sent was read."""
+        return self._get(timeout, writer, None)
+
+    def get_with_sender(self, timeout: float | None = None) -> tuple[int, Any]:
+        """Like :meth:`get` from any writer, returning ``(writer_index, message)``."""
+        obj = self._get(timeout, None, None)
+        return self._last, obj
+
+    def get_bytes(self, timeout: float | None = None, writer: int | None = None) -> bytes:
+        """Receive a raw-bytes message (MessageKindError if it is an object; it stays)."""
+        return self._get(timeout, writer, L.MSG_RAW)
+
+    @contextmanager
+    def view(self, timeout: float | None = None, writer: int | None = None) -> Iterator[Any]:
+        """Zero-copy receive, as :meth:`BroadcastQueue.view`."""
+        with self._view(timeout, writer) as value:
+            yield value
+
+
+__all__ = ["GatherQueue"]
