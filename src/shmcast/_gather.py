@@ -8,6 +8,7 @@ broadcast readers do, and get backpressure from the reader as broadcast writers 
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from ._endpoint import Endpoint, Handle, QueueStats, check_serializer, deadline_
 from ._errors import QueueBroken, QueueClosed, QueueTimeout, RoleError
 from ._liveness import is_alive
 from ._queue import create_segment, open_segment, wait_all_attached
-from ._ring import RingReader, RingWriter, announce, check_index, claim_line
+from ._ring import RingReader, RingWriter, SlowWait, announce, check_index, claim_line, log
 from ._segment import Segment
 from ._serialize import Serializer
 from ._wait import WaitPolicy, resolve_policy
@@ -49,6 +50,7 @@ class _AnyWriter:
 
     def __init__(self, queue: GatherQueue) -> None:
         self._q = queue
+        self.slow = SlowWait()
 
     def ready(self) -> bool:
         q = self._q
@@ -67,7 +69,17 @@ class _AnyWriter:
             a.add32(L.SLEEPERS_OFF, 0xFFFFFFFF)
 
     def tick(self) -> None:
-        self._q._raise_if_writer_dead()
+        q = self._q
+        q._raise_if_writer_dead()
+        waited = self.slow.due(q._policy)
+        if waited is not None:
+            log.warning(
+                "shmcast: get on %s has waited %.1f s for any writer; writer states: %s",
+                q.name, waited, ", ".join(
+                    f"{j}={L.STATE_NAMES.get(q._writer_state(j), '?')}"
+                    for j in range(q.n_writers)
+                ),
+            )  # fmt: skip
 
 
 class GatherQueue(Endpoint):
@@ -109,6 +121,9 @@ class GatherQueue(Endpoint):
         g = header.geometry
         self._setup(seg, g, Handle(seg.name, header.nonce), serializer, policy)
         self._rings = [RingReader(seg, g.ring(j), 0, policy) for j in range(n_writers)]
+        for j, ring in enumerate(self._rings):
+            ring.label = f"{seg.name} (reader, from writer {j})"
+            ring.warn_level = logging.WARNING  # the reader awaits replies: a long wait is news
         self._writer: RingWriter | None = None
         self._index: int | None = None
         self._next = 0
@@ -138,6 +153,7 @@ class GatherQueue(Endpoint):
             line = g.peer_line(index)
             claim_line(seg.atomics, line, f"writer index {index}")
             ring = RingWriter(seg, g.ring(index), policy)
+            ring.label = f"{seg.name} (writer {index})"
             seg.atomics.store32(line + L.STATE, L.ATTACHED)
             announce(seg.atomics, L.ATTACH_FUTEX_OFF)
         except BaseException:
@@ -246,6 +262,7 @@ class GatherQueue(Endpoint):
                     return (ring, *ring.next_message(deadline, timeout, want_kind))
             if self._all_writers_closed():
                 raise QueueClosed("every writer closed the gather queue and all was read")
+            self._any.slow.start()
             if not self._policy.wait(self._any, deadline):
                 raise QueueTimeout("get timed out" + (f" after {timeout:g} s" if timeout else ""))
 

@@ -148,6 +148,7 @@ class BroadcastQueue(Endpoint):
         seg, header = create_segment(L.KIND_BROADCAST, n_readers, n_slots, slot_size)
         try:
             writer = RingWriter(seg, header.geometry.ring(), policy, on_dead_reader)
+            writer.label = f"{seg.name} (writer)"
         except BaseException:
             seg.unlink()
             seg.close()
@@ -181,6 +182,7 @@ class BroadcastQueue(Endpoint):
             g = header.geometry
             index = check_index(reader, g.n_peers, "reader")
             ring = RingReader(seg, g.ring(), index, policy)
+            ring.label = f"{seg.name} (reader {index})"
             line = g.peer_line(index)
             if claim_line(seg.atomics, line, f"reader index {index}") == L.EXPECTED:
                 seg.atomics.store32(line + L.STATE, L.ATTACHED)

@@ -149,6 +149,8 @@ class RingWriter:
         self._gate = 0  # cached: slots below this sequence are known to be free (I1)
         self._need = 0  # slots the current wait asks for
         self.waits = 0  # statistics: how often a put had to wait for space
+        self.label = "queue"  # how log messages name this endpoint
+        self._slow = SlowWait()
 
     # -- the Waiter protocol, for space (P4) --------------------------------------------------
 
@@ -176,15 +178,23 @@ class RingWriter:
             a.store32(ring.writer + L.SLEEPING, 0)
 
     def tick(self) -> None:
-        """Look at the readers that hold the writer back; a dead one raises or is dropped."""
+        """Look at the readers that hold the writer back; a dead one raises or is dropped.
+        After a long wait, log who holds the writer back."""
         a, ring = self._a, self._ring
         limit = self._w + self._need - self._n  # readers below this sequence block us
+        report = self._slow.due(self.policy)
+        blockers = []
         for i in range(ring.n_readers):
             line = ring.reader_line(i)
-            if a.load32(line + L.STATE) != L.ATTACHED or a.load64(line + L.SEQ) >= limit:
+            state, seq = a.load32(line + L.STATE), a.load64(line + L.SEQ)
+            if not state & L.GATING or seq >= limit:
+                continue
+            if state == L.EXPECTED:
+                blockers.append(f"reader {i} (not attached yet)")
                 continue
             pid, start = a.load64(line + L.PID), a.load64(line + L.START)
             if is_alive(pid, start):
+                blockers.append(f"reader {i} (pid {pid}, alive) is {self._w - seq} slots behind")
                 continue
             if self.on_dead_reader == "drop":
                 if a.cas32(line + L.STATE, L.ATTACHED, L.DROPPED):
@@ -197,6 +207,11 @@ class RingWriter:
                 peer=f"reader {i}",
                 pid=pid,
             )
+        if report is not None and blockers:
+            log.warning(
+                "shmcast: put on %s has waited %.1f s for space: %s",
+                self.label, report, "; ".join(blockers),
+            )  # fmt: skip
 
     # -- slots --------------------------------------------------------------------------------
 
@@ -208,6 +223,7 @@ class RingWriter:
         if self.ready():
             return
         self.waits += 1
+        self._slow.start()
         if not self.policy.wait(self, deadline):
             raise _timeout_error("put", timeout)
 
@@ -306,6 +322,31 @@ class RingWriter:
         return self._msg_no
 
 
+class SlowWait:
+    """When to log a long wait: after ``policy.warn_after`` seconds, then after twice as long
+    each time (capped at ten minutes between messages)."""
+
+    __slots__ = ("_next", "_started")
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self._next = 0.0
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._next = 0.0
+
+    def due(self, policy: WaitPolicy) -> float | None:
+        """Seconds waited if a message is due now, else None."""
+        if policy.warn_after is None:
+            return None
+        waited = time.monotonic() - self._started
+        if waited < max(self._next, policy.warn_after):
+            return None
+        self._next = waited + min(max(waited, policy.warn_after), 600.0)
+        return waited
+
+
 class _Cursor:
     """Copies a list of byte views, in order, into successive destination views."""
 
@@ -362,6 +403,11 @@ class RingReader:
         self._partial: _Partial | None = None
         self._msgs = self._a.load64(self._line + L.MSGS)
         self.waits = 0
+        self.label = "queue"  # how log messages name this endpoint
+        #: Level of the long-wait log message: waiting for data is normal for an idle
+        #: broadcast reader (INFO), not for a gather reader awaiting replies (WARNING).
+        self.warn_level = logging.INFO
+        self._slow = SlowWait()
 
     # -- attach / detach (P5) -----------------------------------------------------------------
 
@@ -431,13 +477,24 @@ class RingReader:
             a.add32(ring.sleepers, _DEC)
 
     def tick(self) -> None:
-        """A dead writer: once everything it published is read, raise QueueBroken."""
+        """A dead writer: once everything it published is read, raise QueueBroken.
+        After a long wait, log whom we wait for."""
         a, line = self._a, self._ring.writer
-        if a.load64(self._wseq_off) >= self._target or a.load32(self._wstate_off) != L.ATTACHED:
+        if a.load64(self._wseq_off) >= self._target:
             return
+        state = a.load32(self._wstate_off)
         pid, start = a.load64(line + L.PID), a.load64(line + L.START)
-        if not is_alive(pid, start):
+        if state == L.ATTACHED and not is_alive(pid, start):
             raise self.broken()
+        waited = self._slow.due(self.policy)
+        if waited is not None:
+            who = "not attached yet" if state == L.EXPECTED else f"pid {pid}, alive"
+            log.log(
+                self.warn_level,
+                "shmcast: get on %s has waited %.1f s for the writer (%s); nothing new since "
+                "sequence %d",
+                self.label, waited, who, self._r,
+            )  # fmt: skip
 
     def broken(self) -> QueueBroken:
         pid = self._a.load64(self._ring.writer + L.PID)
@@ -459,6 +516,7 @@ class RingReader:
         if self.ready() and self._known_w >= target:
             return
         self.waits += 1
+        self._slow.start()
         if not self.policy.wait(self, deadline):
             raise _timeout_error("get", timeout)
         if self._known_w < target:

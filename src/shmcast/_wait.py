@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 DEFAULT_SLICE = 0.1
+DEFAULT_WARN_AFTER = 10.0
 
 
 class Waiter(Protocol):
@@ -44,11 +45,20 @@ class Waiter(Protocol):
         """Periodic checks (dead peers, slow-wait warnings).  May raise."""
 
 
+@dataclass(kw_only=True)
 class WaitPolicy:
-    """Base class of wait policies.  Subclasses implement :meth:`wait`."""
+    """Base class of wait policies.  Subclasses implement :meth:`wait`.
+
+    Every policy takes, as keyword arguments:
+        slice: the longest a waiter goes without looking at its peer's liveness and its
+            deadline (seconds).
+        warn_after: seconds a put or get may wait before the queue logs whom it waits for
+            (then again after twice as long, and so on); None never logs.
+    """
 
     name: ClassVar[str] = "?"
     slice: float = DEFAULT_SLICE
+    warn_after: float | None = DEFAULT_WARN_AFTER
     #: True if :meth:`activity` must be called after each successful operation.
     tracks_activity: ClassVar[bool] = False
 
@@ -77,12 +87,11 @@ class WaitPolicy:
             pause(self.slice if deadline is None else deadline - now)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FutexWait(WaitPolicy):
     """Spin up to ``spin_us`` microseconds, then sleep on a futex in slices of ``slice`` s."""
 
     spin_us: float = 20.0
-    slice: float = DEFAULT_SLICE
     name: ClassVar[str] = "futex"
 
     def wait(self, waiter: Waiter, deadline: float | None) -> bool:
@@ -118,24 +127,22 @@ def _yield(_most: float) -> None:
     os.sched_yield()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SpinWait(WaitPolicy):
     """``sched_yield()`` between looks, never sleep."""
 
-    slice: float = DEFAULT_SLICE
     name: ClassVar[str] = "spin"
 
     def wait(self, waiter: Waiter, deadline: float | None) -> bool:
         return self._poll(waiter, deadline, _yield)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BackoffWait(WaitPolicy):
     """``sched_yield()``; every ``spins`` looks without activity, sleep ``sleep`` seconds."""
 
     spins: int = 1000
     sleep: float = 0.001
-    slice: float = DEFAULT_SLICE
     name: ClassVar[str] = "backoff"
     tracks_activity: ClassVar[bool] = True
 
@@ -157,13 +164,12 @@ class BackoffWait(WaitPolicy):
         return self._poll(waiter, deadline, self._pause)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IdleWait(WaitPolicy):
     """Spin while busy; after ``busy_period`` s without activity sleep ``sleep`` s per look."""
 
     busy_period: float = 3.0
     sleep: float = 0.1
-    slice: float = DEFAULT_SLICE
     name: ClassVar[str] = "idle"
     tracks_activity: ClassVar[bool] = True
 
