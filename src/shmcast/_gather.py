@@ -54,11 +54,14 @@ class _AnyWriter:
 
     def ready(self) -> bool:
         q = self._q
-        return any(r.has_data() for r in q._rings) or q._all_writers_closed()
+        return any(r.has_data() for r in q._rings) or q._all_writers_closed() or q._closed
 
     def sleep(self, timeout: float) -> bool:
-        a = self._q._seg.atomics
+        q = self._q
+        a = q._seg.atomics
         a.add32(L.SLEEPERS_OFF, 1)  # P3, shared by all rings: announce, re-check, sleep
+        for line in q._reader_lines:
+            a.store32(line + L.SLEEPING, 1)  # informational, for inspection
         try:
             seen = a.load32(L.DATA_FUTEX_OFF)
             if self.ready():
@@ -66,6 +69,8 @@ class _AnyWriter:
             a.wait32(L.DATA_FUTEX_OFF, seen, timeout)
             return False
         finally:
+            for line in q._reader_lines:
+                a.store32(line + L.SLEEPING, 0)
             a.add32(L.SLEEPERS_OFF, 0xFFFFFFFF)
 
     def tick(self) -> None:
@@ -74,7 +79,7 @@ class _AnyWriter:
         waited = self.slow.due(q._policy)
         if waited is not None:
             log.warning(
-                "shmcast: get on %s has waited %.1f s for any writer; writer states: %s",
+                "get on %s has waited %.1f s for any writer; writer states: %s",
                 q.name, waited, ", ".join(
                     f"{j}={L.STATE_NAMES.get(q._writer_state(j), '?')}"
                     for j in range(q.n_writers)
@@ -126,6 +131,7 @@ class GatherQueue(Endpoint):
             ring.warn_level = logging.WARNING  # the reader awaits replies: a long wait is news
         self._writer: RingWriter | None = None
         self._index: int | None = None
+        self._reader_lines = [g.ring(j).reader_line(0) for j in range(n_writers)]
         self._next = 0
         self._last = -1
         self._any = _AnyWriter(self)
@@ -265,6 +271,8 @@ class GatherQueue(Endpoint):
             self._any.slow.start()
             if not self._policy.wait(self._any, deadline):
                 raise QueueTimeout("get timed out" + (f" after {timeout:g} s" if timeout else ""))
+            if self._closed:
+                raise QueueClosed("the queue was closed while get was waiting")
 
     def get(self, timeout: float | None = None, writer: int | None = None) -> Any:
         """Receive the next message (reader only), from ``writer`` or, if None, from whichever

@@ -150,6 +150,7 @@ class RingWriter:
         self._need = 0  # slots the current wait asks for
         self.waits = 0  # statistics: how often a put had to wait for space
         self.label = "queue"  # how log messages name this endpoint
+        self.closing = False  # set by close() from another thread: blocked calls return
         self._slow = SlowWait()
 
     # -- the Waiter protocol, for space (P4) --------------------------------------------------
@@ -163,7 +164,7 @@ class RingWriter:
 
     def ready(self) -> bool:
         self._gate = self._gating()
-        return self._w + self._need <= self._gate
+        return self._w + self._need <= self._gate or self.closing
 
     def sleep(self, timeout: float) -> bool:
         a, ring = self._a, self._ring
@@ -198,7 +199,7 @@ class RingWriter:
                 continue
             if self.on_dead_reader == "drop":
                 if a.cas32(line + L.STATE, L.ATTACHED, L.DROPPED):
-                    log.warning("shmcast: reader %d (pid %d) died; dropped it", i, pid)
+                    log.warning("reader %d (pid %d) died; dropped it", i, pid)
                     announce(a, L.ATTACH_FUTEX_OFF)
                 continue
             raise QueueBroken(
@@ -209,7 +210,7 @@ class RingWriter:
             )
         if report is not None and blockers:
             log.warning(
-                "shmcast: put on %s has waited %.1f s for space: %s",
+                "put on %s has waited %.1f s for space: %s",
                 self.label, report, "; ".join(blockers),
             )  # fmt: skip
 
@@ -226,6 +227,8 @@ class RingWriter:
         self._slow.start()
         if not self.policy.wait(self, deadline):
             raise _timeout_error("put", timeout)
+        if self.closing:
+            raise QueueClosed("the queue was closed while put was waiting")
 
     def publish(self, k: int) -> None:
         """Make the next ``k`` filled slots visible (P1) and wake sleeping readers (P3)."""
@@ -308,7 +311,10 @@ class RingWriter:
             self.publish(b)
 
     def close(self) -> None:
-        """Mark this ring's writer gone and wake its readers (P6)."""
+        """Mark this ring's writer gone and wake its readers (P6), and a put of ours blocked
+        in another thread."""
+        self.closing = True
+        announce(self._a, self._ring.space_futex)
         self._a.store32(self._ring.writer + L.STATE, L.DETACHED)
         announce(self._a, self._ring.data_futex)
         announce(self._a, L.ATTACH_FUTEX_OFF)
@@ -407,6 +413,7 @@ class RingReader:
         #: Level of the long-wait log message: waiting for data is normal for an idle
         #: broadcast reader (INFO), not for a gather reader awaiting replies (WARNING).
         self.warn_level = logging.INFO
+        self.closing = False  # set by detach() from another thread: blocked calls return
         self._slow = SlowWait()
 
     # -- attach / detach (P5) -----------------------------------------------------------------
@@ -423,12 +430,15 @@ class RingReader:
         a.store64(self._seq_off, self._r)
 
     def detach(self) -> None:
-        """Leave: the writer stops waiting for this index, which may be taken again."""
+        """Leave: the writer stops waiting for this index, which may be taken again.  A get
+        of ours blocked in another thread returns (QueueClosed)."""
         a = self._a
+        self.closing = True
         a.store32(self._line + L.STATE, L.DETACHED)
         a.store64(self._line + L.PID, 0)
         announce(a, self._ring.space_futex)
         announce(a, L.ATTACH_FUTEX_OFF)
+        announce(a, self._ring.data_futex)
 
     # -- the Waiter protocol, for data (P3) -----------------------------------------------------
 
@@ -460,7 +470,7 @@ class RingReader:
         if w >= self._target:
             self._known_w = w
             return True
-        return bool(state & (L.DETACHED | L.DROPPED))
+        return bool(state & (L.DETACHED | L.DROPPED)) or self.closing
 
     def sleep(self, timeout: float) -> bool:
         a, ring = self._a, self._ring
@@ -491,7 +501,7 @@ class RingReader:
             who = "not attached yet" if state == L.EXPECTED else f"pid {pid}, alive"
             log.log(
                 self.warn_level,
-                "shmcast: get on %s has waited %.1f s for the writer (%s); nothing new since "
+                "get on %s has waited %.1f s for the writer (%s); nothing new since "
                 "sequence %d",
                 self.label, waited, who, self._r,
             )  # fmt: skip
@@ -519,6 +529,8 @@ class RingReader:
         self._slow.start()
         if not self.policy.wait(self, deadline):
             raise _timeout_error("get", timeout)
+        if self.closing:
+            raise QueueClosed("the queue was closed while get was waiting")
         if self._known_w < target:
             self._known_w = self._a.load64(self._wseq_off)  # re-read after seeing closed (P6)
             if self._known_w < target:
