@@ -1,12 +1,14 @@
-"""The ``shmcast`` command line: a table of subcommands, one module each.
+"""The ``shmcast`` command line: a table of subcommands, each implemented by a module.
 
-Each subcommand lives in its own module, which exposes two functions:
+A subcommand's module exposes two functions:
 
 - ``add_arguments(parser: argparse.ArgumentParser) -> None`` declares its options;
-- ``run(args: argparse.Namespace) -> int`` does the work and returns the exit status.
+- ``run(args: argparse.Namespace) -> int`` does the work and returns the exit status;
 
-and whose docstring's first line is the subcommand's one-line help.  A subcommand is added by
-one line in :data:`SUBCOMMANDS`.
+and its docstring's first line is the subcommand's one-line help.  A module that implements
+several related subcommands instead exposes ``COMMANDS: dict[name, (add_arguments, run)]`` and
+``SUMMARIES: dict[name, one-line help]``.  Either way a subcommand is added by one line in
+:data:`SUBCOMMANDS`.
 
 Exit statuses: 0 success, 1 failure (the command ran but its check failed), 2 usage error
 (bad arguments; argparse's convention), 130 interrupted (Ctrl-C).
@@ -17,7 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import ModuleType
 
 EXIT_OK = 0
@@ -25,9 +28,12 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-#: Subcommand name -> module (relative to this package) implementing it.
+#: Subcommand name -> the module (relative to this package) that implements it.
 SUBCOMMANDS: dict[str, str] = {
     "demo": "._demo",
+    "inspect": "._inspect",
+    "ls": "._inspect",
+    "cleanup": "._inspect",
 }
 
 
@@ -37,17 +43,35 @@ class UsageError(Exception):
     error and exits with status 2."""
 
 
-def _load(module_name: str) -> ModuleType:
-    module = importlib.import_module(module_name, __package__)
-    for required in ("add_arguments", "run"):
-        if not callable(getattr(module, required, None)):
-            raise TypeError(f"subcommand module {module.__name__} has no {required}() function")
-    return module
+@dataclass(frozen=True)
+class _Subcommand:
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    summary: str
+    description: str
 
 
-def _summary(module: ModuleType) -> str:
-    doc = (module.__doc__ or "").strip()
-    return doc.splitlines()[0].rstrip(".") if doc else ""
+def _first_line(text: str | None) -> str:
+    text = (text or "").strip()
+    return text.splitlines()[0].rstrip(".") if text else ""
+
+
+def _load(name: str, module_name: str) -> _Subcommand:
+    """The functions implementing subcommand ``name`` (TypeError if the module lacks them)."""
+    module: ModuleType = importlib.import_module(module_name, __package__)
+    commands = getattr(module, "COMMANDS", None)
+    if isinstance(commands, dict) and name in commands:
+        add_arguments, run = commands[name]
+        summary = getattr(module, "SUMMARIES", {}).get(name, "")
+        return _Subcommand(add_arguments, run, summary, summary)
+    add_arguments = getattr(module, "add_arguments", None)
+    run = getattr(module, "run", None)
+    if not (callable(add_arguments) and callable(run)):
+        raise TypeError(
+            f"module {module.__name__} implements no subcommand {name!r}: it needs "
+            "add_arguments() and run(), or an entry in COMMANDS"
+        )
+    return _Subcommand(add_arguments, run, _first_line(module.__doc__), module.__doc__ or "")
 
 
 def _version() -> str:
@@ -60,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand of :data:`SUBCOMMANDS` registered.
 
     Imports the subcommand modules (they must import quickly: heavy or optional dependencies
-    are imported inside ``run``).
+    belong inside ``run``).
     """
     parser = argparse.ArgumentParser(
         prog="shmcast",
@@ -74,16 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     commands.required = True
     for name, module_name in SUBCOMMANDS.items():
-        module = _load(module_name)
-        summary = _summary(module)
+        command = _load(name, module_name)
         sub = commands.add_parser(
             name,
-            help=summary,
-            description=module.__doc__,
+            help=command.summary,
+            description=command.description,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run, _parser=sub)
+        command.add_arguments(sub)
+        sub.set_defaults(_run=command.run, _parser=sub)
     return parser
 
 

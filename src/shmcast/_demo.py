@@ -17,7 +17,7 @@ its picklable handle, as the workers of a real application do, instead of inheri
 writer's memory, locks and threads through fork().  '--start-method fork' is accepted for
 comparison.
 
-Nothing waits without a limit: every put and get has a timeout (--stall-timeout), a watchdog
+Nothing waits without a limit: every put and get has a timeout (see --stall-timeout), a watchdog
 kills the readers if the writer makes no progress, a reader that dies is detected and reported,
 and the queue is always closed and every reader joined (or killed), so no shared-memory segment
 is left behind.
@@ -300,6 +300,7 @@ class ReaderResult:
     first_recv_ns: int | None = None
     last_recv_ns: int | None = None
     exitcode: int | None = None  #: None if it had to be killed and could not be reaped
+    killed: bool = False  #: the demo killed it because it did not exit in time
     problems: list[str] = field(default_factory=list)  #: why it fails the run; empty: passed
 
     @property
@@ -325,6 +326,7 @@ class DemoResult:
     failures: list[str]
     interrupted: bool = False
     writer_waits: int = 0  #: how many sends had to wait for space (backpressure)
+    segment: str = ""  #: the queue's shared-memory segment (removed when the demo ends)
 
 
 # -- the reader process -------------------------------------------------------------------
@@ -386,8 +388,74 @@ def _check_message(msg: Any, expected: int, plan: MessagePlan) -> tuple[int, int
         if type(body).__name__ != "ndarray" or dtype != kind.dtype or body.shape != kind.shape:
             return seq, 0, sent_ns, f"message #{seq}: not the {kind.name} expected"
         ok = zlib.crc32(body) == crc
-        return seq, body.nbytes, sent_ns, "" if ok else f"message #{seq} ({kind.name}): checksum"
+        problem = "" if ok else f"message #{seq} ({kind.name}): checksum mismatch"
+        return seq, body.nbytes, sent_ns, problem
     return seq, 0, sent_ns, f"message #{seq} is an object, expected {kind.name}"
+
+
+class _Verifier:
+    """A reader's bookkeeping: checks each message against the plan and the expected sequence
+    number, counts messages, bytes and errors, and records latencies."""
+
+    MAX_ERROR_SAMPLES = 5
+
+    def __init__(self, plan: MessagePlan) -> None:
+        self.plan = plan
+        self.expected = 0
+        self.messages = 0
+        self.bytes = 0
+        self.errors = 0
+        self.error_samples: list[str] = []
+        self.latencies = _Latencies()
+        self.end_count: int | None = None
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+
+    def receive(self, msg: Any, now_ns: int) -> None:
+        """Account for one message, received at ``now_ns`` (time.monotonic_ns())."""
+        if isinstance(msg, tuple) and msg and msg[0] == END_OF_STREAM:
+            self.end_count = msg[1]
+            return
+        seq, size, sent_ns, problem = _check_message(msg, self.expected, self.plan)
+        if not problem:  # intact: its timestamp can be trusted
+            self.latencies.add(now_ns - sent_ns)
+            if seq != self.expected:
+                problem = f"expected message #{self.expected}, got #{seq}"
+        self.expected = seq + 1
+        self.messages += 1
+        self.bytes += size
+        self.first_ns = now_ns if self.first_ns is None else self.first_ns
+        self.last_ns = now_ns
+        if problem:
+            self.error(problem)
+
+    def undecodable(self, exc: Exception) -> None:
+        """Account for a message that could not be decoded (it was consumed)."""
+        self.error(f"message #{self.expected} could not be decoded: {exc}")
+        self.expected += 1
+        self.messages += 1
+
+    def error(self, problem: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < self.MAX_ERROR_SAMPLES:
+            self.error_samples.append(problem)
+
+    def report(self, index: int, stopped_by: str) -> dict[str, Any]:
+        """The report sent to the writer (plain data: it goes through a pipe)."""
+        return {
+            "index": index,
+            "pid": os.getpid(),
+            "messages": self.messages,
+            "bytes": self.bytes,
+            "errors": self.errors,
+            "error_samples": self.error_samples,
+            "end_count": self.end_count,
+            "stopped_by": stopped_by,
+            "latencies": self.latencies.samples.tobytes(),
+            "latency_max": self.latencies.max,
+            "first_ns": self.first_ns,
+            "last_ns": self.last_ns,
+        }
 
 
 def _reader_main(
@@ -397,58 +465,33 @@ def _reader_main(
     then send a report (a dict) through ``conn``.  Every get has a timeout; the parent
     handles Ctrl-C (the reader ignores SIGINT and stops when the writer closes the queue)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from ._errors import QueueClosed
+    from ._errors import QueueClosed, SerializationError
     from ._queue import BroadcastQueue
 
-    report: dict[str, Any] = {"index": index, "pid": os.getpid(), "messages": 0, "bytes": 0}
-    errors: list[str] = []
-    error_count = 0
-    latencies = _Latencies()
-    expected = 0
-    end_count = None
-    first_ns = last_ns = None
+    if plan.numpy:  # import now: the first array message must not pay for it in latency
+        import numpy  # noqa: F401
+
+    # A reader may legitimately wait while the writer itself waits (up to stall_timeout) for
+    # a slower reader: it gives up later than the writer, which then names the culprit.
+    get_timeout = 2 * stall_timeout
+    verifier = _Verifier(plan)
     stopped_by = ""
     try:
         with BroadcastQueue.attach(handle, index, wait=wait) as queue:
             while True:
                 try:
-                    with queue.view(timeout=stall_timeout) as msg:
-                        now_ns = time.monotonic_ns()
-                        if isinstance(msg, tuple) and msg and msg[0] == END_OF_STREAM:
-                            end_count = msg[1]
-                            problem = ""
-                        else:
-                            seq, size, sent_ns, problem = _check_message(msg, expected, plan)
-                            if seq != expected and not problem:
-                                problem = f"expected message #{expected}, got #{seq}"
-                            expected = seq + 1
-                            report["messages"] += 1
-                            report["bytes"] += size
-                            latencies.add(now_ns - sent_ns)
-                            first_ns = now_ns if first_ns is None else first_ns
-                            last_ns = now_ns
-                        del msg
+                    with queue.view(timeout=get_timeout) as msg:
+                        verifier.receive(msg, time.monotonic_ns())
+                        del msg  # it may lie in the ring: do not keep it past the block
                 except QueueClosed:
                     stopped_by = "closed"
                     break
-                if problem:
-                    error_count += 1
-                    if len(errors) < 5:
-                        errors.append(problem)
+                except SerializationError as exc:  # consumed: count it and go on
+                    verifier.undecodable(exc)
     except Exception as exc:  # reported, not raised: the parent judges the run
         stopped_by = f"{type(exc).__name__}: {exc}"
-    report.update(
-        errors=error_count,
-        error_samples=errors,
-        end_count=end_count,
-        stopped_by=stopped_by,
-        latencies=latencies.samples.tobytes(),
-        latency_max=latencies.max,
-        first_ns=first_ns,
-        last_ns=last_ns,
-    )
     with contextlib.suppress(OSError):
-        conn.send(report)
+        conn.send(verifier.report(index, stopped_by))
         conn.close()
 
 
@@ -515,6 +558,8 @@ class _Progress:
     def update(self, count: int, nbytes: int, now: float, force: bool = False) -> None:
         if self.out is None or (now < self.next_at and not force):
             return
+        if force and count == self.last_count:
+            return  # nothing new since the last line
         span = max(now - self.last, 1e-9)
         rate = (count - self.last_count) / span
         mbps = (nbytes - self.last_bytes) / span / 1e6
@@ -668,7 +713,8 @@ def _execute(config: DemoConfig, out: TextIO | None, progress: bool) -> DemoResu
         )
         say(
             f"ring: {config.n_slots} slots x {_fmt_size(config.slot_size)} "
-            f"= {_fmt_size(capacity)}; numpy arrays: {'yes' if config.numpy else 'no'}; "
+            f"= {_fmt_size(capacity)} in /dev/shm/{queue.name}; "
+            f"numpy arrays: {'yes' if config.numpy else 'no'}; "
             + (f"{config.messages:,} messages" if config.messages else "")
             + (" or " if config.messages and config.seconds else "")
             + (f"{config.seconds:g} s" if config.seconds else "")
@@ -703,10 +749,10 @@ def _execute(config: DemoConfig, out: TextIO | None, progress: bool) -> DemoResu
                     )
                     raise _StartupFailed(what) from None
 
-        display = _Progress(out, progress)
-        watchdog.start()
         sender = _Sender(queue, plan, config.stall_timeout)
-        send_start = time.monotonic()
+        watchdog.start()
+        display = _Progress(out, progress)
+        send_start = display.started
         time_limit = None if config.seconds is None else send_start + config.seconds
         count_limit = config.messages
         kill_at = None
@@ -761,10 +807,12 @@ def _execute(config: DemoConfig, out: TextIO | None, progress: bool) -> DemoResu
     finally:
         queue.close()  # readers drain what was published, then see QueueClosed
         _collect(processes, conns, readers, config.stall_timeout + 10.0, failures)
-    return _judge(
-        config, plan, readers, failures, sent, sent_bytes, send_start, send_end, kinds,
+    result = _judge(
+        config, readers, failures, sent, sent_bytes, send_start, send_end, kinds,
         interrupted, writer_waits,
     )  # fmt: skip
+    result.segment = queue.name
+    return result
 
 
 class _StartupFailed(Exception):
@@ -794,7 +842,7 @@ def _collect(
     for i, p in enumerate(processes):
         p.join(timeout=max(0.5, deadline - time.monotonic()))
         if p.exitcode is None:
-            failures.append(f"reader {i} (pid {p.pid}) did not exit; killed it")
+            readers[i].killed = True
             p.kill()
             p.join(timeout=5)
         readers[i].exitcode = p.exitcode
@@ -803,7 +851,6 @@ def _collect(
 
 def _judge(
     config: DemoConfig,
-    plan: MessagePlan,
     readers: list[ReaderResult],
     failures: list[str],
     sent: int,
@@ -816,10 +863,16 @@ def _judge(
 ) -> DemoResult:
     for r in readers:
         if not r.reported:
-            r.problems.append(
-                f"reader {r.index} (pid {r.pid}) died without reporting "
-                f"({_describe_exit(r.exitcode)})"
-            )
+            if r.killed:
+                r.problems.append(
+                    f"reader {r.index} (pid {r.pid}) neither reported nor exited in time "
+                    "(stuck or stopped); killed it"
+                )
+            else:
+                r.problems.append(
+                    f"reader {r.index} (pid {r.pid}) died without reporting "
+                    f"({_describe_exit(r.exitcode)})"
+                )
             continue
         if r.errors:
             r.problems.append(
@@ -827,6 +880,8 @@ def _judge(
             )
         if r.messages != sent:
             r.problems.append(f"reader {r.index} received {r.messages:,} of {sent:,} messages")
+        elif r.bytes != sent_bytes:
+            r.problems.append(f"reader {r.index} received {r.bytes:,} of {sent_bytes:,} bytes")
         if r.end_count is None:
             r.problems.append(
                 f"reader {r.index} did not receive the end-of-stream marker "
@@ -834,7 +889,9 @@ def _judge(
             )
         elif r.end_count != sent:
             r.problems.append(f"reader {r.index}: end marker says {r.end_count}, sent {sent}")
-        if r.exitcode not in (0, None):
+        if r.killed:
+            r.problems.append(f"reader {r.index} (pid {r.pid}) did not exit; killed it")
+        elif r.exitcode not in (0, None):
             r.problems.append(f"reader {r.index} ended with {_describe_exit(r.exitcode)}")
     all_failures = failures + [p for r in readers for p in r.problems]
     # End to end: from the first send to the last receive of the slowest reader.
@@ -894,9 +951,14 @@ def format_report(result: DemoResult) -> str:
         "",
         f"sent      {result.messages:,} messages, {_fmt_bytes(result.bytes)} of payload, "
         f"in {result.send_seconds:.2f} s ({result.writer_waits:,} sends waited for space)",
-        f"received  by every reader {result.seconds:.2f} s after the first send",
-        f"rate      {result.msgs_per_s:,.0f} msg/s, {result.mb_per_s:,.1f} MB/s per reader "
-        f"({result.mb_per_s * len(result.readers):,.1f} MB/s delivered in all)",
+    ]
+    if result.ok:
+        lines += [
+            f"received  by every reader {result.seconds:.2f} s after the first send",
+            f"rate      {result.msgs_per_s:,.0f} msg/s, {result.mb_per_s:,.1f} MB/s per reader "
+            f"({result.mb_per_s * len(result.readers):,.1f} MB/s delivered in all)",
+        ]
+    lines += [
         "mix       " + ", ".join(f"{name} {n:,}" for name, n in result.kinds.items()),
         "",
         f"{'reader':>6} {'pid':>8} {'messages':>10} {'payload':>10} {'errors':>6} "
@@ -909,7 +971,10 @@ def format_report(result: DemoResult) -> str:
             f"{r.errors:>6} {_fmt_us(r.latency_p50_us):>9} {_fmt_us(r.latency_p99_us):>9} "
             f"{_fmt_us(r.latency_max_us):>10}  {status}"
         )
-    lines.append("latency: one-way, from the start of the send call to the reader holding it")
+    lines.append(
+        "latency: one-way, from the start of the send call to the reader holding the message;\n"
+        "         the writer sends flat out, so it includes time queued behind earlier messages"
+    )
     lines.append("")
     lines.append(result.verdict)
     for failure in result.failures[1:]:
@@ -1038,8 +1103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--stall-timeout", type=_positive_float, default=DEFAULT_STALL_TIMEOUT, metavar="S",
-        help="fail if a put or get waits longer than S seconds "
-        f"(default {DEFAULT_STALL_TIMEOUT:g})",
+        help="fail if the writer waits longer than S seconds to send a message "
+        f"(readers: 2 S to receive one; default {DEFAULT_STALL_TIMEOUT:g})",
     )  # fmt: skip
     parser.add_argument(
         "--kill-reader", type=int, default=None, metavar="I",

@@ -816,9 +816,9 @@ COMMANDS: dict[
 
 #: Subcommand name -> one-line help.
 SUMMARIES: dict[str, str] = {
-    "inspect": "show one queue's sequences, lags, sleepers and peers (read-only)",
-    "ls": "list the shmcast segments in /dev/shm",
-    "cleanup": "remove segments whose every process is dead (dry run unless --yes)",
+    "inspect": "Show one queue's sequences, lags, sleepers and peers (read-only)",
+    "ls": "List the shmcast segments in /dev/shm",
+    "cleanup": "Remove segments whose every process is dead (dry run unless --yes)",
 }
 
 __all__ = [
