@@ -151,8 +151,10 @@ class Endpoint:
             f"process and attach there with {type(self).__name__}.attach(handle, ...)"
         )
 
-    @contextmanager
-    def _use(self) -> Iterator[None]:
+    def _enter(self) -> None:
+        """Start a call: QueueClosed after close(), RuntimeError if another call is under way.
+        The caller releases ``self._busy`` in a ``finally``.  (A plain method rather than a
+        context manager: it runs twice per message.)"""
         if self._closed:
             raise QueueClosed(f"{self!r} is closed")
         if not self._busy.acquire(blocking=False):
@@ -160,10 +162,6 @@ class Endpoint:
                 "this queue endpoint is already in use: by another thread, or by an enclosing "
                 "reserve()/view() block of the same thread"
             )
-        try:
-            yield
-        finally:
-            self._busy.release()
 
     def _activity(self) -> None:
         if self._policy.tracks_activity:
@@ -194,7 +192,8 @@ class Endpoint:
         forever).  Raises SerializationError (nothing sent), QueueTimeout (nothing sent),
         QueueBroken (a reader died), QueueClosed, RoleError (this endpoint cannot send).
         """
-        with self._use():
+        self._enter()
+        try:
             writer = self._sender()
             try:
                 parts = self._serializer.dumps(obj)
@@ -203,21 +202,27 @@ class Endpoint:
                     f"cannot serialize {type(obj).__name__} object: {exc}"
                 ) from exc
             self._send(writer, parts, L.MSG_OBJECT, timeout)
+        finally:
+            self._busy.release()
 
     def put_bytes(self, data: Any, timeout: float | None = None) -> None:
         """Send raw bytes (any contiguous buffer: bytes, bytearray, memoryview, numpy array);
         received with ``get_bytes`` (or ``get``).  Blocks and raises as :meth:`put`."""
-        with self._use():
+        self._enter()
+        try:
             writer = self._sender()
             try:
                 view = as_bytes_view(data)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"put_bytes needs a contiguous buffer: {exc}") from None
             self._send(writer, (view,), L.MSG_RAW, timeout)
+        finally:
+            self._busy.release()
 
     def _send(self, writer: RingWriter, parts: Any, kind: int, timeout: float | None) -> None:
         deadline = deadline_of(timeout)
-        views = [as_bytes_view(p) for p in parts]
+        # bytes need no wrapping: a slice of the ring takes them as they are.
+        views = [p if type(p) is bytes else as_bytes_view(p) for p in parts]
         total = sum(len(v) for v in views)
         if total <= self._geometry.capacity:
             k, region = writer.begin_contiguous(total, deadline, timeout)
@@ -227,7 +232,7 @@ class Endpoint:
                 pos += len(v)
             writer.commit_contiguous(k, total, kind)
         else:
-            writer.write_streamed(views, total, kind, deadline, timeout)
+            writer.write_streamed([memoryview(v) for v in views], total, kind, deadline, timeout)
         self._activity()
 
     @contextmanager
@@ -246,7 +251,8 @@ class Endpoint:
                 f"cannot reserve {nbytes} bytes: the ring holds {self._geometry.capacity} at "
                 "once (put_bytes streams any size; or create the queue with more or larger slots)"
             )
-        with self._use():
+        self._enter()
+        try:
             writer = self._sender()
             k, region = writer.begin_contiguous(nbytes, deadline_of(timeout), timeout)
             try:
@@ -255,11 +261,14 @@ class Endpoint:
                 self._activity()
             finally:
                 release_quietly(region)
+        finally:
+            self._busy.release()
 
     # -- receiving ----------------------------------------------------------------------------
 
     def _get(self, timeout: float | None, source: int | None, want_kind: int | None) -> Any:
-        with self._use():
+        self._enter()
+        try:
             ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, want_kind,
                                                     source)  # fmt: skip
             try:
@@ -269,10 +278,13 @@ class Endpoint:
             finally:
                 ring.finish_message(slots)
                 self._activity()
+        finally:
+            self._busy.release()
 
     @contextmanager
     def _view(self, timeout: float | None, source: int | None) -> Iterator[Any]:
-        with self._use():
+        self._enter()
+        try:
             ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, None, source)
             try:
                 if kind == L.MSG_RAW:
@@ -283,6 +295,8 @@ class Endpoint:
                 release_quietly(data)
                 ring.finish_message(slots)
                 self._activity()
+        finally:
+            self._busy.release()
 
     def _decode(self, data: memoryview, copy: bool) -> Any:
         try:
