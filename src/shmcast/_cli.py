@@ -31,6 +31,7 @@ EXIT_INTERRUPTED = 130
 #: Subcommand name -> the module (relative to this package) that implements it.
 SUBCOMMANDS: dict[str, str] = {
     "demo": "._demo",
+    "stress": "._stress",
     "inspect": "._inspect",
     "ls": "._inspect",
     "cleanup": "._inspect",
