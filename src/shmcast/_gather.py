@@ -17,7 +17,7 @@ from typing import Any
 
 from . import _layout as L
 from ._endpoint import Endpoint, Handle, QueueStats, check_serializer, deadline_of
-from ._errors import QueueBroken, QueueClosed, QueueTimeout, RoleError
+from ._errors import QueueClosed, QueueTimeout, RoleError
 from ._liveness import is_alive
 from ._queue import create_segment, open_segment, wait_all_attached
 from ._ring import RingReader, RingWriter, SlowWait, announce, check_index, claim_line, log
@@ -128,6 +128,7 @@ class GatherQueue(Endpoint):
         self._rings = [RingReader(seg, g.ring(j), 0, policy) for j in range(n_writers)]
         for j, ring in enumerate(self._rings):
             ring.label = f"{seg.name} (reader, from writer {j})"
+            ring.writer_name = f"writer {j}"
             ring.warn_level = logging.WARNING  # the reader awaits replies: a long wait is news
         self._writer: RingWriter | None = None
         self._index: int | None = None
@@ -159,6 +160,7 @@ class GatherQueue(Endpoint):
             line = g.peer_line(index)
             claim_line(seg.atomics, line, f"writer index {index}")
             ring = RingWriter(seg, g.ring(index), policy)
+            ring.reader_required = True
             ring.label = f"{seg.name} (writer {index})"
             seg.atomics.store32(line + L.STATE, L.ATTACHED)
             announce(seg.atomics, L.ATTACH_FUTEX_OFF)
@@ -241,15 +243,12 @@ class GatherQueue(Endpoint):
         a = self._seg.atomics
         for j, ring in enumerate(self._rings):
             line = self._geometry.peer_line(j)
-            if a.load32(line + L.STATE) != L.ATTACHED or ring.has_data():
+            if a.load32(line + L.STATE) != L.ATTACHED:
                 continue
             pid, start = a.load64(line + L.PID), a.load64(line + L.START)
-            if not is_alive(pid, start):
-                raise QueueBroken(
-                    f"writer {j} (pid {pid}) died; everything it published has been read",
-                    peer=f"writer {j}",
-                    pid=pid,
-                )
+            # Death first, data second (see RingReader.tick).
+            if not is_alive(pid, start) and not ring.has_data():
+                raise ring.broken()
 
     def _receive(self, deadline, timeout, want_kind, source):
         if self._writer is not None:
@@ -259,6 +258,9 @@ class GatherQueue(Endpoint):
             return (ring, *ring.next_message(deadline, timeout, want_kind))
         n = len(self._rings)
         while True:
+            # Writer states before ring sequences (P6): a writer that puts and then closes
+            # between the two looks is then seen with its message.
+            all_closed = self._all_writers_closed()
             for k in range(n):
                 j = (self._next + k) % n
                 ring = self._rings[j]
@@ -266,7 +268,7 @@ class GatherQueue(Endpoint):
                     self._next = j + 1
                     self._last = j
                     return (ring, *ring.next_message(deadline, timeout, want_kind))
-            if self._all_writers_closed():
+            if all_closed:
                 raise QueueClosed("every writer closed the gather queue and all was read")
             self._any.slow.start()
             if not self._policy.wait(self._any, deadline):

@@ -151,6 +151,10 @@ class RingWriter:
         self.waits = 0  # statistics: how often a put had to wait for space
         self.label = "queue"  # how log messages name this endpoint
         self.closing = False  # set by close() from another thread: blocked calls return
+        #: True for a gather ring: with its one reader gone, the ring is closed (a broadcast
+        #: ring with no reader left runs freely).
+        self.reader_required = False
+        self._orphaned = False
         self._slow = SlowWait()
 
     # -- the Waiter protocol, for space (P4) --------------------------------------------------
@@ -158,13 +162,18 @@ class RingWriter:
     def _gating(self) -> int:
         ring = self._ring
         m = self._a.min_seq(ring.readers, L.LINE, ring.n_readers, L.STATE - L.SEQ, L.GATING)
-        # With no gating reader, the ring runs freely, one ring-length at a time, so that a
-        # reader joining later is taken into account within n_slots slots.
-        return (self._w if m is None else m) + self._n
+        if m is None:
+            if self.reader_required:
+                self._orphaned = True
+                return self._w  # nothing is free: nobody will ever read it
+            # With no gating reader, the ring runs freely, one ring-length at a time, so that
+            # a reader joining later is taken into account within n_slots slots.
+            m = self._w
+        return m + self._n
 
     def ready(self) -> bool:
         self._gate = self._gating()
-        return self._w + self._need <= self._gate or self.closing
+        return self._w + self._need <= self._gate or self.closing or self._orphaned
 
     def sleep(self, timeout: float) -> bool:
         a, ring = self._a, self._ring
@@ -217,18 +226,20 @@ class RingWriter:
     # -- slots --------------------------------------------------------------------------------
 
     def claim(self, k: int, deadline: float | None, timeout: float | None = None) -> None:
-        """Block until slots ``[w, w+k)`` are free (I1).  QueueTimeout, QueueBroken."""
+        """Block until slots ``[w, w+k)`` are free (I1).  QueueTimeout, QueueBroken, and
+        QueueClosed if this endpoint, or the reader of a gather ring, closes meanwhile."""
         if self._w + k <= self._gate:
             return
         self._need = k
-        if self.ready():
-            return
-        self.waits += 1
-        self._slow.start()
-        if not self.policy.wait(self, deadline):
-            raise _timeout_error("put", timeout)
+        if not self.ready():
+            self.waits += 1
+            self._slow.start()
+            if not self.policy.wait(self, deadline):
+                raise _timeout_error("put", timeout)
         if self.closing:
             raise QueueClosed("the queue was closed while put was waiting")
+        if self._orphaned:
+            raise QueueClosed("the reader closed the gather queue")
 
     def publish(self, k: int) -> None:
         """Make the next ``k`` filled slots visible (P1) and wake sleeping readers (P3)."""
@@ -414,6 +425,7 @@ class RingReader:
         #: broadcast reader (INFO), not for a gather reader awaiting replies (WARNING).
         self.warn_level = logging.INFO
         self.closing = False  # set by detach() from another thread: blocked calls return
+        self.writer_name = "writer"  # how errors and logs name this ring's writer
         self._slow = SlowWait()
 
     # -- attach / detach (P5) -----------------------------------------------------------------
@@ -450,19 +462,6 @@ class RingReader:
             return True
         return False
 
-    def writer_gone(self) -> bool:
-        """True when the writer closed (P6) or died, and everything it published was read."""
-        a = self._a
-        state = a.load32(self._wstate_off)  # P6: state before sequence
-        if a.load64(self._wseq_off) > self._r:
-            return False
-        if state & (L.DETACHED | L.DROPPED):
-            return True
-        if state == L.ATTACHED:
-            pid, start = a.load64(self._ring.writer + L.PID), a.load64(self._ring.writer + L.START)
-            return not is_alive(pid, start)
-        return False
-
     def ready(self) -> bool:
         a = self._a
         state = a.load32(self._wstate_off)  # P6: state before sequence
@@ -490,27 +489,29 @@ class RingReader:
         """A dead writer: once everything it published is read, raise QueueBroken.
         After a long wait, log whom we wait for."""
         a, line = self._a, self._ring.writer
-        if a.load64(self._wseq_off) >= self._target:
-            return
+        # Death first, sequence second: a writer that publishes and then dies between our two
+        # looks must not be declared drained (its last message is still to be read).
         state = a.load32(self._wstate_off)
         pid, start = a.load64(line + L.PID), a.load64(line + L.START)
-        if state == L.ATTACHED and not is_alive(pid, start):
+        dead = state == L.ATTACHED and not is_alive(pid, start)
+        if a.load64(self._wseq_off) >= self._target:
+            return
+        if dead:
             raise self.broken()
         waited = self._slow.due(self.policy)
         if waited is not None:
             who = "not attached yet" if state == L.EXPECTED else f"pid {pid}, alive"
             log.log(
                 self.warn_level,
-                "get on %s has waited %.1f s for the writer (%s); nothing new since "
-                "sequence %d",
-                self.label, waited, who, self._r,
+                "get on %s has waited %.1f s for %s (%s); nothing new since sequence %d",
+                self.label, waited, self.writer_name, who, self._r,
             )  # fmt: skip
 
     def broken(self) -> QueueBroken:
         pid = self._a.load64(self._ring.writer + L.PID)
         return QueueBroken(
-            f"the writer (pid {pid}) died; everything it published has been read",
-            peer="writer",
+            f"{self.writer_name} (pid {pid}) died; everything it published has been read",
+            peer=self.writer_name,
             pid=pid,
         )
 
