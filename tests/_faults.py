@@ -1,0 +1,509 @@
+"""Fault injection: checkable messages, victim processes that say where they are, a killer.
+
+Everything a fault test needs beyond starting processes (which is ``_procs``'s job):
+
+- :func:`make_message` / :func:`message_error`: a message carries its source, its sequence
+  number, its length and a CRC-32 of its body, so that a reader checks every message it gets
+  (order, gaps, truncation, corruption) without being told what was sent;
+- :func:`send_message` / :func:`receive_message`: one message through a randomly chosen call
+  (``put``, ``put_bytes``, ``reserve``; ``get``, ``view``);
+- :func:`read_until_end`: a reader that checks everything it receives and stops at the first
+  shmcast error (QueueClosed, QueueBroken, QueueTimeout), reporting a :class:`ReadReport`;
+- victim targets (:func:`writer_victim`, :func:`reader_victim`) that announce, through a pipe,
+  "I am about to do X" just before the operation the test wants to interrupt, and then do it;
+- :class:`DelayedKill`: a thread that waits for that announcement, sleeps a chosen delay and
+  SIGKILLs the victim.
+
+Child targets are module-level functions so that ``spawn`` children can import them.  Every
+blocking call here has a timeout: a fault that makes something hang shows up as a QueueTimeout
+or a failed poll, never as a stuck test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import shmcast
+from shmcast import (
+    BackoffWait,
+    BroadcastQueue,
+    FutexWait,
+    IdleWait,
+    ShmcastError,
+    SpinWait,
+    WaitPolicy,
+)
+
+#: source (writer index, 0 for a broadcast writer), sequence number, total length, CRC-32 of
+#: the body.  A message is this header followed by its body.
+HEADER = struct.Struct("<IQQI")
+MIN_SIZE = HEADER.size
+
+OP_TIMEOUT = 10.0  # seconds any single put or get may block before the test calls it a hang
+VICTIM_LIFETIME = 20.0  # a victim that was never killed gives up after this long
+HOLD = 30.0  # how long a victim holds its position (it is killed long before)
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+def make_message(source: int, seq: int, size: int, rng: random.Random) -> bytes:
+    """Message ``seq`` of ``source``: ``size`` bytes (at least :data:`MIN_SIZE`), random body."""
+    size = max(size, MIN_SIZE)
+    body = rng.randbytes(size - MIN_SIZE)
+    return HEADER.pack(source, seq, size, zlib.crc32(body)) + body
+
+
+def message_error(data: Any, source: int, seq: int) -> str | None:
+    """None if ``data`` is message ``seq`` of ``source``, intact; else what is wrong with it."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return f"expected message {seq}: got a {type(data).__name__}"
+    data = bytes(data)
+    if len(data) < MIN_SIZE:
+        return f"expected message {seq}: got {len(data)} bytes, shorter than a header"
+    got_source, got_seq, size, crc = HEADER.unpack_from(data)
+    if (got_source, got_seq) != (source, seq):
+        return f"expected message {seq} of {source}: got message {got_seq} of {got_source}"
+    if size != len(data):
+        return f"message {seq} of {source}: {len(data)} bytes, its header says {size}"
+    if zlib.crc32(data[MIN_SIZE:]) != crc:
+        return f"message {seq} of {source} ({size} bytes): body corrupted (CRC mismatch)"
+    return None
+
+
+def message_source_and_seq(data: Any) -> tuple[int, int]:
+    """(source, sequence number) from a message's header (no check)."""
+    source, seq, _size, _crc = HEADER.unpack_from(bytes(data[:MIN_SIZE]))
+    return source, seq
+
+
+def random_size(rng: random.Random, slot_size: int, capacity: int) -> int:
+    """A message size: one slot, several slots, up to the capacity, or streamed (larger)."""
+    roll = rng.random()
+    if roll < 0.35:
+        return rng.randint(MIN_SIZE, slot_size)
+    if roll < 0.65:
+        return rng.randint(slot_size + 1, min(4 * slot_size, capacity))
+    if roll < 0.85:
+        return rng.randint(capacity // 2, capacity)
+    return rng.randint(capacity + 1, 3 * capacity)
+
+
+def send_message(queue: Any, message: bytes, rng: random.Random, timeout: float) -> None:
+    """Send ``message`` through ``reserve`` (if it fits), ``put`` or ``put_bytes``, at random.
+    Blocks and raises as those do."""
+    roll = rng.random()
+    if roll < 0.2 and len(message) <= queue.capacity:
+        with queue.reserve(len(message), timeout=timeout) as region:
+            region[:] = message
+    elif roll < 0.55:
+        queue.put(message, timeout=timeout)
+    else:
+        queue.put_bytes(message, timeout=timeout)
+
+
+def receive_message(queue: Any, rng: random.Random, timeout: float, **where: Any) -> bytes:
+    """Receive one message through ``get`` or ``view`` (copied out), at random.  ``where`` is
+    passed on (``writer=`` for a gather queue)."""
+    if rng.random() < 0.3:
+        with queue.view(timeout=timeout, **where) as value:
+            return bytes(value)
+    return queue.get(timeout=timeout, **where)
+
+
+def policy_named(name: str, slice_: float) -> WaitPolicy:
+    """A wait policy by name, with a short slice (a dead peer is noticed within a slice)."""
+    if name == "futex":
+        return FutexWait(slice=slice_)
+    if name == "spin":
+        return SpinWait(slice=slice_)
+    if name == "backoff":
+        return BackoffWait(slice=slice_)
+    if name == "idle":
+        return IdleWait(busy_period=0.05, sleep=0.005, slice=slice_)
+    raise ValueError(name)
+
+
+def unlink_segment(name: str) -> bool:
+    """Remove the segment ``name`` (left behind by a killed creator); True if it was there."""
+    try:
+        shmcast._native.shm_unlink("/" + name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# -- a checking reader ------------------------------------------------------------------------
+
+
+@dataclass
+class ReadReport:
+    """What a reader got: how many messages, what was wrong, and what stopped it."""
+
+    index: int
+    count: int = 0  #: messages received
+    errors: list[str] = field(default_factory=list)  #: wrong messages (first few)
+    end: str = ""  #: class name of the shmcast error that ended the reading
+    peer: str = ""  #: ``QueueBroken.peer`` if it ended so
+    pid: int = 0  #: ``QueueBroken.pid`` if it ended so
+    detail: str = ""  #: the ending error's text
+    ended_at: float = 0.0  #: time.monotonic() when the ending error was raised
+    first: int = -1  #: sequence number of the first message received
+
+    def describe(self) -> str:
+        return (
+            f"reader {self.index}: {self.count} messages, ended by {self.end} ({self.detail!r}), "
+            f"errors {self.errors}"
+        )
+
+
+def read_until_end(
+    queue: Any,
+    index: int,
+    seed: int,
+    *,
+    source: int = 0,
+    first: int | None = 0,
+    timeout: float = OP_TIMEOUT,
+    stall_at: int | None = None,
+    stall: Callable[[], None] | None = None,
+) -> ReadReport:
+    """Receive and check messages ``first, first + 1, ...`` of ``source`` until a shmcast
+    error ends it (``first=None``: whatever the first message is, then the ones after it).
+
+    After ``stall_at`` messages, ``stall()`` is called once (a reader that stops reading for a
+    while).  A wrong message is recorded and reading goes on (expecting the one after it), so
+    that a bad reader never blocks its writer.  Never raises shmcast errors: they end the
+    report.
+    """
+    rng = random.Random(seed)
+    report = ReadReport(index)
+    expected = first
+    while True:
+        if stall is not None and report.count == stall_at:
+            stall()
+            stall = None
+        try:
+            data = receive_message(queue, rng, timeout)
+        except ShmcastError as exc:
+            report.ended_at = time.monotonic()
+            report.end = type(exc).__name__
+            report.detail = str(exc)
+            report.peer = getattr(exc, "peer", "")
+            report.pid = getattr(exc, "pid", 0)
+            return report
+        report.count += 1
+        if expected is None:
+            with contextlib.suppress(Exception):
+                expected = message_source_and_seq(data)[1]
+            expected = -1 if expected is None else expected
+        if report.count == 1:
+            report.first = expected
+        problem = message_error(data, source, expected)
+        if problem is not None:
+            if len(report.errors) < 10:
+                report.errors.append(problem)
+            with contextlib.suppress(Exception):
+                expected = message_source_and_seq(data)[1]
+        expected += 1
+
+
+# -- child targets ----------------------------------------------------------------------------
+
+
+def reader_survivor(
+    handle: Any,
+    index: int,
+    wait: WaitPolicy | None,
+    seed: int,
+    pause_at: int | None = None,
+    paused_out: Connection | None = None,
+    resume_in: Connection | None = None,
+) -> ReadReport:
+    """Attach as reader ``index`` and :func:`read_until_end`; close; return the report.
+
+    With ``pause_at``, after that many messages it sends ``"paused"`` on ``paused_out`` and
+    waits for anything on ``resume_in`` before it goes on.
+    """
+
+    def pause() -> None:
+        assert paused_out is not None and resume_in is not None
+        paused_out.send("paused")
+        if not resume_in.poll(OP_TIMEOUT):
+            raise AssertionError("reader_survivor: never told to resume")
+
+    with BroadcastQueue.attach(handle, index, wait=wait) as queue:
+        return read_until_end(queue, index, seed, stall_at=pause_at, stall=pause)
+
+
+def reader_attaches_on_command(
+    handle: Any, index: int, seed: int, command_in: Connection, attached_out: Connection
+) -> ReadReport:
+    """Wait for anything on ``command_in``, attach as reader ``index``, send ``"attached"``
+    on ``attached_out``, then read (from whatever message comes first) until the end."""
+    if not command_in.poll(OP_TIMEOUT):
+        raise AssertionError("reader_attaches_on_command: no command")
+    with BroadcastQueue.attach(handle, index) as queue:
+        attached_out.send("attached")
+        return read_until_end(queue, index, seed, first=None)
+
+
+def reader_closes_after(
+    handle: Any, index: int, read: int, delay: float, where_out: Connection
+) -> float:
+    """Attach as reader ``index``, read ``read`` messages, send ``"holding"`` on
+    ``where_out``, sleep ``delay`` s, close cleanly; return the monotonic time of the close."""
+    queue = BroadcastQueue.attach(handle, index)
+    for _ in range(read):
+        queue.get(timeout=OP_TIMEOUT)
+    where_out.send("holding")
+    time.sleep(delay)
+    closed_at = time.monotonic()
+    queue.close()
+    return closed_at
+
+
+def writer_sends_then_holds(
+    handle_out: Connection,
+    where_out: Connection,
+    n_readers: int,
+    n_slots: int,
+    slot_size: int,
+    sizes: list[int],
+    seed: int,
+) -> None:
+    """Create a broadcast queue, send its handle, wait for every reader, put one checkable
+    message per entry of ``sizes``, send ``"sent"`` on ``where_out`` and sleep (to be killed)."""
+    rng = random.Random(seed)
+    queue = BroadcastQueue(n_readers, n_slots=n_slots, slot_size=slot_size)
+    handle_out.send(queue.handle)
+    queue.wait_until_ready(timeout=OP_TIMEOUT)
+    for seq, size in enumerate(sizes):
+        queue.put_bytes(make_message(0, seq, size, rng), timeout=OP_TIMEOUT)
+    where_out.send("sent")
+    time.sleep(HOLD)
+    queue.close()
+
+
+def gather_writer_sends_then_holds(
+    handle: Any, index: int, sizes: list[int], seed: int, where_out: Connection
+) -> None:
+    """Attach as writer ``index`` of a gather queue, put one checkable message (source
+    ``index``) per entry of ``sizes``, send ``"sent"`` on ``where_out`` and sleep (to be killed,
+    or stopped by the test)."""
+    rng = random.Random(seed)
+    queue = shmcast.GatherQueue.attach(handle, writer=index)
+    for seq, size in enumerate(sizes):
+        send_message(queue, make_message(index, seq, size, rng), rng, OP_TIMEOUT)
+    where_out.send("sent")
+    time.sleep(HOLD)
+    queue.close()
+
+
+def gather_reader_holds(
+    handle_out: Connection, where_out: Connection, n_writers: int, n_slots: int, slot_size: int
+) -> None:
+    """Create a gather queue, send its handle, wait for every writer, send ``"idle"`` on
+    ``where_out`` and sleep without reading (to be killed)."""
+    queue = shmcast.GatherQueue(n_writers, n_slots=n_slots, slot_size=slot_size)
+    handle_out.send(queue.handle)
+    queue.wait_until_ready(timeout=OP_TIMEOUT)
+    where_out.send("idle")
+    time.sleep(HOLD)
+    queue.close()
+
+
+def writer_victim(
+    handle_out: Connection,
+    where_out: Connection,
+    progress: Any,
+    n_readers: int,
+    n_slots: int,
+    slot_size: int,
+    wait: WaitPolicy,
+    seed: int,
+    mode: str,
+    announce_at: int,
+) -> str:
+    """Create a broadcast queue, send its handle on ``handle_out``, and put checkable messages
+    ``0, 1, ...`` of random sizes until killed; ``progress.value`` is the number of puts that
+    completed.  Before message ``announce_at`` it sends ``mode`` on ``where_out`` and then:
+
+    - ``"put"``, ``"blocked_put"``: goes on putting (the test kills it inside a put, or while
+      a put waits for a reader the test stalls);
+    - ``"reserve"``: enters ``reserve``, fills half of it, and stays inside the block;
+    - ``"blocked_get"``: stops putting and sleeps (its readers sleep in ``get``).
+
+    Returns only if nobody killed it within :data:`VICTIM_LIFETIME` (the test then fails).
+    """
+    rng = random.Random(seed)
+    give_up = time.monotonic() + VICTIM_LIFETIME
+    queue = BroadcastQueue(n_readers, n_slots=n_slots, slot_size=slot_size, wait=wait)
+    handle_out.send(queue.handle)
+    queue.wait_until_ready(timeout=OP_TIMEOUT)
+    seq = 0
+    while time.monotonic() < give_up:
+        size = random_size(rng, slot_size, queue.capacity)
+        if seq == announce_at:
+            if mode == "reserve":
+                size = min(size, queue.capacity)
+                message = make_message(0, seq, size, rng)
+                with queue.reserve(size, timeout=OP_TIMEOUT) as region:
+                    region[: size // 2] = message[: size // 2]
+                    where_out.send(mode)
+                    time.sleep(HOLD)
+                    region[size // 2 :] = message[size // 2 :]
+                seq += 1
+                progress.value = seq
+                continue
+            elif mode == "blocked_get":
+                where_out.send(mode)
+                time.sleep(HOLD)
+            else:
+                where_out.send(mode)
+        send_message(queue, make_message(0, seq, size, rng), rng, OP_TIMEOUT)
+        seq += 1
+        progress.value = seq
+    queue.close()
+    return "not killed"
+
+
+def reader_victim(
+    handle: Any, index: int, wait: WaitPolicy, where_out: Connection, mode: str, announce_at: int
+) -> str:
+    """Attach as reader ``index`` and read (and check nothing) until killed.  After
+    ``announce_at`` messages it sends ``mode`` on ``where_out`` and then:
+
+    - ``"get"``: goes on reading (the test kills it inside a get, or between two);
+    - ``"view"``: enters ``view`` for the next message and stays inside the block;
+    - ``"blocked_get"``: calls ``get`` on a queue the writer keeps empty (asleep in get);
+    - ``"stall"``: stops reading and sleeps (its writer fills the ring and sleeps in put).
+    """
+    rng = random.Random(index)
+    give_up = time.monotonic() + VICTIM_LIFETIME
+    with BroadcastQueue.attach(handle, index, wait=wait) as queue:
+        count = 0
+        while time.monotonic() < give_up:
+            if count == announce_at:
+                if mode == "view":
+                    with queue.view(timeout=OP_TIMEOUT):
+                        where_out.send(mode)
+                        time.sleep(HOLD)
+                elif mode == "stall":
+                    where_out.send(mode)
+                    time.sleep(HOLD)
+                else:
+                    where_out.send(mode)
+            receive_message(queue, rng, OP_TIMEOUT)
+            count += 1
+    return "not killed"
+
+
+# -- the killer -------------------------------------------------------------------------------
+
+
+class DelayedKill:
+    """A thread that waits until a victim announces where it is, waits ``delay`` seconds more,
+    and SIGKILLs it (it does not reap it: the test joins the process).
+
+    ``on_kill`` runs in the thread right after the signal was sent.  After :meth:`join`,
+    ``announced`` holds what the victim sent (None if it sent nothing within ``timeout``: the
+    victim is then killed anyway, and the test should fail), ``killed_at`` the monotonic time
+    taken just before the signal was sent (so that nothing the victim's death causes can be
+    timed before it).  :attr:`killed` is set once the signal was sent.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        where_in: Connection,
+        delay: float,
+        *,
+        timeout: float = OP_TIMEOUT,
+        on_kill: Callable[[], None] | None = None,
+    ) -> None:
+        self.pid = pid
+        self.delay = delay
+        self.announced: str | None = None
+        self.killed_at = 0.0
+        self.killed = threading.Event()
+        self._where_in = where_in
+        self._timeout = timeout
+        self._on_kill = on_kill
+        self._thread = threading.Thread(target=self._run, name=f"kill-{pid}", daemon=True)
+
+    def start(self) -> DelayedKill:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            if self._where_in.poll(self._timeout):
+                with contextlib.suppress(EOFError, OSError):
+                    self.announced = self._where_in.recv()
+            if self.delay > 0:
+                time.sleep(self.delay)
+        finally:
+            self.killed_at = time.monotonic()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            if self._on_kill is not None:
+                self._on_kill()
+            self.killed.set()
+
+    def wait(self, timeout: float = OP_TIMEOUT) -> None:
+        """Block until the kill was sent (AssertionError after ``timeout``)."""
+        if not self.killed.wait(timeout):
+            raise AssertionError(f"the victim (pid {self.pid}) was not killed in {timeout} s")
+
+    def join(self, timeout: float = OP_TIMEOUT) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError("the killer thread did not finish")
+        self._where_in.close()
+
+
+def writer_publishes_on_command_then_dies(
+    handle_out: Connection, go_in: Connection, gather: bool
+) -> None:
+    """Broadcast (``gather=False``): create a one-reader queue and send its handle; gather:
+    receive a gather queue's handle on ``go_in`` and attach as writer 0.  Then wait for
+    anything on ``go_in``, put ``"last words"``, and SIGKILL itself at once (a writer that dies
+    right after publishing)."""
+    if gather:
+        if not go_in.poll(OP_TIMEOUT):
+            raise AssertionError("no handle")
+        queue: Any = shmcast.GatherQueue.attach(go_in.recv(), writer=0)
+        handle_out.send("attached")
+    else:
+        queue = BroadcastQueue(1, n_slots=4, slot_size=256)
+        handle_out.send(queue.handle)
+    if not go_in.poll(OP_TIMEOUT):
+        raise AssertionError("no command")
+    go_in.recv()
+    queue.put("last words", timeout=OP_TIMEOUT)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def gather_writer_publishes_on_command_then_closes(
+    handle: Any, index: int, go_in: Connection, done_out: Connection
+) -> None:
+    """Attach as writer ``index``; on anything on ``go_in``, put ``"last words"``, close
+    cleanly and send ``"done"`` on ``done_out``."""
+    queue = shmcast.GatherQueue.attach(handle, writer=index)
+    if not go_in.poll(OP_TIMEOUT):
+        raise AssertionError("no command")
+    queue.put("last words", timeout=OP_TIMEOUT)
+    queue.close()
+    done_out.send("done")
