@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,8 +80,10 @@ def check_serializer(serializer: Serializer | None) -> Serializer:
 
 
 class Endpoint:
-    """Base class of the queues.  Subclasses set the attributes in ``_setup`` and implement
-    ``_sender``, ``_receive`` and ``_close_now``."""
+    """Base class of the queues.  Subclasses set the attributes in ``_setup``, set
+    ``_finalizer`` (a ``weakref.finalize`` whose function takes ``unmap=``: it closes this
+    endpoint's side for its peers, and unmaps unless told not to), and implement ``_sender``
+    and ``_receive``."""
 
     _seg: Segment
     _geometry: L.Geometry
@@ -88,6 +91,7 @@ class Endpoint:
     _serializer: Serializer
     _policy: WaitPolicy
     _closed: bool
+    _finalizer: weakref.finalize
 
     def _setup(self, seg: Segment, geometry: L.Geometry, handle: Handle, serializer: Serializer,
                policy: WaitPolicy) -> None:  # fmt: skip
@@ -109,9 +113,6 @@ class Endpoint:
                  source: int | None) -> tuple[RingReader, int, memoryview, int]:  # fmt: skip
         """Wait for the next message; return (ring, kind, data, slots) as
         :meth:`RingReader.next_message` does, with the ring to finish it on."""
-        raise NotImplementedError
-
-    def _close_now(self) -> None:
         raise NotImplementedError
 
     # -- common properties --------------------------------------------------------------------
@@ -171,11 +172,35 @@ class Endpoint:
 
     def close(self) -> None:
         """Close this endpoint (idempotent).  Also done at interpreter exit and when the object
-        is collected.  See the queue's own documentation for what closing means to peers."""
+        is collected.  See the queue's own documentation for what closing means to peers.
+
+        May be called from another thread while a call of this endpoint blocks: that call
+        returns with QueueClosed, and the segment is unmapped once it has.
+        """
         if self._closed:
             return
         self._closed = True
-        self._close_now()
+        job = self._finalizer.detach()  # None if it already ran (interpreter exit)
+        if job is not None:
+            _obj, close_peer_side, args, _kwargs = job
+            close_peer_side(*args, unmap=False)
+        self._unmap_when_idle()
+
+    def _leave(self) -> None:
+        """End a call started by :meth:`_enter`."""
+        self._busy.release()
+        if self._closed:
+            self._unmap_when_idle()
+
+    def _unmap_when_idle(self) -> None:
+        # Whoever finds the endpoint idle unmaps: close() itself, or else the call in flight
+        # on its way out (it sees _closed, set before close() tried the lock).  Unmapping twice
+        # is harmless.
+        if self._busy.acquire(blocking=False):
+            try:
+                self._seg.close()
+            finally:
+                self._busy.release()
 
     def __enter__(self):
         return self
@@ -188,9 +213,10 @@ class Endpoint:
     def put(self, obj: Any, timeout: float | None = None) -> None:
         """Send ``obj``.
 
-        Blocks while the ring is full (a reader is behind) up to ``timeout`` seconds (None:
-        forever).  Raises SerializationError (nothing sent), QueueTimeout (nothing sent),
-        QueueBroken (a reader died), QueueClosed, RoleError (this endpoint cannot send).
+        Blocks until the readers have freed room for the message (backpressure), up to
+        ``timeout`` seconds (None: forever).  Raises SerializationError (nothing sent),
+        QueueTimeout (nothing sent), QueueBroken (a reader died), QueueClosed, RoleError (this
+        endpoint cannot send).
         """
         self._enter()
         try:
@@ -203,7 +229,7 @@ class Endpoint:
                 ) from exc
             self._send(writer, parts, L.MSG_OBJECT, timeout)
         finally:
-            self._busy.release()
+            self._leave()
 
     def put_bytes(self, data: Any, timeout: float | None = None) -> None:
         """Send raw bytes (any contiguous buffer: bytes, bytearray, memoryview, numpy array);
@@ -217,7 +243,7 @@ class Endpoint:
                 raise TypeError(f"put_bytes needs a contiguous buffer: {exc}") from None
             self._send(writer, (view,), L.MSG_RAW, timeout)
         finally:
-            self._busy.release()
+            self._leave()
 
     def _send(self, writer: RingWriter, parts: Any, kind: int, timeout: float | None) -> None:
         deadline = deadline_of(timeout)
@@ -262,7 +288,7 @@ class Endpoint:
             finally:
                 release_quietly(region)
         finally:
-            self._busy.release()
+            self._leave()
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -279,24 +305,23 @@ class Endpoint:
                 ring.finish_message(slots)
                 self._activity()
         finally:
-            self._busy.release()
+            self._leave()
 
     @contextmanager
     def _view(self, timeout: float | None, source: int | None) -> Iterator[Any]:
         self._enter()
         try:
             ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, None, source)
+            given = data.toreadonly() if kind == L.MSG_RAW else data
             try:
-                if kind == L.MSG_RAW:
-                    yield data.toreadonly()
-                else:
-                    yield self._decode(data, copy=False)
+                yield given if kind == L.MSG_RAW else self._decode(data, copy=False)
             finally:
+                release_quietly(given)
                 release_quietly(data)
                 ring.finish_message(slots)
                 self._activity()
         finally:
-            self._busy.release()
+            self._leave()
 
     def _decode(self, data: memoryview, copy: bool) -> Any:
         try:

@@ -31,18 +31,20 @@ DEFAULT_SLOT_SIZE = 64 * 1024
 _GONE = L.DETACHED | L.DROPPED
 
 
-def _close_reader(seg: Segment, rings: list[RingReader], pid: int) -> None:
-    if os.getpid() == pid:
+def _close_reader(seg: Segment, rings: list[RingReader], pid: int, unmap: bool = True) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the object
         for ring in rings:
             ring.detach()
         seg.unlink()
-        seg.close()
+        if unmap:
+            seg.close()
 
 
-def _close_writer(seg: Segment, writer: RingWriter, pid: int) -> None:
+def _close_writer(seg: Segment, writer: RingWriter, pid: int, unmap: bool = True) -> None:
     if os.getpid() == pid:
         writer.close()
-        seg.close()
+        if unmap:
+            seg.close()
 
 
 class _AnyWriter:
@@ -219,9 +221,6 @@ class GatherQueue(Endpoint):
         if self._closed:
             raise QueueClosed(f"{self!r} is closed")
         wait_all_attached(self._seg, self._geometry, deadline, self._policy.slice)
-
-    def _close_now(self) -> None:
-        self._finalizer()
 
     # -- the put/get family -------------------------------------------------------------------
 

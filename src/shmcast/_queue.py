@@ -85,17 +85,19 @@ def wait_all_attached(seg: Segment, geometry: L.Geometry, deadline: float | None
         raise QueueTimeout(f"wait_until_ready timed out; not attached yet: {missing}")
 
 
-def _close_writer(seg: Segment, writer: RingWriter, pid: int) -> None:
-    if os.getpid() == pid:
+def _close_writer(seg: Segment, writer: RingWriter, pid: int, unmap: bool = True) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the object
         writer.close()
         seg.unlink()
-        seg.close()
+        if unmap:
+            seg.close()
 
 
-def _close_reader(seg: Segment, reader: RingReader, pid: int) -> None:
+def _close_reader(seg: Segment, reader: RingReader, pid: int, unmap: bool = True) -> None:
     if os.getpid() == pid:
         reader.detach()
-        seg.close()
+        if unmap:
+            seg.close()
 
 
 class BroadcastQueue(Endpoint):
@@ -244,9 +246,6 @@ class BroadcastQueue(Endpoint):
             raise QueueClosed(f"{self!r} is closed")
         tick = None if self._reader is None else self._reader.tick
         wait_all_attached(self._seg, self._geometry, deadline, self._policy.slice, tick)
-
-    def _close_now(self) -> None:
-        self._finalizer()
 
     # -- the put/get family -------------------------------------------------------------------
 

@@ -1,0 +1,377 @@
+"""``shmcast bench``: the comparative benchmark of shmcast against other one-to-many channels.
+
+One writer and N reader processes run the same workloads through a small adapter per
+implementation (``adapters.py``): latency, throughput, wake-up latency, idle CPU and an engine
+scenario (``workloads.py``).  Every reader verifies that it got every message in order; an
+implementation that loses or reorders is flagged, not ranked.  Each case runs under a hard time
+limit; a hang is reported and its processes killed (``runner.py``).  Results go to the
+terminal, to JSON and to PNG plots (``report.py``).
+
+The CLI registers :func:`add_arguments` and :func:`run` as the ``bench`` subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas: {value!r}"
+        ) from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise argparse.ArgumentTypeError(f"reader counts must be >= 1: {value!r}")
+    return numbers
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser``."""
+    from .adapters import ADAPTERS
+    from .plan import VARIANTS
+
+    workloads = ", ".join(f"{w} ({'/'.join(v)})" for w, v in VARIANTS.items())
+    parser.description = (
+        "Compare shmcast with other one-to-many channels: one writer, N reader processes, "
+        "every message verified, a hard time limit per case."
+    )
+    parser.add_argument(
+        "--impl", action="append", metavar="NAME",
+        help=f"implementations to run (repeat or comma-separate; default: all): "
+        f"{', '.join(ADAPTERS)}, or module:Class for an adapter of your own",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workload", action="append", metavar="W[:VARIANT]",
+        help=f"workloads to run (repeat or comma-separate; default: all): {workloads}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--readers", type=_int_list, metavar="N,N",
+        help="reader counts for every workload but the engine "
+        "(default: latency 1,4,8; throughput 1,4; wakeup 1; idle_cpu 1,4)",
+    )  # fmt: skip
+    numbers = [
+        ("--messages", int, "N", "messages per latency case (default 2000; quick 200)"),
+        ("--interval-us", float, "US", "latency send interval (default 1000; quick 500)"),
+        ("--repetitions", int, "N", "wake-up repetitions (default 5; quick 2)"),
+        ("--idle-seconds", float, "S", "idle time before each wake-up (default 2; quick 0.2)"),
+        ("--idle-cpu-seconds", float, "S", "idle-CPU window (default 5; quick 0.5)"),
+        ("--engine-workers", int, "N", "workers of the engine scenario (default 12)"),
+        ("--engine-steps", int, "N", "steps of the engine scenario (default 2000; quick 100)"),
+        (
+            "--stall-seconds",
+            float,
+            "S",
+            "a reader with no message for this long stops and reports what it is missing "
+            "(default 10; quick 3)",
+        ),
+        ("--time-limit", float, "S", "hard limit per case (default: estimated, >= 60 s)"),
+    ]
+    for flag, kind, metavar, text in numbers:
+        parser.add_argument(flag, type=kind, metavar=metavar, help=text)
+    parser.add_argument(
+        "--quick", action="store_true", help="small counts everywhere (tests, a first look)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results"),
+        metavar="DIR",
+        help="where the JSON and PNG files go (default: benchmarks/results)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument(
+        "--start-method",
+        choices=("forkserver", "spawn", "fork"),
+        default="forkserver",
+        help="how reader processes start (default forkserver: imports each implementation once)",
+    )
+    parser.add_argument(
+        "--order",
+        choices=("case", "impl"),
+        default="case",
+        help="case (default): run each case for every implementation in turn, so that other "
+        "load on the machine falls on all alike; impl: all cases of one implementation, then "
+        "the next",
+    )
+    parser.add_argument(
+        "--shmcast-replies",
+        choices=("broadcast", "gather"),
+        default="broadcast",
+        help="shmcast's reply path in the engine scenario: one BroadcastQueue per worker "
+        "(default) or one GatherQueue",
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="list the implementations and whether installed"
+    )
+
+
+def _progress(message: str, end: str = "\n") -> None:
+    print(message, end=end, file=sys.stderr, flush=True)
+
+
+def _one_line(case: dict[str, Any]) -> str:
+    m = case["metrics"]
+    if case["status"] != "ok":
+        detail = (case.get("detail") or "").strip().splitlines()
+        return f"{case['status'].upper()}: {(detail[-1] if detail else '')[:120]}"
+    w = case["workload"]
+    if w in ("latency", "wakeup"):
+        return f"ok  p50 {m['p50_us']:.1f} us  p99 {m['p99_us']:.1f} us  max {m['max_us']:.0f} us"
+    if w == "throughput":
+        rate, bandwidth = m["msgs_per_s_per_reader"], m["mb_per_s_per_reader"]
+        return f"ok  {rate:,.0f} msg/s  {bandwidth:,.1f} MB/s per reader"
+    if w == "idle_cpu":
+        cpu, window = m.get("reader_cpu_s_mean", float("nan")), m.get("window_s", 0.0)
+        return f"ok  reader CPU {cpu:.3f} s in {window:.1f} s"
+    if w == "engine":
+        return f"ok  {m['steps_per_s']:,.0f} steps/s"
+    return "ok"
+
+
+def _machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "python_executable": Path(sys.executable).name,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def _shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies inside it, else its name (no
+    absolute paths of this machine in the results).  Symbolic links are not followed."""
+    full = os.path.abspath(path)
+    if full.startswith(os.getcwd() + os.sep):
+        return os.path.relpath(full)
+    return Path(path).name
+
+
+def _command_line() -> str:
+    """How this run was started, as a reproducible command line."""
+    argv = list(sys.argv)
+    if argv and argv[0] not in ("-c", "-m", ""):
+        argv[0] = _shown_path(argv[0])
+        if not argv[0].endswith("shmcast"):  # a script: show the interpreter that ran it
+            argv.insert(0, _shown_path(sys.executable))
+    return shlex.join(argv)
+
+
+def _source_state() -> dict[str, Any]:
+    """The commit the shmcast under test was built from, and its uncommitted changes (when
+    it runs from a git checkout); the benchmark measures whatever code is there."""
+    root = Path(__file__).resolve().parents[3]
+    state: dict[str, Any] = {"version": _package_version()}
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        changed = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "src/shmcast"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.splitlines()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return state
+    state["commit"] = commit
+    state["uncommitted"] = [
+        line[3:] for line in changed if not line[3:].startswith("src/shmcast/_bench")
+    ]
+    return state
+
+
+def _package_version() -> str:
+    from shmcast import __version__
+
+    return __version__
+
+
+def _start_leader(
+    name: str,
+    spec_cls: tuple[str, Any],
+    args: argparse.Namespace,
+    workdir: Path,
+    implementations: dict[str, dict[str, Any]],
+) -> Any:
+    """Start the leader of implementation ``name``; record it in ``implementations``.
+    Returns the leader, or None when the implementation cannot run (recorded as such)."""
+    from .adapters import ShmcastAdapter
+    from .runner import Leader
+
+    spec_name, cls = spec_cls
+    options = {"replies": args.shmcast_replies} if issubclass(cls, ShmcastAdapter) else {}
+    leader = Leader(spec_name, options, workdir, args.start_method, lambda event: None)
+    t0 = time.monotonic()
+    event = leader.start()
+    if event["event"] != "ready":
+        leader.kill()
+        reason = event.get("reason", "")
+        missing = "ImportError" in reason or "ModuleNotFoundError" in reason
+        status = "not installed" if missing else "unavailable"
+        implementations[name] = {"status": status, "reason": reason}
+        _progress(f"{name}: {status}: {reason}")
+        return None
+    implementations.setdefault(
+        name,
+        {
+            "status": "ok",
+            "versions": event.get("versions", {}),
+            "config": event.get("config", {}),
+            "startup_s": round(time.monotonic() - t0, 2),
+        },
+    )
+    return leader
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; print the report; write JSON (and PNGs).
+
+    Returns 0 when the run completed (implementations that failed verification or hung are
+    results, not failures of the run), 2 on a usage error.
+    """
+    from . import adapters, report
+    from .plan import PlanOptions, plan_cases
+    from .runner import Leader
+
+    impl_names = [n for item in (args.impl or list(adapters.ADAPTERS)) for n in _csv(item)]
+    if args.list:
+        for name in adapters.ADAPTERS:
+            missing = adapters.missing_modules(adapters.ADAPTERS[name].requires)
+            state = "installed" if not missing else f"not installed (no {', '.join(missing)})"
+            print(f"{name:<16} {state}")
+        return 0
+    try:
+        classes = {name: adapters.resolve(name) for name in impl_names}
+        options = PlanOptions(
+            quick=args.quick,
+            readers=args.readers,
+            messages=args.messages,
+            interval_us=args.interval_us,
+            repetitions=args.repetitions,
+            idle_seconds=args.idle_seconds,
+            idle_cpu_seconds=args.idle_cpu_seconds,
+            engine_workers=args.engine_workers,
+            engine_steps=args.engine_steps,
+            stall_seconds=args.stall_seconds,
+            time_limit=args.time_limit,
+        )
+        selectors = [s for item in (args.workload or []) for s in _csv(item)]
+        cases = plan_cases(selectors or None, options)
+    except (ValueError, ImportError, AttributeError) as exc:
+        print(f"shmcast bench: {exc}", file=sys.stderr)
+        return 2
+
+    started = time.time()
+    stem = "bench-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    workdir = Path(tempfile.mkdtemp(prefix="shmcast-bench-"))
+    implementations: dict[str, dict[str, Any]] = {}
+    runnable: dict[str, tuple[str, type[adapters.Adapter]]] = {}
+    for spec_name, cls in classes.items():
+        missing = adapters.missing_modules(cls.requires)
+        if missing:
+            reason = f"cannot import {', '.join(missing)}"
+            implementations[cls.name] = {"status": "not installed", "reason": reason}
+            _progress(f"{cls.name}: not installed ({reason})")
+        else:
+            runnable[cls.name] = (spec_name, cls)
+    if args.order == "case":  # each case for every implementation in turn
+        order = [(spec, name) for spec in cases for name in runnable]
+    else:
+        order = [(spec, name) for name in runnable for spec in cases]
+    _progress(
+        f"shmcast bench: {len(runnable)} implementation(s) x {len(cases)} case(s), "
+        f"results to {args.out}"
+    )
+    results: list[dict[str, Any]] = []
+    leaders: dict[str, Leader] = {}
+    interrupted = False
+    try:
+        for done, (spec, name) in enumerate(order, 1):
+            if implementations.get(name, {}).get("status", "ok") != "ok":
+                continue
+            leader = leaders.get(name)
+            if leader is None:
+                leader = _start_leader(name, runnable[name], args, workdir, implementations)
+                if leader is None:
+                    continue
+                leaders[name] = leader
+            _progress(f"[{done:>3}/{len(order)}] {name:<16} {spec.key:<26}", end=" ")
+            outcome = leader.run(spec)
+            case = {
+                "impl": name,
+                **{k: v for k, v in spec.as_dict().items() if k != "extra"},
+                **outcome.result,
+                "elapsed_s": round(outcome.elapsed_s, 3),
+                "leaked": outcome.leaked,
+                "background": outcome.background,
+            }
+            results.append(case)
+            _progress(f"{_one_line(case)}  ({outcome.elapsed_s:.1f} s)")
+            if "kill" in outcome.result:
+                del leaders[name]  # killed: the next case gets a fresh leader
+    except KeyboardInterrupt:
+        interrupted = True
+        _progress("\ninterrupted: writing the results so far")
+    finally:
+        for leader in leaders.values():
+            if interrupted:
+                leader.kill()
+            else:
+                leader.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    doc: dict[str, Any] = {
+        "schema": report.SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "command": _command_line(),
+        "machine": _machine(),
+        "shmcast_source": _source_state(),
+        "settings": {
+            "quick": args.quick,
+            "start_method": args.start_method,
+            "order": args.order,
+            "shmcast_replies": args.shmcast_replies,
+            "options": {k: v for k, v in vars(options).items()},
+            "cases": [spec.as_dict() for spec in cases],
+        },
+        "implementations": implementations,
+        "cases": results,
+    }
+    doc["ratios"] = report.compute_ratios(results)
+    print(report.format_tables(doc))
+    path = report.write_json(doc, args.out, stem)
+    print(f"results: {path}")
+    if not args.no_plots:
+        plots, note = report.write_plots(doc, args.out, stem)
+        for plot in plots:
+            print(f"plot: {plot}")
+        if note:
+            print(note)
+    return 0

@@ -1,0 +1,497 @@
+"""The workloads: what the writer sends, what each reader checks and measures, and the summary.
+
+Every message carries its sequence number and the writer's ``time.monotonic_ns()`` taken just
+before the send call (CLOCK_MONOTONIC is system-wide, so a reader's ``monotonic_ns()`` minus that
+stamp is the one-way latency).  Every reader checks that it got numbers ``0 .. n-1`` exactly once,
+in order, and that each message's content matches its number; an implementation that loses,
+reorders or corrupts a message is flagged by the summary, not ranked.
+
+Each workload is a pair of functions run by ``case.py``: ``write_*`` in the writer process
+(after every reader is attached and released from the start barrier) and ``read_*`` in each
+reader process; both return plain data (picklable, JSON-able).  :func:`summarize` turns them
+into a status, verification details and metrics.  Payloads are built before the timed part
+starts, and a payload is never modified after it was sent (implementations may send zero-copy).
+"""
+
+from __future__ import annotations
+
+import resource
+import struct
+import time
+from array import array
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .adapters import Reader, ReplyCollector, ReplySender, Writer
+from .stats import SequenceCheck, cdf_points, latency_summary
+
+KiB = 1024
+MiB = 1024 * 1024
+
+_HEADER = struct.Struct("<QQ")  # seq, send timestamp (ns)
+_TAIL = struct.Struct("<Q")  # seq again, in the last 8 bytes
+_FILL = 0xA5
+
+
+@dataclass
+class CaseSpec:
+    """One case: a workload, a payload and a reader count, with its parameters.
+
+    ``payload`` is ``"dict"`` (a small dict of 10 fields), ``"bytes"`` or ``"numpy"`` (``size``
+    bytes).  Only the parameters of the case's workload matter; ``time_limit`` is the hard
+    limit the harness enforces on the whole case.
+    """
+
+    workload: str
+    variant: str
+    readers: int
+    payload: str = "dict"
+    size: int = 0
+    messages: int = 0
+    warmup: int = 0
+    interval_us: float = 0.0
+    idle_s: float = 0.0
+    stall_s: float = 10.0
+    time_limit: float = 60.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.workload}/{self.variant}/r{self.readers}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaseSpec:
+        return cls(**data)
+
+    def max_message_bytes(self) -> int:
+        return self.size + 4 * KiB if self.payload in ("bytes", "numpy") else 4 * KiB
+
+
+# -- payloads ----------------------------------------------------------------------------------
+
+
+class Payloads:
+    """Makes, stamps and checks the messages of one payload kind."""
+
+    def __init__(self, kind: str, size: int = 0) -> None:
+        if kind not in ("dict", "bytes", "numpy"):
+            raise ValueError(f"unknown payload kind {kind!r}")
+        if kind != "dict" and size < _HEADER.size + _TAIL.size:
+            raise ValueError(f"a {kind} payload needs at least 24 bytes, not {size}")
+        self.kind = kind
+        self.size = size
+        #: True when messages are raw bytes (sent with the raw path of the adapter).
+        self.raw = kind == "bytes"
+
+    def make(self, seq: int) -> Any:
+        """A fresh message numbered ``seq`` (the writer stamps it just before sending)."""
+        if self.kind == "dict":
+            return {
+                "seq": seq,
+                "ts": 0,
+                "check": seq ^ 0x5A5A5A,
+                "kind": "decode",
+                "request_ids": [f"req-{seq % 97}-{i}" for i in range(4)],
+                "num_tokens": [17, 3, 250, 9],
+                "temperature": 0.7,
+                "top_p": 0.95,
+                "finished": [],
+                "flags": {"stream": True, "logprobs": False},
+            }
+        if self.kind == "bytes":
+            buf: Any = bytearray([_FILL]) * self.size
+        else:
+            import numpy as np
+
+            buf = np.full(self.size, _FILL, dtype=np.uint8)
+        _HEADER.pack_into(buf, 0, seq, 0)
+        _TAIL.pack_into(buf, self.size - _TAIL.size, seq)
+        return buf
+
+    def stamp(self, msg: Any, now_ns: int) -> None:
+        """Write the send timestamp into ``msg`` (before it is sent)."""
+        if self.kind == "dict":
+            msg["ts"] = now_ns
+        else:
+            struct.pack_into("<Q", msg, 8, now_ns)
+
+    def header(self, msg: Any) -> tuple[int, int]:
+        """(seq, send timestamp) of a received message.  Raises on a malformed one."""
+        if self.kind == "dict":
+            return int(msg["seq"]), int(msg["ts"])
+        seq, ts = _HEADER.unpack_from(msg, 0)
+        return seq, ts
+
+    def problem(self, msg: Any, seq: int) -> str:
+        """What is wrong with the content of message ``seq`` ("" if nothing)."""
+        if self.kind == "dict":
+            if not isinstance(msg, dict) or len(msg) != 10:
+                return f"message {seq}: not the 10-field dict"
+            if msg.get("check") != seq ^ 0x5A5A5A:
+                return f"message {seq}: check field does not match"
+            return ""
+        if self.kind == "numpy":
+            import numpy as np
+
+            if not isinstance(msg, np.ndarray) or msg.nbytes != self.size:
+                return f"message {seq}: not a {self.size}-byte array ({type(msg).__name__})"
+            length = msg.nbytes
+        else:
+            length = len(memoryview(msg).cast("B"))
+            if length != self.size:
+                return f"message {seq}: {length} bytes, expected {self.size}"
+        (tail,) = _TAIL.unpack_from(msg, length - _TAIL.size)
+        if tail != seq:
+            return f"message {seq}: torn (tail says {tail})"
+        return ""
+
+
+def _payloads(spec: CaseSpec) -> Payloads:
+    return Payloads(spec.payload, spec.size)
+
+
+# -- shared reader loop ------------------------------------------------------------------------
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) used so far by this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _Receiver:
+    """Receives and verifies messages ``0 .. expected-1`` for one reader."""
+
+    def __init__(self, reader: Reader, payloads: Payloads, expected: int) -> None:
+        self.reader = reader
+        self.payloads = payloads
+        self.check = SequenceCheck(expected)
+        self.stalled = False
+
+    def next(self, timeout: float) -> tuple[int, int, int, Any] | None:
+        """The next message as ``(seq, send_ns, recv_ns, msg)``; ``seq`` is -1 for an
+        unreadable or out-of-order message.  None once everything was seen, or when nothing
+        arrived within ``timeout`` (then :attr:`stalled` is set).  After the last number, while
+        gaps remain, it waits at most 1 s for late arrivals (a reordering is not a loss)."""
+        if self.check.complete:
+            return None
+        late = self.check.awaiting_late  # only late arrivals can still come
+        msg = self.reader.recv(min(timeout, 1.0) if late else timeout)
+        now = time.monotonic_ns()
+        if msg is None:
+            self.stalled = not late
+            return None
+        try:
+            seq, sent = self.payloads.header(msg)
+        except (KeyError, TypeError, ValueError, struct.error) as exc:
+            self.check.received += 1
+            self.check.corrupted(f"unreadable message: {exc!r}")
+            return -1, 0, now, msg
+        problem = self.payloads.problem(msg, seq)
+        if problem:
+            self.check.corrupted(problem)
+        if not self.check.observe(seq):
+            return -1, sent, now, msg
+        return seq, sent, now, msg
+
+    def result(self, **extra: Any) -> dict[str, Any]:
+        self.check.finish()
+        return {"verification": self.check.as_dict(), "stalled": self.stalled, **extra}
+
+
+# -- latency -----------------------------------------------------------------------------------
+
+
+def write_latency(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
+    """Paced sends: one message every ``interval_us`` (an absolute schedule; when the writer
+    falls more than an interval behind, the schedule restarts from now instead of bursting)."""
+    pl = _payloads(spec)
+    messages = [pl.make(seq) for seq in range(spec.messages)]
+    interval = int(spec.interval_us * 1000)
+    sent = array("q")
+    due = time.monotonic_ns()
+    for msg in messages:
+        now = time.monotonic_ns()
+        if now < due:
+            time.sleep((due - now) / 1e9)
+            now = time.monotonic_ns()
+        elif now - due > interval:
+            due = now
+        pl.stamp(msg, now)
+        writer.send(msg, pl.raw)
+        sent.append(now)
+        due += interval
+    gaps = sorted(
+        b - a for a, b in zip(sent[spec.warmup : -1], sent[spec.warmup + 1 :], strict=True)
+    )
+    return {
+        "target_interval_us": spec.interval_us,
+        "achieved_interval_us": (sum(gaps) / len(gaps) / 1e3) if gaps else 0.0,
+        "send_gap": latency_summary(gaps),
+    }
+
+
+def read_latency(spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int) -> dict:
+    rx = _Receiver(reader, _payloads(spec), spec.messages)
+    lat = array("q")
+    while (got := rx.next(spec.stall_s)) is not None:
+        seq, sent, now, _ = got
+        if seq >= spec.warmup:
+            lat.append(now - sent)
+    return rx.result(latencies_ns=lat.tolist())
+
+
+# -- throughput --------------------------------------------------------------------------------
+
+
+def write_throughput(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
+    """Back-to-back sends of prebuilt messages."""
+    pl = _payloads(spec)
+    messages = [pl.make(seq) for seq in range(spec.messages)]
+    start = time.monotonic_ns()
+    for msg in messages:
+        pl.stamp(msg, time.monotonic_ns())
+        writer.send(msg, pl.raw)
+    return {"send_elapsed_s": (time.monotonic_ns() - start) / 1e9}
+
+
+def read_throughput(
+    spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int
+) -> dict:
+    """Per reader: from the send stamp of message 0 to the arrival of the last message."""
+    rx = _Receiver(reader, _payloads(spec), spec.messages)
+    first_sent = last_recv = 0
+    while (got := rx.next(spec.stall_s)) is not None:
+        seq, sent, now, _ = got
+        if seq == 0:
+            first_sent = sent
+        last_recv = now
+    elapsed = (last_recv - first_sent) / 1e9 if first_sent and last_recv > first_sent else 0.0
+    return rx.result(elapsed_s=elapsed)
+
+
+# -- wake-up -----------------------------------------------------------------------------------
+
+
+def write_wakeup(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
+    """Message 0 at once, then one message after each ``idle_s`` of silence."""
+    pl = _payloads(spec)
+    messages = [pl.make(seq) for seq in range(spec.messages)]
+    for seq, msg in enumerate(messages):
+        if seq:
+            time.sleep(spec.idle_s)
+        pl.stamp(msg, time.monotonic_ns())
+        writer.send(msg, pl.raw)
+    return {"idle_s": spec.idle_s}
+
+
+def read_wakeup(spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int) -> dict:
+    rx = _Receiver(reader, _payloads(spec), spec.messages)
+    lat = array("q")
+    while (got := rx.next(spec.idle_s + spec.stall_s)) is not None:
+        seq, sent, now, _ = got
+        if seq >= 1:
+            lat.append(now - sent)
+    return rx.result(latencies_ns=lat.tolist())
+
+
+# -- idle CPU ----------------------------------------------------------------------------------
+
+
+def write_idle_cpu(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
+    """A burst of ``messages - 1`` messages, ``idle_s`` of silence, then one last message."""
+    pl = _payloads(spec)
+    messages = [pl.make(seq) for seq in range(spec.messages)]
+    for msg in messages[:-1]:
+        pl.stamp(msg, time.monotonic_ns())
+        writer.send(msg, pl.raw)
+    cpu0 = _cpu_seconds()
+    time.sleep(spec.idle_s)
+    cpu1 = _cpu_seconds()
+    pl.stamp(messages[-1], time.monotonic_ns())
+    writer.send(messages[-1], pl.raw)
+    return {"writer_idle_cpu_s": cpu1 - cpu0}
+
+
+def read_idle_cpu(spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int) -> dict:
+    """CPU seconds this process used between the last message of the burst and the final one.
+
+    The rusage counters cover every thread of the process (an implementation's background
+    threads count too).
+    """
+    rx = _Receiver(reader, _payloads(spec), spec.messages)
+    burst_end = spec.messages - 2
+    cpu0 = cpu1 = 0.0
+    t0 = t1 = 0
+    while (got := rx.next(spec.idle_s + spec.stall_s)) is not None:
+        seq, _, now, _ = got
+        if seq == burst_end:
+            cpu0, t0 = _cpu_seconds(), now
+        elif seq == burst_end + 1:
+            cpu1, t1 = _cpu_seconds(), now
+    measured = bool(t0 and t1)
+    return rx.result(
+        idle_cpu_s=(cpu1 - cpu0) if measured else None,
+        window_s=((t1 - t0) / 1e9) if measured else None,
+    )
+
+
+# -- engine ------------------------------------------------------------------------------------
+
+
+def write_engine(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
+    """Broadcast a step, wait for every worker's reply, repeat; steps/s after the warm-up."""
+    assert replies is not None
+    pl = _payloads(spec)
+    steps = [pl.make(seq) for seq in range(spec.messages)]
+    rtt = array("q")
+    problems = 0
+    first_problem = ""
+    completed = 0
+    start = time.monotonic_ns()
+    workers = list(range(spec.readers))
+    for step, msg in enumerate(steps):
+        if step == spec.warmup:
+            start = time.monotonic_ns()
+        sent = time.monotonic_ns()
+        pl.stamp(msg, sent)
+        writer.send(msg, pl.raw)
+        got = replies.gather(spec.readers, spec.stall_s)
+        done = time.monotonic_ns()
+        if got is None:
+            first_problem = first_problem or f"replies to step {step} did not all arrive"
+            problems += 1
+            break
+        try:
+            ok = sorted(r["worker"] for r in got) == workers and all(r["step"] == step for r in got)
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            problems += 1
+            first_problem = first_problem or f"wrong replies to step {step}"
+        completed += 1
+        if step >= spec.warmup:
+            rtt.append(done - sent)
+    elapsed = (time.monotonic_ns() - start) / 1e9
+    timed = completed - spec.warmup
+    return {
+        "steps_completed": completed,
+        "reply_problems": problems,
+        "first_problem": first_problem,
+        "steps_per_s": timed / elapsed if timed > 0 and elapsed > 0 else 0.0,
+        "step_rtt": latency_summary(rtt),
+    }
+
+
+def read_engine(spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int) -> dict:
+    """A worker: reply to each step with its number and the worker's index."""
+    assert replies is not None
+    rx = _Receiver(reader, _payloads(spec), spec.messages)
+    while (got := rx.next(spec.stall_s)) is not None:
+        seq = got[0]
+        if seq >= 0:
+            replies.send({"step": seq, "worker": index})
+    return rx.result()
+
+
+WRITERS = {
+    "latency": write_latency,
+    "throughput": write_throughput,
+    "wakeup": write_wakeup,
+    "idle_cpu": write_idle_cpu,
+    "engine": write_engine,
+}
+READERS = {
+    "latency": read_latency,
+    "throughput": read_throughput,
+    "wakeup": read_wakeup,
+    "idle_cpu": read_idle_cpu,
+    "engine": read_engine,
+}
+WORKLOADS = tuple(WRITERS)
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+
+def _verdict(readers: list[dict], writer: dict) -> tuple[str, str]:
+    """(status, detail) from the readers' verifications (and the engine's replies)."""
+    lost = sum(r["verification"]["lost"] for r in readers)
+    reordered = sum(
+        r["verification"]["out_of_order"] + r["verification"]["duplicated"] for r in readers
+    )
+    corrupt = sum(r["verification"]["corrupt"] for r in readers)
+    first = next(
+        (
+            f"reader {i}: {r['verification']['first_problem']}"
+            for i, r in enumerate(readers)
+            if r["verification"]["first_problem"]
+        ),
+        "",
+    )
+    if corrupt:
+        return "corrupt", f"{corrupt} corrupt message(s); {first}"
+    if reordered:
+        return "reordered", f"{reordered} out-of-order or duplicated message(s); {first}"
+    if lost:
+        stalled = sum(1 for r in readers if r["stalled"])
+        return "lost", f"{lost} message(s) lost, {stalled} reader(s) stalled; {first}"
+    if writer.get("reply_problems"):
+        return "lost", f"engine replies: {writer['first_problem']}"
+    return "ok", ""
+
+
+def summarize(spec: CaseSpec, writer: dict, readers: list[dict]) -> dict[str, Any]:
+    """The case's status, verification and metrics, from the writer's and readers' results."""
+    status, detail = _verdict(readers, writer)
+    verification = {
+        "messages": spec.messages,
+        "readers": [r["verification"] for r in readers],
+    }
+    metrics: dict[str, Any] = {}
+    if spec.workload in ("latency", "wakeup"):
+        every = [v for r in readers for v in r["latencies_ns"]]
+        metrics.update(latency_summary(every))
+        metrics["per_reader_p99_us"] = [
+            latency_summary(r["latencies_ns"]).get("p99_us") for r in readers
+        ]
+        metrics["cdf"] = cdf_points(every)
+        if spec.workload == "latency":
+            metrics["target_interval_us"] = writer["target_interval_us"]
+            metrics["achieved_interval_us"] = writer["achieved_interval_us"]
+            metrics["send_gap_p99_us"] = writer["send_gap"].get("p99_us")
+        else:
+            metrics["idle_s"] = spec.idle_s
+            metrics["repetitions"] = spec.messages - 1
+    elif spec.workload == "throughput":
+        rates = [spec.messages / r["elapsed_s"] if r["elapsed_s"] > 0 else 0.0 for r in readers]
+        size = spec.size if spec.payload != "dict" else 0
+        metrics["msgs_per_s_per_reader"] = sum(rates) / len(rates)
+        metrics["msgs_per_s_min_reader"] = min(rates)
+        metrics["mb_per_s_per_reader"] = metrics["msgs_per_s_per_reader"] * size / 1e6
+        metrics["mb_per_s_min_reader"] = metrics["msgs_per_s_min_reader"] * size / 1e6
+        metrics["mb_per_s_total"] = sum(rates) * size / 1e6
+        metrics["send_elapsed_s"] = writer["send_elapsed_s"]
+        metrics["message_bytes"] = size
+    elif spec.workload == "idle_cpu":
+        cpus = [r["idle_cpu_s"] for r in readers if r["idle_cpu_s"] is not None]
+        windows = [r["window_s"] for r in readers if r["window_s"] is not None]
+        if cpus:
+            metrics["reader_cpu_s"] = cpus
+            metrics["reader_cpu_s_mean"] = sum(cpus) / len(cpus)
+            metrics["reader_cpu_s_max"] = max(cpus)
+            metrics["window_s"] = sum(windows) / len(windows)
+            metrics["cpu_percent_of_core"] = (
+                100 * metrics["reader_cpu_s_mean"] / metrics["window_s"]
+            )
+        metrics["writer_idle_cpu_s"] = writer["writer_idle_cpu_s"]
+    elif spec.workload == "engine":
+        metrics["steps_per_s"] = writer["steps_per_s"]
+        metrics["steps_completed"] = writer["steps_completed"]
+        metrics["workers"] = spec.readers
+        for key, value in writer["step_rtt"].items():
+            metrics[f"step_rtt_{key}"] = value
+    return {"status": status, "detail": detail, "verification": verification, "metrics": metrics}
