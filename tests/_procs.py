@@ -1,0 +1,526 @@
+"""Everything the tests need to run code in other processes, in one place.
+
+- :func:`process_group` starts child processes under a given start method (``fork``,
+  ``forkserver``, ``spawn``), collects what each returns through its own pipe with a deadline,
+  and always stops them (terminate, then kill) and joins them when the block exits.
+- Child *targets* are module-level functions of this module, so that ``spawn`` and
+  ``forkserver`` children can import them.  A target's return value (or its traceback) is sent
+  back to the parent; an exception in a child becomes a :class:`ChildFailed` in the parent.
+- :func:`message_payload` and friends define the deterministic messages the tests send, so that
+  a reader process can check every message it receives (sequence number and content) without
+  being told what was sent.
+- :func:`process_table` / :func:`descendants` read ``/proc`` (for the leak check in conftest),
+  and :func:`record_child` keeps the pids of every process the tests started, so that a
+  segment left behind by one of them can be told apart from another program's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import signal
+import struct
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from shmcast._segment import SHM_DIR
+
+START_METHODS = ("fork", "forkserver", "spawn")
+DEFAULT_TIMEOUT = 60.0  # seconds a child may take to report before the test fails
+STOP_GRACE = 2.0  # seconds a child gets to exit after terminate() before it is killed
+
+# -- pids of the processes the tests started --------------------------------------------------
+
+_recorded_children: set[int] = set()
+
+
+def record_child(pid: int) -> None:
+    """Remember that this test process started ``pid`` (directly or not)."""
+    _recorded_children.add(pid)
+
+
+def recorded_children() -> frozenset[int]:
+    """Every pid passed to :func:`record_child` in this process."""
+    return frozenset(_recorded_children)
+
+
+# -- /proc ------------------------------------------------------------------------------------
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """``pid -> (parent pid, state letter)`` for every process visible in /proc."""
+    table: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        # The command name may contain spaces and parentheses: split after the last ')'.
+        fields = data[data.rfind(b")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), fields[0].decode())
+    return table
+
+
+def descendants(root: int) -> dict[int, tuple[int, str]]:
+    """``pid -> (parent pid, state)`` of every process below ``root`` in the process tree."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _state) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: dict[int, tuple[int, str]] = {}
+    todo = list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if pid in found or pid not in table:
+            continue
+        found[pid] = table[pid]
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def multiprocessing_helpers() -> set[int]:
+    """Pids of the long-lived helper processes multiprocessing starts once per session (the
+    forkserver and the resource tracker); they are not leaks."""
+    pids: set[int] = set()
+    with contextlib.suppress(Exception):
+        from multiprocessing import forkserver
+
+        pid = forkserver._forkserver._forkserver_pid
+        if pid:
+            pids.add(pid)
+    with contextlib.suppress(Exception):
+        from multiprocessing import resource_tracker
+
+        pid = resource_tracker._resource_tracker._pid
+        if pid:
+            pids.add(pid)
+    return pids
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` (``"Z"`` for a zombie), or None if it is gone."""
+    entry = process_table().get(pid)
+    return None if entry is None else entry[1]
+
+
+def wait_for_state(pid: int, states: str, timeout: float) -> str | None:
+    """Poll until ``pid`` is in one of ``states`` (letters) or gone; return the last state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = process_state(pid)
+        if state is None or state in states or time.monotonic() >= deadline:
+            return state
+        time.sleep(0.01)
+
+
+# -- running children -------------------------------------------------------------------------
+
+
+class ChildFailed(AssertionError):
+    """A child process raised, died, or did not report in time."""
+
+
+@dataclass
+class Child:
+    """One started child: its process, the parent's end of its result pipe, and a label."""
+
+    process: multiprocessing.process.BaseProcess
+    results: multiprocessing.connection.Connection
+    label: str
+    pid: int
+    reported: bool = False
+    value: Any = None
+
+
+def _child_main(results: multiprocessing.connection.Connection, target: Callable, args) -> None:
+    """What every child runs: call ``target(*args)`` and send ``("ok", value)`` or
+    ``("error", traceback)`` to the parent."""
+    try:
+        value = target(*args)
+    except BaseException:
+        payload: tuple[str, Any] = ("error", traceback.format_exc())
+    else:
+        payload = ("ok", value)
+    try:
+        results.send(payload)
+    except Exception:
+        results.send(("error", "the result could not be sent:\n" + traceback.format_exc()))
+    finally:
+        results.close()
+
+
+@dataclass
+class ProcessGroup:
+    """Children started under one start method.  Use through :func:`process_group`, which
+    stops every child when its block exits, whatever happens.
+
+    Only the thread that made the group may use it.  Methods that wait (:meth:`result`,
+    :meth:`results`, :meth:`join`) raise :class:`ChildFailed` instead of waiting past their
+    timeout.
+    """
+
+    method: str
+    timeout: float = DEFAULT_TIMEOUT
+    children: list[Child] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.method not in START_METHODS:
+            raise ValueError(f"unknown start method {self.method!r}")
+        self.context = multiprocessing.get_context(self.method)
+        self._child_ends: list[multiprocessing.connection.Connection] = []
+
+    def channel(
+        self,
+    ) -> tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]:
+        """A one-way pipe ``(parent_end, child_end)`` from parent to child: pass ``child_end``
+        to :meth:`start` (the parent's copy is closed then) and ``send`` on ``parent_end``."""
+        child_end, parent_end = self.context.Pipe(duplex=False)
+        self._child_ends.append(child_end)
+        return parent_end, child_end
+
+    def start(self, target: Callable, *args: Any, label: str | None = None) -> Child:
+        """Start ``target(*args)`` in a new process (``target`` must be module-level)."""
+        receive, send = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=_child_main, args=(send, target, args), daemon=True, name=label
+        )
+        try:
+            process.start()
+        finally:
+            send.close()
+        assert process.pid is not None
+        record_child(process.pid)
+        label = label or f"{target.__name__}#{len(self.children)}"
+        child = Child(process, receive, label, process.pid)
+        self.children.append(child)
+        for arg in args:
+            if any(arg is end for end in self._child_ends):
+                arg.close()
+                self._child_ends = [end for end in self._child_ends if end is not arg]
+        return child
+
+    def result(self, child: Child, timeout: float | None = None) -> Any:
+        """Wait for ``child``'s result (at most ``timeout`` s, default the group's)."""
+        if child.reported:
+            return child.value
+        wait = self.timeout if timeout is None else timeout
+        try:
+            ready = child.results.poll(wait)
+        except (EOFError, OSError):
+            ready = True
+        if not ready:
+            raise ChildFailed(
+                f"{child.label} (pid {child.pid}) did not report within {wait:g} s "
+                f"(alive: {child.process.is_alive()})"
+            )
+        try:
+            status, value = child.results.recv()
+        except (EOFError, OSError):
+            child.process.join(STOP_GRACE)
+            raise ChildFailed(
+                f"{child.label} (pid {child.pid}) died without reporting "
+                f"(exit code {child.process.exitcode})"
+            ) from None
+        child.reported = True
+        if status != "ok":
+            raise ChildFailed(f"{child.label} (pid {child.pid}) failed:\n{value}")
+        child.value = value
+        return value
+
+    def results(self, timeout: float | None = None) -> list[Any]:
+        """Every child's result, in start order, within one overall deadline."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        return [
+            self.result(child, max(0.0, deadline - time.monotonic())) for child in self.children
+        ]
+
+    def join(self, child: Child, timeout: float | None = None) -> int:
+        """Wait until ``child`` exits; return its exit code."""
+        wait = self.timeout if timeout is None else timeout
+        child.process.join(wait)
+        if child.process.exitcode is None:
+            raise ChildFailed(f"{child.label} (pid {child.pid}) did not exit within {wait:g} s")
+        return child.process.exitcode
+
+    def kill(self, child: Child) -> None:
+        """SIGKILL ``child`` and reap it."""
+        child.process.kill()
+        child.process.join(STOP_GRACE * 5)
+
+    def stop(self) -> None:
+        """Stop every child: join briefly, terminate, kill; close every pipe."""
+        for child in self.children:
+            child.process.join(0.05)
+        for child in self.children:
+            if child.process.is_alive():
+                child.process.terminate()
+        for child in self.children:
+            child.process.join(STOP_GRACE)
+            if child.process.is_alive():
+                child.process.kill()
+                child.process.join(STOP_GRACE * 5)
+        for child in self.children:
+            child.results.close()
+            with contextlib.suppress(ValueError):
+                child.process.close()
+        for end in self._child_ends:
+            end.close()
+        self._child_ends.clear()
+
+
+@contextmanager
+def process_group(method: str = "fork", timeout: float = DEFAULT_TIMEOUT) -> Iterator[ProcessGroup]:
+    """A :class:`ProcessGroup` whose children are all stopped and joined on exit."""
+    group = ProcessGroup(method, timeout)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+# -- the messages the tests send --------------------------------------------------------------
+
+RAW = "raw"
+OBJECT = "object"
+_HEAD = struct.Struct("<QQ")  # seed, message number
+
+
+def message_payload(seed: int, number: int, size: int) -> bytes:
+    """The ``size`` bytes of message ``number`` of a run: the run's seed and the message number
+    (truncated for tiny sizes), then pseudo-random bytes that depend on both."""
+    head = _HEAD.pack(seed, number)
+    if size <= len(head):
+        return head[:size]
+    body = random.Random(seed * 1_000_003 + number).randbytes(size - len(head))
+    return head + body
+
+
+def message_object(seed: int, number: int, size: int) -> tuple[str, int, bytes]:
+    """The object sent as message ``number`` when it goes through ``put``."""
+    return ("msg", number, message_payload(seed, number, size))
+
+
+def send_plan(queue: Any, seed: int, plan: Sequence[tuple[str, int]], timeout: float) -> None:
+    """Writer side: send every message of ``plan`` (``(kind, size)`` pairs) in order."""
+    for number, (kind, size) in enumerate(plan):
+        if kind == RAW:
+            queue.put_bytes(message_payload(seed, number, size), timeout=timeout)
+        else:
+            queue.put(message_object(seed, number, size), timeout=timeout)
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, bytes) and len(data) >= _HEAD.size:
+        seed, number = _HEAD.unpack_from(data)
+        return f"{len(data)} bytes starting with seed {seed} message {number}"
+    if isinstance(data, tuple) and len(data) == 3:
+        return f"object for message {data[1]} with {len(data[2])} payload bytes"
+    return f"{type(data).__name__} of length {len(data) if hasattr(data, '__len__') else '?'}"
+
+
+def check_plan(
+    queue: Any, seed: int, plan: Sequence[tuple[str, int]], timeout: float, expect_close: bool
+) -> dict[str, Any]:
+    """Reader side: receive every message of ``plan`` and check each one, in order, against
+    what :func:`send_plan` sent.  Raises AssertionError at the first difference; with
+    ``expect_close``, also checks that the next ``get`` raises QueueClosed.  Returns a summary:
+    ``{"count", "digest", "stats"}``."""
+    from shmcast import QueueClosed
+
+    digest = hashlib.sha256()
+    for number, (kind, size) in enumerate(plan):
+        got = queue.get(timeout=timeout)
+        if kind == RAW:
+            want: Any = message_payload(seed, number, size)
+        else:
+            want = message_object(seed, number, size)
+        if got != want:
+            raise AssertionError(
+                f"reader {queue.reader}: message {number} ({kind}, {size} bytes) is wrong: "
+                f"got {_describe(got)}"
+            )
+        digest.update(repr((number, kind, size)).encode())
+    if expect_close:
+        try:
+            extra = queue.get(timeout=timeout)
+        except QueueClosed:
+            pass
+        else:
+            raise AssertionError(f"reader {queue.reader}: unexpected extra {_describe(extra)}")
+    stats = queue.stats()
+    return {"count": len(plan), "digest": digest.hexdigest(), "stats": stats}
+
+
+def plan_digest(plan: Sequence[tuple[str, int]]) -> str:
+    """The digest :func:`check_plan` returns for a fully received plan."""
+    digest = hashlib.sha256()
+    for number, (kind, size) in enumerate(plan):
+        digest.update(repr((number, kind, size)).encode())
+    return digest.hexdigest()
+
+
+# -- child targets ----------------------------------------------------------------------------
+
+
+def reader_check_plan(
+    handle: Any,
+    reader: int,
+    seed: int,
+    plan: Sequence[tuple[str, int]],
+    wait: Any = None,
+    timeout: float = 30.0,
+    expect_close: bool = True,
+) -> dict[str, Any]:
+    """Attach as ``reader``, receive and check every message of ``plan`` (see
+    :func:`check_plan`), close."""
+    from shmcast import BroadcastQueue
+
+    with BroadcastQueue.attach(handle, reader, wait=wait) as queue:
+        return check_plan(queue, seed, plan, timeout, expect_close)
+
+
+def reader_check_plan_after_go(
+    handle: Any,
+    reader: int,
+    go: multiprocessing.connection.Connection,
+    seed: int,
+    plan: Sequence[tuple[str, int]],
+    timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Attach, then wait for anything on ``go`` before reading (so that the writer fills the
+    ring first), then check ``plan`` as :func:`reader_check_plan` does."""
+    from shmcast import BroadcastQueue
+
+    with BroadcastQueue.attach(handle, reader) as queue:
+        if not go.poll(timeout):
+            raise AssertionError("no go signal")
+        go.recv()
+        return check_plan(queue, seed, plan, timeout, expect_close=True)
+
+
+def reader_arrays(handle: Any, reader: int, count: int, zero_copy: bool) -> list[dict[str, Any]]:
+    """Receive ``count`` numpy arrays (or tuples of them) and describe each: dtype, shape,
+    contiguity, the values, and (for ``view``) whether it lies in the ring."""
+    import numpy as np
+
+    from shmcast import BroadcastQueue
+
+    def describe(array: Any, ring: Any) -> dict[str, Any]:
+        return {
+            "dtype": array.dtype.str,
+            "shape": array.shape,
+            "c_contiguous": bool(array.flags.c_contiguous),
+            "f_contiguous": bool(array.flags.f_contiguous),
+            "values": np.array(array, copy=True, order="K"),
+            "in_ring": None if ring is None else bool(np.shares_memory(array, ring)),
+        }
+
+    out = []
+    with BroadcastQueue.attach(handle, reader) as queue:
+        ring = np.frombuffer(queue._seg.buf, dtype=np.uint8)
+        for _ in range(count):
+            if zero_copy:
+                with queue.view(timeout=30) as value:
+                    items = value if isinstance(value, tuple) else (value,)
+                    out.append([describe(a, ring) for a in items])
+                    del items, value
+            else:
+                value = queue.get(timeout=30)
+                items = value if isinstance(value, tuple) else (value,)
+                out.append([describe(a, ring) for a in items])
+        del ring
+    return out
+
+
+def reader_attach_and_hold(
+    handle: Any, reader: int, control: multiprocessing.connection.Connection, read: int = 0
+) -> None:
+    """Attach, read ``read`` messages, then block until the parent sends anything on
+    ``control`` (or two minutes pass).  Dead-reader tests kill this process meanwhile; the
+    parent learns that it attached through ``wait_until_ready``."""
+    from shmcast import BroadcastQueue
+
+    queue = BroadcastQueue.attach(handle, reader)
+    for _ in range(read):
+        queue.get(timeout=30)
+    control.poll(120)
+    queue.close()
+
+
+def writer_then_die(
+    report: multiprocessing.connection.Connection,
+    n_readers: int,
+    messages: Sequence[bytes],
+    control: multiprocessing.connection.Connection,
+) -> None:
+    """Create a queue, report its handle, wait for every reader, put ``messages``, report
+    ``"sent"``, then wait for the parent (which kills this process: a writer that dies)."""
+    from shmcast import BroadcastQueue
+
+    queue = BroadcastQueue(n_readers, n_slots=8, slot_size=256)
+    report.send(queue.handle)
+    queue.wait_until_ready(timeout=30)
+    for message in messages:
+        queue.put_bytes(message, timeout=30)
+    report.send("sent")
+    control.poll(120)
+    os.kill(os.getpid(), signal.SIGKILL)  # die without any cleanup, whatever happens
+
+
+def futex_waiter(shm_name: str, offset: int, expected: int, timeout: float) -> tuple[bool, float]:
+    """Map the shared-memory object ``shm_name`` and ``wait32`` on the word at ``offset``;
+    return (what wait32 returned, seconds it took)."""
+    import mmap
+
+    from shmcast import _native
+
+    fd = _native.shm_open(shm_name, os.O_RDWR, 0)
+    try:
+        mapping = mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    atomics = _native.Atomics(mapping)
+    try:
+        started = time.monotonic()
+        woken = atomics.wait32(offset, expected, timeout)
+        return woken, time.monotonic() - started
+    finally:
+        atomics.release()
+        mapping.close()
+
+
+def report_identity() -> tuple[int, tuple[int, int], int]:
+    """(os.getpid(), shmcast's identity(), the start time read from /proc) of this child."""
+    from shmcast._liveness import identity, process_start_time
+
+    return os.getpid(), identity(), process_start_time(os.getpid())
+
+
+def reader_close_in_ways(handle: Any, reader: int, how: str) -> bool:
+    """Attach and leave in one of three ways: ``"close"``, ``"gc"`` (drop the last
+    reference), ``"keep"`` (return with the queue still open; the process then exits).
+    Returns whether the segment still exists afterwards, as seen from this child."""
+    from shmcast import BroadcastQueue
+
+    queue = BroadcastQueue.attach(handle, reader)
+    name = queue.name
+    if how == "close":
+        queue.close()
+    elif how == "gc":
+        del queue
+        gc.collect()
+    elif how != "keep":
+        raise ValueError(how)
+    return os.path.exists(os.path.join(SHM_DIR, name))

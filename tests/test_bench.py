@@ -1,0 +1,308 @@
+"""Tests of the benchmark harness (``shmcast bench``), in quick mode.
+
+- a run of shmcast and multiprocessing.Queue over a tiny workload set writes the documented
+  JSON, and every implementation verified every message;
+- an implementation that loses messages, and one that reorders them, are flagged, not ranked;
+- an implementation that hangs is reported as a hang within its time limit, and nothing it
+  started is left: no process of its group, no shared-memory segment.
+
+The fake implementations below are adapters like the real ones; the harness's leader process
+imports this module to run them (``--impl test_bench:ClassName``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shmcast import _bench
+from shmcast._bench.adapters import (
+    MultiprocessingQueueAdapter,
+    Reader,
+    ShmcastAdapter,
+    Writer,
+)
+from shmcast._bench.stats import SequenceCheck, percentile
+
+# -- fake implementations ------------------------------------------------------------------------
+
+
+class _FilteringWriter(Writer):
+    """Wraps a real writer; ``plan(n)`` says what to do with the n-th message sent."""
+
+    def __init__(self, inner: Writer, plan: Any) -> None:
+        self.inner = inner
+        self.plan = plan
+        self.count = 0
+        self.held: list[tuple[Any, bool]] = []
+
+    def reader_handle(self, index: int) -> Any:
+        return self.inner.reader_handle(index)
+
+    def wait_ready(self, timeout: float) -> None:
+        self.inner.wait_ready(timeout)
+
+    def send(self, obj: Any, raw: bool) -> None:
+        action = self.plan(self.count)
+        self.count += 1
+        if action == "drop":
+            return
+        if action == "hold":  # send it after the next one: a swap
+            self.held.append((obj, raw))
+            return
+        self.inner.send(obj, raw)
+        while self.held:
+            self.inner.send(*self.held.pop())
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _drop_some(n: int) -> str:
+    return "drop" if n % 10 == 5 else "send"  # never the last of a multiple of 10
+
+
+def _swap_one(n: int) -> str:
+    return "hold" if n == 30 else "send"
+
+
+class LossyAdapter(MultiprocessingQueueAdapter):
+    """multiprocessing.Queue that silently drops one message in ten."""
+
+    name = "fake-lossy"
+
+    def open_writer(self, n_readers: int, max_message_bytes: int) -> Writer:
+        return _FilteringWriter(super().open_writer(n_readers, max_message_bytes), _drop_some)
+
+
+class ReorderingAdapter(MultiprocessingQueueAdapter):
+    """multiprocessing.Queue that delivers messages 30 and 31 swapped."""
+
+    name = "fake-reordering"
+
+    def open_writer(self, n_readers: int, max_message_bytes: int) -> Writer:
+        return _FilteringWriter(super().open_writer(n_readers, max_message_bytes), _swap_one)
+
+
+class _NeverReturningReader(Reader):
+    def __init__(self, attached: Reader) -> None:
+        self.attached = attached  # keeps the reader attached: it holds the writer back
+
+    def recv(self, timeout: float) -> Any:
+        time.sleep(3600)  # ignores its timeout, like a lost wake-up
+        return None
+
+
+class HangingAdapter(ShmcastAdapter):
+    """A shmcast queue whose readers never return from recv: the writer fills the ring and
+    then blocks for good (a hang in the writer, with a shared-memory segment to clean up)."""
+
+    name = "fake-hang"
+
+    def open_reader(self, handle: Any, index: int) -> Reader:
+        return _NeverReturningReader(super().open_reader(handle, index))
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def run_bench(tmp_path: Path, *argv: str) -> tuple[int, dict[str, Any]]:
+    """Run ``shmcast bench ARGV --out tmp_path`` in this process; return its exit code and the
+    JSON document it wrote."""
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    args = parser.parse_args([*argv, "--out", str(tmp_path), "--no-plots"])
+    code = _bench.run(args)
+    files = sorted(tmp_path.glob("bench-*.json"))
+    assert len(files) == 1, files
+    return code, json.loads(files[0].read_text())
+
+
+def group_members(pgid: int) -> list[int]:
+    """Processes (zombies included) still in process group ``pgid``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            fields = data[data.rfind(b")") + 2 :].split()
+            if int(fields[2]) == pgid:
+                members.append(int(entry))
+    return members
+
+
+def cases_of(doc: dict[str, Any], impl: str) -> list[dict[str, Any]]:
+    return [c for c in doc["cases"] if c["impl"] == impl]
+
+
+# -- unit tests of the verification --------------------------------------------------------------
+
+
+def test_sequence_check_counts_gaps_reorders_and_missing_tail() -> None:
+    check = SequenceCheck(expected=6)
+    for seq in (0, 1, 3, 2, 4):
+        check.observe(seq)
+    check.finish()
+    assert (check.lost, check.out_of_order, check.duplicated, check.received) == (1, 1, 0, 5)
+    assert not check.ok
+    assert "gap" in check.first_problem
+
+    twice = SequenceCheck(expected=2)
+    for seq in (0, 0, 1, 7):
+        twice.observe(seq)
+    twice.finish()
+    assert (twice.lost, twice.duplicated, twice.corrupt) == (0, 1, 1)
+
+    clean = SequenceCheck(expected=3)
+    for seq in range(3):
+        assert clean.observe(seq)
+    clean.finish()
+    assert clean.ok and clean.lost == 0
+
+
+def test_percentile_interpolates() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 100) == 100.0
+    assert percentile([7.0], 99) == 7.0
+
+
+# -- end-to-end runs -------------------------------------------------------------------------------
+
+WORKLOAD_METRICS = {
+    "latency": {"p50_us", "p99_us", "p99_9_us", "max_us", "achieved_interval_us", "cdf"},
+    "throughput": {"msgs_per_s_per_reader", "mb_per_s_per_reader", "mb_per_s_min_reader"},
+    "wakeup": {"p50_us", "p99_us", "repetitions"},
+    "idle_cpu": {"reader_cpu_s", "reader_cpu_s_mean", "window_s"},
+    "engine": {"steps_per_s", "steps_completed", "step_rtt_p50_us"},
+}
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_verifies_every_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, doc = run_bench(
+        tmp_path,
+        "--quick",
+        "--impl", "shmcast-futex,mp-queue",
+        "--workload", "latency:dict,throughput:64B,wakeup,idle_cpu,engine",
+        "--readers", "2",
+        "--engine-workers", "3",
+        "--engine-steps", "40",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert doc["schema"] == "shmcast-bench/1"
+    assert set(doc["implementations"]) == {"shmcast-futex", "mp-queue"}
+    assert all(info["status"] == "ok" for info in doc["implementations"].values())
+    assert len(doc["settings"]["cases"]) == 5
+    assert len(doc["cases"]) == 10
+    for case in doc["cases"]:
+        assert case["status"] == "ok", (case["impl"], case["workload"], case["detail"])
+        readers = case["verification"]["readers"]
+        assert len(readers) == case["readers"]
+        for reader in readers:
+            assert reader["ok"] and reader["received"] == case["messages"], reader
+            assert reader["lost"] == reader["out_of_order"] == reader["corrupt"] == 0
+        assert WORKLOAD_METRICS[case["workload"]] <= set(case["metrics"]), case["metrics"]
+        assert case["elapsed_s"] < case["time_limit"]
+        assert case["leaked"] == []
+        assert {"busy_percent", "loadavg_1m"} <= set(case["background"])
+    engine = [c for c in doc["cases"] if c["workload"] == "engine"]
+    assert all(c["readers"] == 3 and c["metrics"]["steps_completed"] == 40 for c in engine)
+    # shmcast is compared with the best other comparator; vLLM did not run, so no vLLM ratio
+    ratios = [r for r in doc["ratios"] if r["impl"] == "shmcast-futex"]
+    assert ratios and all(r["best_other"] == "mp-queue" for r in ratios)
+    assert all(r["vllm"] is None and r["vs_vllm"] is None for r in ratios)
+    assert "== latency" in out and "== engine" in out
+
+
+@pytest.mark.timeout(60)
+def test_engine_with_gather_queue_replies(tmp_path: Path) -> None:
+    code, doc = run_bench(
+        tmp_path,
+        "--quick",
+        "--impl", "shmcast-backoff",
+        "--workload", "engine",
+        "--engine-workers", "3",
+        "--engine-steps", "40",
+        "--shmcast-replies", "gather",
+    )  # fmt: skip
+    assert code == 0
+    (case,) = doc["cases"]
+    assert case["status"] == "ok", case["detail"]
+    assert case["metrics"]["steps_completed"] == 40
+    assert doc["implementations"]["shmcast-backoff"]["config"]["reply_path"] == "one GatherQueue"
+
+
+@pytest.mark.timeout(120)
+def test_lossy_and_reordering_implementations_are_flagged_not_ranked(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, doc = run_bench(
+        tmp_path,
+        "--quick",
+        "--impl", "shmcast-futex,test_bench:LossyAdapter,test_bench:ReorderingAdapter",
+        "--workload", "latency:dict",
+        "--readers", "2",
+        "--stall-seconds", "1",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    (ours,) = cases_of(doc, "shmcast-futex")
+    (lossy,) = cases_of(doc, "fake-lossy")
+    (reordering,) = cases_of(doc, "fake-reordering")
+    assert ours["status"] == "ok"
+    assert lossy["status"] == "lost"
+    messages = lossy["messages"]
+    for reader in lossy["verification"]["readers"]:
+        assert reader["lost"] == messages // 10 and not reader["ok"]
+    assert reordering["status"] == "reordered"
+    for reader in reordering["verification"]["readers"]:
+        assert (reader["out_of_order"], reader["lost"], reader["received"]) == (1, 0, messages)
+    ranked = {r["best_other"] for r in doc["ratios"]}
+    assert ranked == {None}, "a flagged implementation must not be a comparator"
+    assert "== flagged (not ranked) ==" in out
+    assert "fake-lossy" in out.split("== flagged")[1]
+
+
+@pytest.mark.timeout(120)
+def test_hanging_implementation_is_killed_within_its_time_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    limit = 6.0
+    started = time.monotonic()
+    code, doc = run_bench(
+        tmp_path,
+        "--quick",
+        "--impl", "test_bench:HangingAdapter",
+        "--workload", "latency:dict",
+        "--readers", "2",
+        "--time-limit", str(limit),
+    )  # fmt: skip
+    took = time.monotonic() - started
+    out = capsys.readouterr().out
+    assert code == 0
+    (case,) = doc["cases"]
+    assert case["status"] == "hang", case
+    assert "phase: running" in case["detail"]
+    assert limit <= case["elapsed_s"] < limit + 3
+    assert took < limit + 20  # leader start-up and the kill included
+    kill = case["kill"]
+    assert kill["leftover_processes"] == []  # none running when the harness looked
+    deadline = time.monotonic() + 10  # and the dead ones are reaped (by init) soon after
+    while group_members(kill["process_group"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group_members(kill["process_group"]) == []
+    segments = [p for p in kill["removed_resources"] if "/shmcast-" in p]
+    assert segments, kill
+    assert not any(os.path.exists(p) for p in segments)
+    assert "hang" in out

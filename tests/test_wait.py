@@ -1,0 +1,327 @@
+"""Wait policies (shmcast._wait), against a scripted waiter and against real futexes."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+import types
+from collections.abc import Iterator
+
+import pytest
+
+from shmcast import (
+    BackoffWait,
+    BroadcastQueue,
+    FutexWait,
+    IdleWait,
+    SpinWait,
+    WaitPolicy,
+    _native,
+    _wait,
+)
+from shmcast._wait import POLICIES, resolve_policy
+
+ALL_POLICIES = [FutexWait, SpinWait, BackoffWait, IdleWait]
+
+
+class ScriptedWaiter:
+    """A Waiter whose condition becomes true on the ``ready_on``-th call of ``ready()`` (never
+    if None), or once ``event`` is set.  ``sleep`` blocks on the event for its timeout."""
+
+    def __init__(self, ready_on: int | None = None, tick_error: Exception | None = None) -> None:
+        self.ready_on = ready_on
+        self.tick_error = tick_error
+        self.event = threading.Event()
+        self.ready_calls = 0
+        self.sleeps: list[float] = []
+        self.ticks = 0
+
+    def ready(self) -> bool:
+        self.ready_calls += 1
+        if self.ready_on is not None and self.ready_calls >= self.ready_on:
+            return True
+        return self.event.is_set()
+
+    def sleep(self, timeout: float) -> bool:
+        self.sleeps.append(timeout)
+        if self.ready():
+            return True
+        self.event.wait(timeout)
+        return False
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.tick_error is not None:
+            raise self.tick_error
+
+
+class FutexWaiter(ScriptedWaiter):
+    """A Waiter that sleeps on a real futex word (nobody ever wakes it)."""
+
+    def __init__(self, atomics: _native.Atomics) -> None:
+        super().__init__()
+        self.atomics = atomics
+
+    def sleep(self, timeout: float) -> bool:
+        self.sleeps.append(timeout)
+        self.atomics.wait32(0, 0, timeout)
+        return False
+
+
+@pytest.fixture
+def sleep_calls(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Record the policies' calls of time.sleep (they still sleep)."""
+    calls: list[float] = []
+
+    def recording_sleep(seconds: float) -> None:
+        calls.append(seconds)
+        time.sleep(seconds)
+
+    clock = types.SimpleNamespace(
+        monotonic=time.monotonic, perf_counter=time.perf_counter, sleep=recording_sleep
+    )
+    monkeypatch.setattr(_wait, "time", clock)
+    return calls
+
+
+@pytest.fixture
+def futex_word() -> Iterator[_native.Atomics]:
+    mapping = mmap.mmap(-1, 4096)
+    atomics = _native.Atomics(mapping)
+    yield atomics
+    atomics.release()
+    mapping.close()
+
+
+# -- resolution -------------------------------------------------------------------------------
+
+
+def test_default_policy_is_futex() -> None:
+    policy = resolve_policy(None)
+    assert type(policy) is FutexWait
+    assert policy == FutexWait()
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+def test_policies_resolve_by_name(cls: type[WaitPolicy]) -> None:
+    policy = resolve_policy(cls.name)
+    assert type(policy) is cls
+    assert POLICIES[cls.name] is cls
+
+
+def test_policy_names() -> None:
+    assert sorted(POLICIES) == ["backoff", "futex", "idle", "spin"]
+    assert [FutexWait.name, SpinWait.name, BackoffWait.name, IdleWait.name] == [
+        "futex",
+        "spin",
+        "backoff",
+        "idle",
+    ]
+    assert not FutexWait.tracks_activity and not SpinWait.tracks_activity
+    assert BackoffWait.tracks_activity and IdleWait.tracks_activity
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        FutexWait(spin_us=5.0, slice=0.05),
+        SpinWait(slice=0.2),
+        BackoffWait(spins=10, sleep=0.002),
+        IdleWait(busy_period=0.5, sleep=0.01, warn_after=None),
+    ],
+    ids=lambda p: p.name,
+)
+def test_instances_are_copied_per_endpoint(policy: WaitPolicy) -> None:
+    fresh = resolve_policy(policy)
+    assert fresh is not policy
+    assert type(fresh) is type(policy)
+    assert fresh == policy  # same parameters
+
+
+def test_copied_policies_do_not_share_state() -> None:
+    template = IdleWait(busy_period=1.0)
+    template._last = 0.0  # long idle
+    fresh = resolve_policy(template)
+    assert fresh._last > 0.0  # a fresh endpoint starts busy
+    backoff = BackoffWait()
+    backoff._count = 500
+    assert resolve_policy(backoff)._count == 0
+
+
+def test_unknown_policy_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown wait policy 'nope'; choose one of "
+                       r"backoff, futex, idle, spin"):  # fmt: skip
+        resolve_policy("nope")
+
+
+@pytest.mark.parametrize("bad", [3, FutexWait, object(), b"futex"])
+def test_policy_of_wrong_type(bad: object) -> None:
+    with pytest.raises(TypeError, match="wait must be a policy name or a WaitPolicy"):
+        resolve_policy(bad)
+
+
+def test_queue_reports_its_policy() -> None:
+    with BroadcastQueue(1, n_slots=4, slot_size=64, wait="spin") as q:
+        assert q.stats().wait_policy == "spin"
+        assert "wait='spin'" in repr(q)
+        r = BroadcastQueue.attach(q.handle, 0, wait=IdleWait(busy_period=0.1))
+        with r:
+            assert r.stats().wait_policy == "idle"
+    with pytest.raises(ValueError, match="unknown wait policy"):
+        BroadcastQueue(1, wait="fast")
+
+
+# -- every policy: ready, deadlines, ticks ----------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+def test_returns_at_once_when_ready(cls: type[WaitPolicy]) -> None:
+    waiter = ScriptedWaiter(ready_on=1)
+    assert cls().wait(waiter, time.monotonic() + 10) is True
+    assert waiter.sleeps == [] and waiter.ticks == 0
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+def test_past_deadline_returns_false_at_once(cls: type[WaitPolicy]) -> None:
+    waiter = ScriptedWaiter()
+    started = time.monotonic()
+    assert cls().wait(waiter, started - 1.0) is False
+    assert time.monotonic() - started < 1.0
+    assert waiter.sleeps == []
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+def test_honours_the_deadline(cls: type[WaitPolicy]) -> None:
+    waiter = ScriptedWaiter()
+    started = time.monotonic()
+    assert cls(slice=0.05).wait(waiter, started + 0.3) is False
+    elapsed = time.monotonic() - started
+    assert elapsed >= 0.3
+    assert elapsed < 5.0  # it did not wait on past its deadline
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+def test_returns_when_the_condition_becomes_true(cls: type[WaitPolicy]) -> None:
+    waiter = ScriptedWaiter()
+    timer = threading.Timer(0.1, waiter.event.set)
+    timer.start()
+    try:
+        started = time.monotonic()
+        assert cls(slice=0.05).wait(waiter, None) is True
+        assert time.monotonic() - started < 10.0
+    finally:
+        timer.cancel()
+        timer.join(5)
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+def test_ticks_at_least_once_per_slice(cls: type[WaitPolicy]) -> None:
+    waiter = ScriptedWaiter()
+    started = time.monotonic()
+    cls(slice=0.02).wait(waiter, started + 0.4)
+    elapsed = time.monotonic() - started
+    # Ideally elapsed / slice ticks; at least a good fraction even on a loaded machine.
+    assert waiter.ticks >= 5, (waiter.ticks, elapsed)
+
+
+@pytest.mark.parametrize("cls", ALL_POLICIES)
+def test_tick_errors_propagate(cls: type[WaitPolicy]) -> None:
+    class PeerDied(Exception):
+        pass
+
+    waiter = ScriptedWaiter(tick_error=PeerDied("gone"))
+    started = time.monotonic()
+    with pytest.raises(PeerDied):
+        cls(slice=0.02).wait(waiter, None)  # no deadline: only the tick ends it
+    assert time.monotonic() - started < 10.0
+
+
+# -- FutexWait --------------------------------------------------------------------------------
+
+
+def test_futex_wait_sleeps_no_longer_than_a_slice(sleep_calls: list[float]) -> None:
+    waiter = ScriptedWaiter()
+    FutexWait(spin_us=0, slice=0.05).wait(waiter, time.monotonic() + 0.3)
+    assert waiter.sleeps and max(waiter.sleeps) <= 0.05
+    assert sleep_calls == []  # it sleeps on the futex only
+
+
+def test_futex_wait_returns_when_the_sleep_recheck_finds_it_ready() -> None:
+    waiter = ScriptedWaiter(ready_on=2)  # false at first (spin disabled), true in sleep
+    assert FutexWait(spin_us=0).wait(waiter, time.monotonic() + 10) is True
+    assert len(waiter.sleeps) == 1
+
+
+def test_futex_wait_spins_before_sleeping() -> None:
+    waiter = ScriptedWaiter(ready_on=50)  # becomes true while spinning
+    assert FutexWait(spin_us=1_000_000).wait(waiter, time.monotonic() + 10) is True
+    assert waiter.sleeps == []
+
+
+def test_futex_wait_burns_no_cpu(futex_word: _native.Atomics) -> None:
+    waiter = FutexWaiter(futex_word)
+    cpu = time.process_time()
+    wall = time.monotonic()
+    assert FutexWait().wait(waiter, wall + 0.5) is False
+    cpu = time.process_time() - cpu
+    assert time.monotonic() - wall >= 0.5
+    assert cpu < 0.05, f"FutexWait used {cpu:.3f} s of CPU in a 0.5 s wait"
+
+
+def test_idle_reader_on_the_futex_policy_burns_no_cpu() -> None:
+    with (
+        BroadcastQueue(1, n_slots=4, slot_size=64) as q,
+        BroadcastQueue.attach(q.handle, 0) as r,
+    ):
+        cpu = time.process_time()
+        with pytest.raises(TimeoutError):
+            r.get(timeout=0.5)
+        cpu = time.process_time() - cpu
+    assert cpu < 0.05, f"an idle get() used {cpu:.3f} s of CPU in 0.5 s"
+
+
+# -- the polling policies ---------------------------------------------------------------------
+
+
+def test_spin_wait_never_sleeps(sleep_calls: list[float]) -> None:
+    waiter = ScriptedWaiter(ready_on=200)
+    assert SpinWait().wait(waiter, time.monotonic() + 30) is True
+    assert sleep_calls == [] and waiter.sleeps == []
+
+
+def test_backoff_sleeps_every_spins_looks_and_activity_resets(sleep_calls: list[float]) -> None:
+    policy = BackoffWait(spins=4, sleep=0.01)
+    # Ready on the 11th look: 10 pauses, of which the 4th and the 8th sleep.
+    assert policy.wait(ScriptedWaiter(ready_on=11), time.monotonic() + 30) is True
+    assert sleep_calls == [0.01, 0.01]
+    # Two pauses are pending towards the next sleep; activity() forgets them, so three more
+    # pauses do not reach four.
+    policy.activity()
+    sleep_calls.clear()
+    assert policy.wait(ScriptedWaiter(ready_on=4), time.monotonic() + 30) is True
+    assert sleep_calls == []
+    # Without activity the count goes on: 2 more pauses make 5 since the reset, 1 sleep.
+    assert policy.wait(ScriptedWaiter(ready_on=3), time.monotonic() + 30) is True
+    assert sleep_calls == [0.01]
+
+
+def test_backoff_sleep_is_cut_to_the_deadline(sleep_calls: list[float]) -> None:
+    policy = BackoffWait(spins=1, sleep=10.0)
+    started = time.monotonic()
+    assert policy.wait(ScriptedWaiter(), started + 0.2) is False
+    assert time.monotonic() - started < 5.0
+    assert sleep_calls and max(sleep_calls) <= 0.2
+
+
+def test_idle_spins_while_busy_and_sleeps_when_idle(sleep_calls: list[float]) -> None:
+    policy = resolve_policy(IdleWait(busy_period=0.2, sleep=0.01))
+    assert policy.wait(ScriptedWaiter(ready_on=6), time.monotonic() + 30) is True
+    assert sleep_calls == []  # fresh: busy, so it spins
+    time.sleep(0.25)  # no activity for longer than busy_period: idle
+    assert policy.wait(ScriptedWaiter(ready_on=4), time.monotonic() + 30) is True
+    assert sleep_calls == [0.01, 0.01, 0.01]
+    sleep_calls.clear()
+    policy.activity()  # busy again
+    assert policy.wait(ScriptedWaiter(ready_on=4), time.monotonic() + 30) is True
+    assert sleep_calls == []
