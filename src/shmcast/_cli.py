@@ -30,6 +30,7 @@ EXIT_INTERRUPTED = 130
 
 #: Subcommand name -> the module (relative to this package) that implements it.
 SUBCOMMANDS: dict[str, str] = {
+    "bench": "._bench",
     "demo": "._demo",
     "stress": "._stress",
     "inspect": "._inspect",

@@ -114,9 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shmcast-replies",
         choices=("broadcast", "gather"),
-        default="broadcast",
-        help="shmcast's reply path in the engine scenario: one BroadcastQueue per worker "
-        "(default) or one GatherQueue",
+        default="gather",
+        help="shmcast's reply path in the engine scenario: one GatherQueue (default) or one "
+        "BroadcastQueue per worker",
     )
     parser.add_argument(
         "--list", action="store_true", help="list the implementations and whether installed"

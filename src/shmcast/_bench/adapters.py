@@ -359,8 +359,8 @@ class _ShmcastGatherReplies(ReplyPath):
 class ShmcastAdapter(Adapter):
     """``shmcast.BroadcastQueue`` with its default geometry and one wait policy.
 
-    Option ``replies``: the engine scenario's reply path, ``"broadcast"`` (default: one
-    BroadcastQueue per worker) or ``"gather"`` (one GatherQueue).
+    Option ``replies``: the engine scenario's reply path, ``"gather"`` (default: one
+    GatherQueue) or ``"broadcast"`` (one BroadcastQueue per worker).
     """
 
     name = "shmcast-futex"
@@ -369,7 +369,7 @@ class ShmcastAdapter(Adapter):
     distributions = ("shmcast",)
     wait: ClassVar[str] = "futex"
 
-    def __init__(self, replies: str = "broadcast", **options: Any) -> None:
+    def __init__(self, replies: str = "gather", **options: Any) -> None:
         if replies not in ("broadcast", "gather"):
             raise ValueError(f"replies must be 'broadcast' or 'gather', not {replies!r}")
         super().__init__(replies=replies, **options)
@@ -396,11 +396,8 @@ class ShmcastAdapter(Adapter):
         return _ShmcastReader(handle, index, self.wait)
 
     def reply_path(self) -> ReplyPath:
-        # ---- GatherQueue switch point ---------------------------------------------------------
-        # Replies travel through one BroadcastQueue per worker (the worker writes, the engine is
-        # its only reader) unless the "gather" option asks for shmcast.GatherQueue.  To make
-        # GatherQueue the default, change the default of ``replies`` in __init__ (and of
-        # --shmcast-replies); nothing else needs to change.
+        # Replies travel through one GatherQueue (every worker writes, the engine reads),
+        # unless the "broadcast" option asks for one BroadcastQueue per worker.
         if self.replies == "gather":
             return _ShmcastGatherReplies(self.wait)
         return _ShmcastPerWorkerReplies(self.wait)
