@@ -36,6 +36,8 @@ class ScriptedWaiter:
         self.ready_calls = 0
         self.sleeps: list[float] = []
         self.ticks = 0
+        self.may_spin = True  # what begin_spin answers
+        self.spins = self.spins_ended = 0
 
     def ready(self) -> bool:
         self.ready_calls += 1
@@ -54,6 +56,13 @@ class ScriptedWaiter:
         self.ticks += 1
         if self.tick_error is not None:
             raise self.tick_error
+
+    def begin_spin(self, limit: int) -> bool:
+        self.spins += 1
+        return self.may_spin and limit > 0
+
+    def end_spin(self) -> None:
+        self.spins_ended += 1
 
 
 class FutexWaiter(ScriptedWaiter):
@@ -255,8 +264,52 @@ def test_futex_wait_returns_when_the_sleep_recheck_finds_it_ready() -> None:
 
 def test_futex_wait_spins_before_sleeping() -> None:
     waiter = ScriptedWaiter(ready_on=50)  # becomes true while spinning
-    assert FutexWait(spin_us=1_000_000).wait(waiter, time.monotonic() + 10) is True
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
     assert waiter.sleeps == []
+    assert waiter.spins == waiter.spins_ended == 1
+
+
+def test_futex_wait_sleeps_at_once_when_no_spinning_place_is_free() -> None:
+    waiter = ScriptedWaiter(ready_on=3)
+    waiter.may_spin = False
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    assert len(waiter.sleeps) == 1  # went to sleep instead of spinning
+    assert waiter.spins == 1 and waiter.spins_ended == 0  # refused: nothing to give back
+
+
+def _ready_after(waiter: ScriptedWaiter, seconds: float) -> threading.Timer:
+    waiter.event.clear()
+    timer = threading.Timer(seconds, waiter.event.set)
+    timer.start()
+    return timer
+
+
+@pytest.mark.timeout(30)
+def test_futex_wait_spin_adapts_to_how_long_waits_last() -> None:
+    policy = FutexWait(spin_us=400_000, min_spin_us=20, slice=0.05)
+    waiter = ScriptedWaiter()
+    # A first wait of ~60 ms: the short first spin fails, it sleeps and is woken.
+    timer = _ready_after(waiter, 0.06)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    timer.join()
+    assert waiter.sleeps, "the first wait should have slept"
+    # The next wait of ~30 ms fits in twice the last wait: caught while spinning.
+    waiter.sleeps.clear()
+    timer = _ready_after(waiter, 0.03)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    timer.join()
+    assert waiter.sleeps == []
+    # A wait longer than the cap (0.4 s) leaves only the short spin for the next one.
+    timer = _ready_after(waiter, 0.5)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    timer.join()
+    waiter.sleeps.clear()
+    timer = _ready_after(waiter, 0.06)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    timer.join()
+    assert waiter.sleeps, "after a long wait the spin should be short again"
 
 
 def test_futex_wait_burns_no_cpu(futex_word: _native.Atomics) -> None:

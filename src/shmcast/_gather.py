@@ -20,7 +20,16 @@ from ._endpoint import Endpoint, Handle, QueueStats, check_serializer, deadline_
 from ._errors import QueueClosed, QueueTimeout, RoleError
 from ._liveness import is_alive
 from ._queue import create_segment, open_segment, wait_all_attached
-from ._ring import RingReader, RingWriter, SlowWait, announce, check_index, claim_line, log
+from ._ring import (
+    RingReader,
+    RingWriter,
+    SlowWait,
+    SpinSlots,
+    announce,
+    check_index,
+    claim_line,
+    log,
+)
 from ._segment import Segment
 from ._serialize import Serializer
 from ._wait import WaitPolicy, resolve_policy
@@ -53,6 +62,9 @@ class _AnyWriter:
     def __init__(self, queue: GatherQueue) -> None:
         self._q = queue
         self.slow = SlowWait()
+        spin = SpinSlots(queue._seg.atomics)
+        self.begin_spin = spin.begin
+        self.end_spin = spin.end
 
     def ready(self) -> bool:
         q = self._q

@@ -11,7 +11,8 @@ writers, each with the one reader).  Layout::
     384               128                     data_futex    (u32 at +0): readers sleep here
     512               128                     broadcast: space_futex (u32)      (gather: unused)
     640               128                     attach_futex  (u32 at +0): attach/detach events
-    768               ...                     broadcast: one reader line per reader
+    768               128                     spinners      (u32 at +0): processes spinning now
+    896               ...                     broadcast: one reader line per reader
                                               gather: per writer j, three lines: its writer
                                               line, the reader's line for ring j, and ring j's
                                               space_futex
@@ -83,7 +84,8 @@ SLEEPERS_OFF = 2 * LINE
 DATA_FUTEX_OFF = 3 * LINE
 BCAST_SPACE_FUTEX_OFF = 4 * LINE
 ATTACH_FUTEX_OFF = 5 * LINE
-PEERS_OFF = 6 * LINE
+SPINNERS_OFF = 6 * LINE
+PEERS_OFF = 7 * LINE
 GATHER_BLOCK = 3 * LINE  # per writer: writer line, reader line, space futex
 
 # Participant line fields (relative to the line).

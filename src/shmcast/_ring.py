@@ -156,6 +156,9 @@ class RingWriter:
         self.reader_required = False
         self._orphaned = False
         self._slow = SlowWait()
+        self._spin = SpinSlots(self._a)
+        self.begin_spin = self._spin.begin
+        self.end_spin = self._spin.end
 
     # -- the Waiter protocol, for space (P4) --------------------------------------------------
 
@@ -339,6 +342,31 @@ class RingWriter:
         return self._msg_no
 
 
+class SpinSlots:
+    """The segment's ``spinners`` count: at most ``limit`` of its processes spin at once.
+
+    Only the spin phase of :class:`~shmcast.FutexWait` uses it, on its slow path (a wait that
+    found nothing).  A process killed while spinning leaves the count one too high: one spinner
+    fewer from then on, never a hang.
+    """
+
+    __slots__ = ("_a",)
+
+    def __init__(self, atomics) -> None:
+        self._a = atomics
+
+    def begin(self, limit: int) -> bool:
+        if limit <= 0:
+            return False
+        if self._a.add32(L.SPINNERS_OFF, 1) <= limit:
+            return True
+        self._a.add32(L.SPINNERS_OFF, _DEC)
+        return False
+
+    def end(self) -> None:
+        self._a.add32(L.SPINNERS_OFF, _DEC)
+
+
 class SlowWait:
     """When to log a long wait: after ``policy.warn_after`` seconds, then after twice as long
     each time (capped at ten minutes between messages)."""
@@ -427,6 +455,9 @@ class RingReader:
         self.closing = False  # set by detach() from another thread: blocked calls return
         self.writer_name = "writer"  # how errors and logs name this ring's writer
         self._slow = SlowWait()
+        self._spin = SpinSlots(self._a)
+        self.begin_spin = self._spin.begin
+        self.end_spin = self._spin.end
 
     # -- attach / detach (P5) -----------------------------------------------------------------
 

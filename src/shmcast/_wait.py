@@ -6,8 +6,9 @@ the Dekker handshake of docs/protocol.md P3/P4) and what to look at periodically
 timeouts, dead peers, diagnostics).  Every policy calls ``tick`` at least once per ``slice``
 seconds and never sleeps longer than one slice, so a dead peer is always noticed.
 
-- :class:`FutexWait` (``"futex"``, the default): spin briefly, then sleep in the kernel.  An idle
-  process uses no CPU and wakes within microseconds of a message.
+- :class:`FutexWait` (``"futex"``, the default): spin while messages come quickly and a core is
+  free, otherwise sleep in the kernel.  An idle process uses no CPU; a busy one answers within
+  microseconds; spinners never outnumber the spare cores.
 - :class:`SpinWait` (``"spin"``): ``sched_yield()`` in a loop and never sleep, as the original
   broadcast queue of vLLM did.  For comparison: it burns a core per waiter.
 - :class:`BackoffWait` (``"backoff"``): ``sched_yield()`` with a 1 ms sleep every 1000 spins,
@@ -27,7 +28,19 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-DEFAULT_SLICE = 0.1
+DEFAULT_SLICE = 0.25
+
+
+def _spare_cpus() -> int:
+    """CPUs this process may run on, minus one: the default number of spinners per queue."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return cpus - 1
+
+
+SPARE_CPUS = _spare_cpus()
 DEFAULT_WARN_AFTER = 10.0
 
 
@@ -43,6 +56,12 @@ class Waiter(Protocol):
 
     def tick(self) -> None:
         """Periodic checks (dead peers, slow-wait warnings).  May raise."""
+
+    def begin_spin(self, limit: int) -> bool:
+        """Ask for one of the queue's ``limit`` spinning places; False: sleep instead."""
+
+    def end_spin(self) -> None:
+        """Give back the place :meth:`begin_spin` granted."""
 
 
 @dataclass(kw_only=True)
@@ -89,24 +108,60 @@ class WaitPolicy:
 
 @dataclass(kw_only=True)
 class FutexWait(WaitPolicy):
-    """Spin up to ``spin_us`` microseconds, then sleep on a futex in slices of ``slice`` s."""
+    """Spin while messages come quickly, otherwise sleep on a futex (in slices of ``slice``).
 
-    spin_us: float = 20.0
+    Spinning pays only when the next message is near and a core is free, so both are checked:
+
+    - each wait spins for up to twice as long as the previous wait lasted, at most
+      ``spin_us`` microseconds; after a wait longer than that (the stream paused, or a burst
+      ended) the next one spins only ``min_spin_us``.  A reader fed every millisecond keeps
+      spinning and answers within microseconds; an idle one costs one short spin, then sleeps.
+    - at most ``max_spinners`` processes of a queue spin at the same time, counted in the
+      segment's ``spinners`` word; the others sleep at once.  The default, None, is the number
+      of CPUs this process may run on, minus one (none on one CPU): when processes outnumber
+      cores, spinners never starve the process they wait for.  More spinners lower the latency
+      of many readers on few cores, at the price of keeping every core busy while messages flow.
+
+    The spin yields the CPU every few looks, so a runnable peer on the same core gets it.
+    """
+
+    spin_us: float = 2000.0
+    min_spin_us: float = 20.0
+    max_spinners: int | None = None
     name: ClassVar[str] = "futex"
+
+    def __post_init__(self) -> None:
+        self._budget = self.min_spin_us * 1e-6  # seconds the next wait may spin
 
     def wait(self, waiter: Waiter, deadline: float | None) -> bool:
         if waiter.ready():
             return True
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
+        start = time.monotonic()
+        if deadline is not None and start >= deadline:
             return False
-        if self.spin_us > 0:
-            clock = time.perf_counter
-            end = clock() + self.spin_us * 1e-6
-            while clock() < end:
-                if waiter.ready():
-                    return True
-            now = time.monotonic()
+        done = self._wait(waiter, deadline, start)
+        took = time.monotonic() - start
+        cap, floor = self.spin_us * 1e-6, self.min_spin_us * 1e-6
+        self._budget = max(floor, min(cap, 2 * took)) if took <= cap else floor
+        return done
+
+    def _wait(self, waiter: Waiter, deadline: float | None, now: float) -> bool:
+        clock = time.monotonic
+        budget = min(self._budget, self.spin_us * 1e-6)
+        limit = SPARE_CPUS if self.max_spinners is None else self.max_spinners
+        if budget > 0 and waiter.begin_spin(limit):
+            try:
+                end = now + budget if deadline is None else min(now + budget, deadline)
+                looks = 0
+                while clock() < end:
+                    if waiter.ready():
+                        return True
+                    looks += 1
+                    if not looks & 15:
+                        os.sched_yield()
+            finally:
+                waiter.end_spin()
+            now = clock()
         next_tick = now + self.slice
         while True:
             if deadline is None:
@@ -117,7 +172,7 @@ class FutexWait(WaitPolicy):
                     return waiter.ready()
             if waiter.sleep(timeout) or waiter.ready():
                 return True
-            now = time.monotonic()
+            now = clock()
             if now >= next_tick:
                 waiter.tick()
                 next_tick = now + self.slice
