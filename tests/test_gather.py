@@ -448,3 +448,20 @@ def test_wait_policy_objects_are_accepted() -> None:
         writer.put("hello")
         assert reader.get(timeout=OP_TIMEOUT) == "hello"
         assert reader.stats().wait_policy == writer.stats().wait_policy == "futex"
+
+
+def test_get_many_takes_from_any_writer_or_one() -> None:
+    reader = GatherQueue(3, n_slots=8, slot_size=256)
+    writers = [GatherQueue.attach(reader.handle, writer=j) for j in range(3)]
+    try:
+        for j, w in enumerate(writers):
+            w.put_many([(j, i) for i in range(4)])
+        assert reader.get_many(10, timeout=1, writer=1) == [(1, i) for i in range(4)]
+        rest = reader.get_many(100, timeout=1)
+        assert sorted(rest) == [(j, i) for j in (0, 2) for i in range(4)]
+        for j in (0, 2):  # per-writer order kept
+            assert [m for m in rest if m[0] == j] == [(j, i) for i in range(4)]
+    finally:
+        for w in writers:
+            w.close()
+        reader.close()

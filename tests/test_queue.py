@@ -23,6 +23,7 @@ from shmcast import (
     QueueClosed,
     QueueStats,
     QueueTimeout,
+    SerializationError,
 )
 
 SLOTS, SLOT = 4, 64  # a small ring: capacity 256 bytes
@@ -701,3 +702,77 @@ def test_long_waits_are_logged(make_queue: MakeQueue, caplog: pytest.LogCaptureF
         w.put_bytes(b"full", timeout=0.5)
     messages = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
     assert any("put on" in m and "reader 0" in m and "behind" in m for m in messages), messages
+
+
+# -- batches: put_many / get_many -----------------------------------------------------------
+
+
+class _FailsToLoad:
+    """Pickles fine; unpickling raises (to test a decoding error inside a batch)."""
+
+    def __reduce__(self):
+        return (_refuse, ())
+
+
+def _refuse() -> None:
+    raise RuntimeError("refused to unpickle")
+
+
+def test_put_many_and_get_many_keep_order_across_sizes(make_queue: MakeQueue) -> None:
+    writer, (reader,) = make_queue(n_slots=8, slot_size=64)
+    messages = [bytes([i % 251]) * (i * 37 % 700) for i in range(60)]  # 0 .. beyond capacity
+    got: list[Any] = []
+
+    def consume() -> None:
+        while len(got) < len(messages):
+            got.extend(reader.get_many(7, timeout=5))
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    for start in range(0, len(messages), 9):
+        writer.put_many(messages[start : start + 9], timeout=5)
+    consumer.join(10)
+    assert not consumer.is_alive()
+    assert got == messages
+    assert writer.stats().messages == reader.stats().messages == len(messages)
+
+
+def test_get_many_takes_what_is_there_and_no_more_than_asked(make_queue: MakeQueue) -> None:
+    writer, (reader,) = make_queue(n_slots=8, slot_size=64)
+    writer.put_many(range(5))
+    assert reader.get_many(3, timeout=0) == [0, 1, 2]
+    assert reader.get_many(10, timeout=0) == [3, 4]
+    with pytest.raises(QueueTimeout):
+        reader.get_many(10, timeout=0)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError):
+            reader.get_many(bad)
+
+
+def test_put_many_timeout_reports_how_many_were_sent(make_queue: MakeQueue) -> None:
+    writer, (reader,) = make_queue()  # 4 slots of 64 bytes, nobody reading
+    with pytest.raises(QueueTimeout) as caught:
+        writer.put_many([b"y" * 40] * 10, timeout=0.2)
+    sent = caught.value.sent
+    assert 0 < sent < 10
+    assert reader.get_many(20, timeout=0) == [b"y" * 40] * sent  # exactly those, published
+
+
+def test_get_many_raises_a_decoding_error_on_the_next_call_in_order(
+    make_queue: MakeQueue,
+) -> None:
+    writer, (reader,) = make_queue(n_slots=8, slot_size=64)
+    writer.put_many(["first", _FailsToLoad(), "third"])
+    assert reader.get_many(10, timeout=0) == ["first"]
+    with pytest.raises(SerializationError, match="refused to unpickle"):
+        reader.get(timeout=0)
+    assert reader.get(timeout=0) == "third"
+
+
+def test_get_many_after_the_writer_closed_delivers_then_raises(make_queue: MakeQueue) -> None:
+    writer, (reader,) = make_queue(n_slots=8, slot_size=64)
+    writer.put_many(["a", "b"])
+    writer.close()
+    assert reader.get_many(10, timeout=1) == ["a", "b"]
+    with pytest.raises(QueueClosed):
+        reader.get_many(10, timeout=1)

@@ -12,13 +12,13 @@ import contextlib
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from . import _layout as L
-from ._errors import MessageTooLarge, QueueClosed, SerializationError
+from ._errors import MessageTooLarge, QueueBroken, QueueClosed, QueueTimeout, SerializationError
 from ._ring import RingReader, RingWriter
 from ._segment import Segment
 from ._serialize import PickleSerializer, Serializer
@@ -102,6 +102,7 @@ class Endpoint:
         self._policy = policy
         self._closed = False
         self._busy = threading.Lock()
+        self._deferred_error: SerializationError | None = None
 
     # -- to be provided by each queue ---------------------------------------------------------
 
@@ -221,13 +222,7 @@ class Endpoint:
         self._enter()
         try:
             writer = self._sender()
-            try:
-                parts = self._serializer.dumps(obj)
-            except Exception as exc:
-                raise SerializationError(
-                    f"cannot serialize {type(obj).__name__} object: {exc}"
-                ) from exc
-            self._send(writer, parts, L.MSG_OBJECT, timeout)
+            self._send(writer, self._encode(obj), L.MSG_OBJECT, timeout)
         finally:
             self._leave()
 
@@ -245,8 +240,43 @@ class Endpoint:
         finally:
             self._leave()
 
-    def _send(self, writer: RingWriter, parts: Any, kind: int, timeout: float | None) -> None:
-        deadline = deadline_of(timeout)
+    def put_many(self, objs: Iterable[Any], timeout: float | None = None) -> None:
+        """Send several objects, in order, publishing them together (fewer wake-ups).
+
+        ``timeout`` bounds the whole call.  Messages are published at the latest when the call
+        returns, and before any wait for room, so a batch never holds readers back.  On an
+        error the messages before the failing one have been sent: the exception's ``sent``
+        attribute says how many.  Raises as :meth:`put`.
+        """
+        self._enter()
+        try:
+            writer = self._sender()
+            deadline = deadline_of(timeout)
+            sent = 0
+            try:
+                for obj in objs:
+                    self._send(writer, self._encode(obj), L.MSG_OBJECT, timeout, deadline, False)
+                    sent += 1
+            except BaseException as exc:
+                exc.sent = sent  # type: ignore[attr-defined]
+                raise
+            finally:
+                writer.flush()
+        finally:
+            self._leave()
+
+    def _encode(self, obj: Any) -> Any:
+        try:
+            return self._serializer.dumps(obj)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot serialize {type(obj).__name__} object: {exc}"
+            ) from exc
+
+    def _send(self, writer: RingWriter, parts: Any, kind: int, timeout: float | None,
+              deadline: float | None = None, publish: bool = True) -> None:  # fmt: skip
+        if deadline is None:
+            deadline = deadline_of(timeout)
         # bytes need no wrapping: a slice of the ring takes them as they are.
         views = [p if type(p) is bytes else as_bytes_view(p) for p in parts]
         total = sum(len(v) for v in views)
@@ -256,7 +286,7 @@ class Endpoint:
             for v in views:
                 region[pos : pos + len(v)] = v
                 pos += len(v)
-            writer.commit_contiguous(k, total, kind)
+            writer.commit_contiguous(k, total, kind, publish)
         else:
             writer.write_streamed([memoryview(v) for v in views], total, kind, deadline, timeout)
         self._activity()
@@ -292,9 +322,16 @@ class Endpoint:
 
     # -- receiving ----------------------------------------------------------------------------
 
+    def _raise_deferred(self) -> None:
+        """A decoding error met inside a get_many batch is raised by the next receive."""
+        if self._deferred_error is not None:
+            error, self._deferred_error = self._deferred_error, None
+            raise error
+
     def _get(self, timeout: float | None, source: int | None, want_kind: int | None) -> Any:
         self._enter()
         try:
+            self._raise_deferred()
             ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, want_kind,
                                                     source)  # fmt: skip
             try:
@@ -307,10 +344,48 @@ class Endpoint:
         finally:
             self._leave()
 
+    def _get_many(self, max_count: int, timeout: float | None, source: int | None) -> list[Any]:
+        if not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 1:
+            raise ValueError(f"max_count must be a positive int, got {max_count!r}")
+        self._enter()
+        try:
+            self._raise_deferred()
+            out: list[Any] = []
+            rings: set[RingReader] = set()
+            deadline = deadline_of(timeout)
+            try:
+                while len(out) < max_count:
+                    try:
+                        ring, kind, data, slots = self._receive(deadline, timeout, None, source)
+                    except (QueueTimeout, QueueClosed, QueueBroken):
+                        if out:
+                            break  # deliver what we have; the condition shows on the next call
+                        raise
+                    rings.add(ring)
+                    try:
+                        out.append(bytes(data) if kind == L.MSG_RAW else
+                                   self._decode(data, copy=slots != 0))  # fmt: skip
+                    except SerializationError as exc:
+                        if not out:
+                            raise
+                        self._deferred_error = exc  # raised by the next call, in order
+                        break
+                    finally:
+                        ring.finish_message(slots, defer=True)
+                    deadline = time.monotonic()  # after the first: only what is there now
+            finally:
+                for ring in rings:
+                    ring.flush()
+                self._activity()
+            return out
+        finally:
+            self._leave()
+
     @contextmanager
     def _view(self, timeout: float | None, source: int | None) -> Iterator[Any]:
         self._enter()
         try:
+            self._raise_deferred()
             ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, None, source)
             given = data.toreadonly() if kind == L.MSG_RAW else data
             try:

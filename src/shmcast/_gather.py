@@ -298,6 +298,13 @@ class GatherQueue(Endpoint):
         obj = self._get(timeout, None, None)
         return self._last, obj
 
+    def get_many(
+        self, max_count: int = 64, timeout: float | None = None, writer: int | None = None
+    ) -> list[Any]:
+        """Receive up to ``max_count`` messages, as :meth:`BroadcastQueue.get_many`, from
+        ``writer`` or from any writer (round robin)."""
+        return self._get_many(max_count, timeout, writer)
+
     def get_bytes(self, timeout: float | None = None, writer: int | None = None) -> bytes:
         """Receive a raw-bytes message (MessageKindError if it is an object; it stays)."""
         return self._get(timeout, writer, L.MSG_RAW)

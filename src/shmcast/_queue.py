@@ -271,6 +271,14 @@ class BroadcastQueue(Endpoint):
         """
         return self._get(timeout, None, None)
 
+    def get_many(self, max_count: int = 64, timeout: float | None = None) -> list[Any]:
+        """Receive up to ``max_count`` messages: wait up to ``timeout`` for the first, then take
+        what is already there, releasing their slots together.  Each item is what :meth:`get`
+        would return.  A condition met after the first message (closed, broken, a message that
+        cannot be decoded) ends the batch and is raised by the next call.  Raises as
+        :meth:`get` when nothing was received."""
+        return self._get_many(max_count, timeout, None)
+
     def get_bytes(self, timeout: float | None = None) -> bytes:
         """Receive the next message as bytes.  It must have been sent as raw bytes, else
         MessageKindError is raised and the message stays queued.  Blocks as :meth:`get`."""

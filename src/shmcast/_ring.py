@@ -144,7 +144,8 @@ class RingWriter:
         self._seq_off = ring.writer + L.SEQ
         self.policy = policy
         self.on_dead_reader = on_dead_reader
-        self._w = self._a.load64(self._seq_off)
+        self._w = self._a.load64(self._seq_off)  # slots filled (published, or about to be)
+        self._stored = self._w  # slots published: the value last stored in write_seq
         self._msg_no = self._a.load64(ring.writer + L.MSGS)
         self._gate = 0  # cached: slots below this sequence are known to be free (I1)
         self._need = 0  # slots the current wait asks for
@@ -235,6 +236,7 @@ class RingWriter:
             return
         self._need = k
         if not self.ready():
+            self.flush()  # readers cannot free what they cannot see
             self.waits += 1
             self._slow.start()
             if not self.policy.wait(self, deadline):
@@ -245,10 +247,19 @@ class RingWriter:
             raise QueueClosed("the reader closed the gather queue")
 
     def publish(self, k: int) -> None:
-        """Make the next ``k`` filled slots visible (P1) and wake sleeping readers (P3)."""
+        """Make the next ``k`` filled slots, and any held back, visible (P1) and wake sleeping
+        readers (P3)."""
         self._w += k
-        ring = self._ring
-        self._a.store_and_wake(self._seq_off, self._w, ring.sleepers, ring.data_futex, _WAKE_ALL)
+        self.flush()
+
+    def flush(self) -> None:
+        """Publish the slots that :meth:`commit_contiguous` held back (``publish=False``)."""
+        if self._stored != self._w:
+            self._stored = self._w
+            ring = self._ring
+            self._a.store_and_wake(
+                self._seq_off, self._w, ring.sleepers, ring.data_futex, _WAKE_ALL
+            )
 
     def _desc(self, seq: int, total: int, nbytes: int, flags: int, msg_no: int) -> None:
         L.DESC.pack_into(
@@ -287,11 +298,15 @@ class RingWriter:
         off = self._ring.data_at(idx)
         return k, self._buf[off : off + total]
 
-    def commit_contiguous(self, k: int, total: int, kind: int) -> None:
-        """Publish the message begun by :meth:`begin_contiguous`."""
+    def commit_contiguous(self, k: int, total: int, kind: int, publish: bool = True) -> None:
+        """Publish the message begun by :meth:`begin_contiguous`; with ``publish=False`` hold it
+        back until :meth:`flush` (or the next publish, or a wait for space) to batch."""
         flags = L.FLAG_FIRST | L.FLAG_CONTIG | (kind << L.KIND_SHIFT)
         self._desc(self._w, total, min(total, self._slot), flags, self._count_message())
-        self.publish(k)
+        if publish:
+            self.publish(k)
+        else:
+            self._w += k
 
     def write_streamed(
         self,
@@ -327,6 +342,7 @@ class RingWriter:
     def close(self) -> None:
         """Mark this ring's writer gone and wake its readers (P6), and a put of ours blocked
         in another thread."""
+        self.flush()  # P6: everything before closed
         self.closing = True
         announce(self._a, self._ring.space_futex)
         self._a.store32(self._ring.writer + L.STATE, L.DETACHED)
@@ -442,7 +458,8 @@ class RingReader:
         self._wseq_off = ring.writer + L.SEQ
         self._wstate_off = ring.writer + L.STATE
         self.policy = policy
-        self._r = self._a.load64(self._seq_off)
+        self._r = self._a.load64(self._seq_off)  # slots consumed (released, or about to be)
+        self._stored = self._r  # slots released: the value last stored in read_seq
         self._known_w = self._r  # write_seq as last seen (never ahead of the real one)
         self._target = 0
         self._partial: _Partial | None = None
@@ -468,7 +485,7 @@ class RingReader:
         a = self._a
         a.store64(self._seq_off, a.load64(self._wseq_off))
         a.exchange32(self._line + L.STATE, L.ATTACHED)
-        self._r = a.load64(self._wseq_off)
+        self._r = self._stored = a.load64(self._wseq_off)
         self._known_w = self._r
         a.store64(self._seq_off, self._r)
 
@@ -557,6 +574,7 @@ class RingReader:
         self._target = target
         if self.ready() and self._known_w >= target:
             return
+        self.flush()  # the writer may be waiting for the slots we hold back
         self.waits += 1
         self._slow.start()
         if not self.policy.wait(self, deadline):
@@ -569,18 +587,28 @@ class RingReader:
                 raise QueueClosed("the writer closed the queue and everything it sent was read")
 
     def release(self, k: int) -> None:
-        """Hand slots back to the writer (P2) and wake it if it sleeps for space (P4)."""
+        """Hand ``k`` more slots, and any held back, to the writer (P2) and wake it if it
+        sleeps for space (P4)."""
         self._r += k
-        ring = self._ring
-        self._a.store_and_wake(
-            self._seq_off, self._r, ring.writer + L.SLEEPING, ring.space_futex, 1
-        )
+        self.flush()
 
-    def finish_message(self, k: int) -> None:
-        """Release the ``k`` slots of a delivered message and count it."""
+    def flush(self) -> None:
+        """Release the slots that :meth:`finish_message` held back (``defer=True``)."""
+        if self._stored != self._r:
+            self._stored = self._r
+            ring = self._ring
+            self._a.store_and_wake(
+                self._seq_off, self._r, ring.writer + L.SLEEPING, ring.space_futex, 1
+            )
+
+    def finish_message(self, k: int, defer: bool = False) -> None:
+        """Count a delivered message and release its ``k`` slots; with ``defer=True`` hold the
+        release back until :meth:`flush` (to batch; only for messages already copied out)."""
         self._msgs += 1
         self._a.store64(self._line + L.MSGS, self._msgs)
-        if k:
+        if defer:
+            self._r += k
+        elif k or self._stored != self._r:
             self.release(k)
 
     def _corrupt(self, why: str) -> SegmentError:
