@@ -9,10 +9,11 @@ closing, lives here once.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,21 @@ def release_quietly(view: memoryview) -> None:
     # BufferError: something made from the view is still alive; it goes when it is collected.
     with contextlib.suppress(BufferError):
         view.release()
+
+
+def close_side(seg: Segment, leave: list[Callable[[], None]], pid: int, creator: bool,
+               unmap: bool = True) -> None:  # fmt: skip
+    """Close one endpoint's side of a segment: ``leave`` (close a writer's ring, detach a
+    reader's), then, for the creator, remove the name, then unmap unless told not to.  Only in
+    the process that opened it: a forked child that inherited the object does nothing."""
+    if os.getpid() != pid:
+        return
+    for step in leave:
+        step()
+    if creator:
+        seg.unlink()
+    if unmap:
+        seg.close()
 
 
 def check_serializer(serializer: Serializer | None) -> Serializer:

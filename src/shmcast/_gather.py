@@ -16,7 +16,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import _layout as L
-from ._endpoint import Endpoint, Handle, QueueStats, check_serializer, deadline_of
+from ._endpoint import (
+    Endpoint,
+    Handle,
+    QueueStats,
+    check_serializer,
+    close_side,
+    deadline_of,
+)
 from ._errors import QueueClosed, QueueTimeout, RoleError
 from ._liveness import is_alive
 from ._queue import create_segment, open_segment, wait_all_attached
@@ -30,7 +37,6 @@ from ._ring import (
     claim_line,
     log,
 )
-from ._segment import Segment
 from ._serialize import Serializer
 from ._wait import WaitPolicy, resolve_policy
 
@@ -38,22 +44,6 @@ DEFAULT_SLOTS = 16
 DEFAULT_SLOT_SIZE = 64 * 1024
 
 _GONE = L.DETACHED | L.DROPPED
-
-
-def _close_reader(seg: Segment, rings: list[RingReader], pid: int, unmap: bool = True) -> None:
-    if os.getpid() == pid:  # not in a forked child that inherited the object
-        for ring in rings:
-            ring.detach()
-        seg.unlink()
-        if unmap:
-            seg.close()
-
-
-def _close_writer(seg: Segment, writer: RingWriter, pid: int, unmap: bool = True) -> None:
-    if os.getpid() == pid:
-        writer.close()
-        if unmap:
-            seg.close()
 
 
 class _AnyWriter:
@@ -150,7 +140,8 @@ class GatherQueue(Endpoint):
         self._next = 0
         self._last = -1
         self._any = _AnyWriter(self)
-        self._finalizer = weakref.finalize(self, _close_reader, seg, self._rings, os.getpid())
+        leave = [ring.detach for ring in self._rings]
+        self._finalizer = weakref.finalize(self, close_side, seg, leave, os.getpid(), True)
 
     @classmethod
     def attach(
@@ -187,7 +178,7 @@ class GatherQueue(Endpoint):
         self._writer = ring
         self._index = index
         self._reader_state = g.ring(index).reader_line(0) + L.STATE
-        self._finalizer = weakref.finalize(self, _close_writer, seg, ring, os.getpid())
+        self._finalizer = weakref.finalize(self, close_side, seg, [ring.close], os.getpid(), False)
         return self
 
     # -- properties ---------------------------------------------------------------------------

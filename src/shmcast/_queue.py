@@ -11,7 +11,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import _layout as L
-from ._endpoint import Endpoint, Handle, QueueStats, check_serializer, deadline_of
+from ._endpoint import (
+    Endpoint,
+    Handle,
+    QueueStats,
+    check_serializer,
+    close_side,
+    deadline_of,
+)
 from ._errors import QueueClosed, QueueTimeout, RoleError, SegmentError
 from ._liveness import identity
 from ._ring import (
@@ -85,21 +92,6 @@ def wait_all_attached(seg: Segment, geometry: L.Geometry, deadline: float | None
         raise QueueTimeout(f"wait_until_ready timed out; not attached yet: {missing}")
 
 
-def _close_writer(seg: Segment, writer: RingWriter, pid: int, unmap: bool = True) -> None:
-    if os.getpid() == pid:  # not in a forked child that inherited the object
-        writer.close()
-        seg.unlink()
-        if unmap:
-            seg.close()
-
-
-def _close_reader(seg: Segment, reader: RingReader, pid: int, unmap: bool = True) -> None:
-    if os.getpid() == pid:
-        reader.detach()
-        if unmap:
-            seg.close()
-
-
 class BroadcastQueue(Endpoint):
     """A shared-memory broadcast queue: one writer, ``n_readers`` readers.
 
@@ -158,7 +150,7 @@ class BroadcastQueue(Endpoint):
         self._setup(seg, header.geometry, Handle(seg.name, header.nonce), serializer, policy)
         self._writer: RingWriter | None = writer
         self._reader: RingReader | None = None
-        self._finalizer = weakref.finalize(self, _close_writer, seg, writer, os.getpid())
+        self._finalizer = weakref.finalize(self, close_side, seg, [writer.close], os.getpid(), True)
 
     @classmethod
     def attach(
@@ -198,7 +190,7 @@ class BroadcastQueue(Endpoint):
         self._setup(seg, g, handle, serializer, policy)
         self._writer = None
         self._reader = ring
-        self._finalizer = weakref.finalize(self, _close_reader, seg, ring, os.getpid())
+        self._finalizer = weakref.finalize(self, close_side, seg, [ring.detach], os.getpid(), False)
         return self
 
     # -- properties ---------------------------------------------------------------------------
