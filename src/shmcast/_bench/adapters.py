@@ -257,11 +257,12 @@ class _ShmcastReplySender(ReplySender):
         self._writer.close()
 
 
-class _ShmcastReplyCollector(ReplyCollector):
-    def __init__(self, handles: list[Any], wait: str) -> None:
-        self._readers: list[_ShmcastReader] = []
-        for handle in handles:
-            self._readers.append(_ShmcastReader(handle, 0, wait))
+class _PerWorkerCollector(ReplyCollector):
+    """The engine's end when each worker replies through a queue of its own: it reads one
+    reply from each worker's reader in turn."""
+
+    def __init__(self, readers: list[Reader]) -> None:
+        self._readers = readers
 
     def wait_ready(self, timeout: float) -> None:
         for reader in self._readers:
@@ -292,7 +293,7 @@ class _ShmcastPerWorkerReplies(ReplyPath):
         return _ShmcastReplySender(self.wait)
 
     def engine_connect(self, back_handles: list[Any]) -> ReplyCollector:
-        return _ShmcastReplyCollector(back_handles, self.wait)
+        return _PerWorkerCollector([_ShmcastReader(h, 0, self.wait) for h in back_handles])
 
 
 class _ShmcastGatherSender(ReplySender):
@@ -804,28 +805,6 @@ class _VllmReplySender(ReplySender):
         self._writer.close()
 
 
-class _VllmReplyCollector(ReplyCollector):
-    def __init__(self, handles: list[Any]) -> None:
-        self._readers = [_VllmReader(handle, 0) for handle in handles]
-
-    def wait_ready(self, timeout: float) -> None:
-        for reader in self._readers:
-            reader.wait_ready(timeout)
-
-    def gather(self, n: int, timeout: float) -> list[Any] | None:
-        replies = []
-        for reader in self._readers[:n]:
-            reply = reader.recv(timeout)
-            if reply is None:
-                return None
-            replies.append(reply)
-        return replies
-
-    def close(self) -> None:
-        for reader in self._readers:
-            reader.close()
-
-
 class _VllmReplies(ReplyPath):
     """As vLLM's executor does: each worker creates a ``MessageQueue(1, 1)`` for its
     responses and the engine reads them in turn."""
@@ -834,7 +813,7 @@ class _VllmReplies(ReplyPath):
         return _VllmReplySender()
 
     def engine_connect(self, back_handles: list[Any]) -> ReplyCollector:
-        return _VllmReplyCollector(back_handles)
+        return _PerWorkerCollector([_VllmReader(h, 0) for h in back_handles])
 
 
 class VllmMessageQueueAdapter(Adapter):
