@@ -25,6 +25,7 @@ import os
 import random
 import signal
 import struct
+import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -295,6 +296,36 @@ def process_group(method: str = "fork", timeout: float = DEFAULT_TIMEOUT) -> Ite
 RAW = "raw"
 OBJECT = "object"
 _HEAD = struct.Struct("<QQ")  # seed, message number
+
+
+def run_command(
+    cmd: Sequence[str],
+    timeout: float,
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in a session of its own, with no stdin; capture its output as text.  If it
+    overruns ``timeout``, kill its whole process group and fail the test."""
+    import pytest
+
+    proc = subprocess.Popen(
+        list(cmd),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} hung for {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def message_payload(seed: int, number: int, size: int) -> bytes:

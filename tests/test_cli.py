@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from _procs import run_command
 
 import shmcast
 from shmcast import _demo
@@ -32,22 +32,7 @@ WAIT_POLICIES = ["futex", "spin", "backoff", "idle"]
 
 def run_cli(*args: str, timeout: float = TIMEOUT, env: dict[str, str] | None = None):
     """Run ``python -m shmcast ARGS``; kill its whole process group if it overruns."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shmcast", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=env,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"shmcast {' '.join(args)} hung for {timeout} s:\n{out}\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_command([sys.executable, "-m", "shmcast", *args], timeout, env=env)
 
 
 def segment_of(output: str) -> str:

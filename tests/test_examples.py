@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from _procs import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -52,23 +51,7 @@ EXAMPLE_OUTPUT: dict[str, list[str]] = {
 
 def run_python(script: Path, cwd: Path, env: dict[str, str] | None = None):
     """Run ``python SCRIPT``; kill its process group and fail the test if it overruns."""
-    proc = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env=env,
-    )
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{script.name} hung for {TIMEOUT} s:\n{out}\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_command([sys.executable, str(script)], TIMEOUT, cwd=cwd, env=env)
 
 
 def without_numpy(tmp_path: Path) -> dict[str, str]:
