@@ -9,12 +9,10 @@ name prefix (``shmcast-``) and removed with ``shmcast cleanup``.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import mmap
 import os
 import secrets
-import threading
 import weakref
 
 from . import _native
@@ -22,10 +20,6 @@ from ._errors import SegmentError
 
 PREFIX = "shmcast-"
 SHM_DIR = "/dev/shm"
-
-# Creators' segments still to unlink at exit, by name -> pid of the creating process.
-_owned: dict[str, int] = {}
-_owned_lock = threading.Lock()
 
 
 def new_name() -> str:
@@ -38,17 +32,8 @@ def _unlink_quietly(name: str, creator_pid: int) -> None:
     # object must not pull the name from under its parent.
     if os.getpid() != creator_pid:
         return
-    with _owned_lock:
-        if _owned.pop(name, None) is None:
-            return
     with contextlib.suppress(FileNotFoundError):
         _native.shm_unlink("/" + name)
-
-
-@atexit.register
-def _unlink_all_at_exit() -> None:
-    for name, pid in list(_owned.items()):
-        _unlink_quietly(name, pid)
 
 
 class Segment:
@@ -66,10 +51,9 @@ class Segment:
         self.atomics = _native.Atomics(self._mmap)
         self._finalizer: weakref.finalize | None = None
         if owner:
-            pid = os.getpid()
-            with _owned_lock:
-                _owned[name] = pid
-            self._finalizer = weakref.finalize(self, _unlink_quietly, name, pid)
+            # Runs once: on unlink(), when the segment is collected, or at interpreter exit
+            # (a finalizer's atexit flag is set by default).
+            self._finalizer = weakref.finalize(self, _unlink_quietly, name, os.getpid())
 
     @classmethod
     def create(cls, size: int) -> Segment:
