@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import math
 import mmap
 import os
 import platform
 import secrets
 import signal
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -246,59 +248,267 @@ def test_wake32_wakes_a_waiter_in_another_process() -> None:
         _native.shm_unlink(name)
 
 
-def test_store_and_wake_without_flag_stores_and_does_not_wake(atomics: _native.Atomics) -> None:
-    seq, flag, futex = 0, 64, 128
-    done = threading.Event()
+# -- Cursor -----------------------------------------------------------------------------------
+
+# A small ring in a SIZE-byte buffer: 4 slots of 256 bytes, and the words around it.
+W_SEQ, W_MSGS, R_SEQ, R_MSGS = 0, 32, 128, 160
+SLEEPERS, DATA_FUTEX, W_SLEEPING, SPACE_FUTEX = 256, 384, 512, 640
+DESC_OFF, DATA_OFF, N_SLOTS, SLOT = 1024, 2048, 4, 256
+FIRST, CONT, PAD, CONTIG = 1, 2, 4, 8
+RAW, OBJECT = 1, 2
+DESC = struct.Struct("<QIIQQ")
+
+
+class Ring:
+    """A writer and a reader cursor over one anonymous mapping (the test's segment)."""
+
+    def __init__(self) -> None:
+        self.mapping = mmap.mmap(-1, SIZE)
+        self.a = _native.Atomics(self.mapping)
+        self.writer = _native.Cursor(self.a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF, W_SEQ, W_MSGS,
+                                     W_SEQ, SLEEPERS, DATA_FUTEX, 0)  # fmt: skip
+        self.writer.bound = N_SLOTS  # the gate with every slot free
+        self.reader = _native.Cursor(self.a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF, R_SEQ, R_MSGS,
+                                     W_SEQ, W_SLEEPING, SPACE_FUTEX, 1)  # fmt: skip
+
+    def desc(self, index: int) -> tuple[int, int, int, int, int]:
+        return DESC.unpack_from(self.mapping, DESC_OFF + DESC.size * index)
+
+    def set_desc(self, index: int, total: int, nbytes: int, flags: int, msg_no: int = 0) -> None:
+        DESC.pack_into(self.mapping, DESC_OFF + DESC.size * index, total, nbytes, flags, msg_no, 0)
+
+    def data(self, index: int, nbytes: int) -> bytes:
+        return self.mapping[DATA_OFF + SLOT * index : DATA_OFF + SLOT * index + nbytes]
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.a.release()
+        self.mapping.close()
+
+
+@pytest.fixture
+def ring() -> Iterator[Ring]:
+    r = Ring()
+    yield r
+    r.close()
+
+
+def test_cursor_put_stores_descriptor_and_data_then_publishes(ring: Ring) -> None:
+    assert ring.writer.put((b"head", bytearray(b"-"), memoryview(b"tail")), OBJECT, True)
+    assert ring.data(0, 9) == b"head-tail"
+    assert ring.desc(0) == (9, 9, FIRST | CONTIG | OBJECT << 8, 0, 0)
+    assert ring.a.load64(W_MSGS) == 1
+    assert ring.a.load64(W_SEQ) == 1 == ring.writer.pos == ring.writer.stored
+    # 300 bytes take two slots; the message number counts on.
+    assert ring.writer.put((b"x" * 300,), RAW, True)
+    assert ring.desc(1) == (300, SLOT, FIRST | CONTIG | RAW << 8, 1, 0)
+    assert ring.a.load64(W_SEQ) == 3 and ring.writer.msgs == 2
+
+
+def test_cursor_put_of_nothing_takes_one_slot(ring: Ring) -> None:
+    assert ring.writer.put((), RAW, True)
+    assert ring.desc(0)[:3] == (0, 0, FIRST | CONTIG | RAW << 8)
+    assert ring.a.load64(W_SEQ) == 1
+
+
+def test_cursor_put_declines_past_the_gate_and_writes_nothing(ring: Ring) -> None:
+    ring.writer.bound = 1
+    assert ring.writer.put((b"x" * 300,), RAW, True) is False  # needs slots 0 and 1
+    assert ring.a.load64(W_SEQ) == 0 and ring.writer.pos == 0 and ring.writer.msgs == 0
+    assert ring.desc(0) == (0, 0, 0, 0, 0) and ring.data(0, 4) == bytes(4)
+
+
+def test_cursor_put_declines_a_message_that_would_wrap(ring: Ring) -> None:
+    ring.writer.pos = ring.writer.stored = 3
+    ring.writer.bound = 3 + N_SLOTS
+    assert ring.writer.put((b"x" * 300,), RAW, True) is False  # slot 3 is the last one
+    assert ring.writer.put((b"x" * SLOT * N_SLOTS + b"x",), RAW, True) is False  # > ring
+    assert ring.writer.put((b"x" * 200,), RAW, True) is True  # one slot still fits
+    assert ring.writer.pos == 4
+
+
+def test_cursor_put_declines_too_many_parts(ring: Ring) -> None:
+    assert ring.writer.put([b"a"] * 9, RAW, True) is False
+    assert ring.writer.put([b"a"] * 8, RAW, True) is True
+
+
+def test_cursor_put_rejects_parts_that_are_not_buffers(ring: Ring) -> None:
+    with pytest.raises(TypeError):
+        ring.writer.put((b"ok", "not bytes"), RAW, True)
+    with pytest.raises(TypeError):
+        ring.writer.put(42, RAW, True)
+    assert ring.writer.pos == 0 and ring.a.load64(W_SEQ) == 0
+
+
+def test_cursor_put_held_back_until_flush(ring: Ring) -> None:
+    assert ring.writer.put((b"a",), RAW, False)
+    assert ring.writer.put((b"b",), RAW, False)
+    assert ring.writer.pos == 2 and ring.a.load64(W_SEQ) == 0  # not published yet
+    assert ring.reader.next() is None
+    ring.writer.flush()
+    assert ring.a.load64(W_SEQ) == 2 == ring.writer.stored
+
+
+def test_cursor_next_and_finish_release_the_slots(ring: Ring) -> None:
+    assert ring.reader.next() is None  # nothing published
+    ring.writer.put((b"x" * 300,), OBJECT, True)
+    kind, off, nbytes, slots = ring.reader.next()
+    assert (kind, off, nbytes, slots) == (OBJECT, DATA_OFF, 300, 2)
+    assert ring.reader.bound == 2  # write_seq as seen
+    assert ring.a.load64(R_SEQ) == 0  # next() consumes nothing
+    ring.reader.finish(slots, False)
+    assert ring.a.load64(R_SEQ) == 2 and ring.a.load64(R_MSGS) == 1
+    ring.writer.put((b"y",), OBJECT, True)
+    ring.reader.finish(ring.reader.next()[3], True)  # deferred
+    assert ring.reader.pos == 3 and ring.a.load64(R_SEQ) == 2
+    ring.reader.flush()
+    assert ring.a.load64(R_SEQ) == 3
+
+
+def test_cursor_take_bytes(ring: Ring) -> None:
+    ring.writer.put((b"hello ", b"world"), RAW, True)
+    ring.writer.put((b"obj",), OBJECT, True)
+    assert ring.reader.take_bytes(RAW) == b"hello world"
+    assert ring.a.load64(R_SEQ) == 1 and ring.a.load64(R_MSGS) == 1
+    assert ring.reader.take_bytes(RAW) is None  # an object: left where it is
+    assert ring.a.load64(R_SEQ) == 1
+    assert ring.reader.take_bytes(OBJECT) == b"obj"
+    assert ring.reader.take_bytes(RAW) is None  # nothing left
+
+
+@pytest.mark.parametrize(
+    ("total", "nbytes", "flags"),
+    [
+        (2, 0, PAD),  # padding: skipped by the general path
+        (600, SLOT, CONT | RAW << 8),  # a continuation slot
+        (600, SLOT, FIRST | RAW << 8),  # the first slot of a streamed message
+        (SLOT * N_SLOTS + 1, SLOT, FIRST | CONTIG | RAW << 8),  # larger than the ring
+        (SLOT * 2, SLOT, FIRST | CONTIG | RAW << 8),  # two slots, only one published
+    ],
+)
+def test_cursor_next_declines_what_the_general_path_handles(
+    ring: Ring, total: int, nbytes: int, flags: int
+) -> None:
+    ring.set_desc(0, total, nbytes, flags)
+    ring.a.store64(W_SEQ, 1)
+    assert ring.reader.next() is None
+    assert ring.reader.take_bytes(RAW) is None
+    assert ring.reader.pos == 0 and ring.a.load64(R_SEQ) == 0
+
+
+def test_cursor_next_declines_a_message_running_past_the_end(ring: Ring) -> None:
+    ring.set_desc(3, 2 * SLOT, SLOT, FIRST | CONTIG | RAW << 8)
+    ring.a.store64(W_SEQ, 8)
+    ring.reader.pos = ring.reader.stored = 3
+    assert ring.reader.next() is None
+
+
+def test_cursor_flush_without_flag_stores_and_does_not_wake(ring: Ring) -> None:
     outcome: list[bool] = []
-
-    def waiter() -> None:
-        outcome.append(atomics.wait32(futex, 0, 1.0))
-        done.set()
-
-    thread = threading.Thread(target=waiter)
+    thread = threading.Thread(target=lambda: outcome.append(ring.a.wait32(DATA_FUTEX, 0, 1.0)))
     thread.start()
     try:
         time.sleep(0.1)  # let it fall asleep (if it is not asleep yet, nothing changes)
-        assert atomics.store_and_wake(seq, 99, flag, futex, 0) is False
-        assert atomics.load64(seq) == 99
-        assert atomics.load32(futex) == 0  # not bumped
+        ring.writer.put((b"x",), RAW, True)
+        assert ring.a.load64(W_SEQ) == 1
+        assert ring.a.load32(DATA_FUTEX) == 0  # not bumped: nobody announced it sleeps
     finally:
         thread.join(5)
-    assert done.is_set()
-    assert outcome == [False]  # it slept until its timeout: nobody woke it
+    assert outcome == [False]  # it slept until its timeout
 
 
-def test_store_and_wake_with_flag_bumps_and_wakes(atomics: _native.Atomics) -> None:
-    seq, flag, futex = 0, 64, 128
+def test_cursor_flush_with_flag_bumps_and_wakes(ring: Ring) -> None:
     outcome: list[tuple[bool, float]] = []
 
     def waiter() -> None:
         started = time.monotonic()
-        outcome.append((atomics.wait32(futex, 0, 30.0), time.monotonic() - started))
+        outcome.append((ring.a.wait32(SPACE_FUTEX, 0, 30.0), time.monotonic() - started))
 
-    atomics.store32(flag, 1)
+    ring.writer.put((b"x",), RAW, True)
+    ring.a.store32(W_SLEEPING, 1)  # the writer announced it sleeps for space
     thread = threading.Thread(target=waiter)
     thread.start()
     try:
-        # The waiter may not be asleep yet; store_and_wake bumps the futex word, so a late
-        # wait32 sees a changed value and returns at once: it cannot miss the wake either way.
+        # The waiter may not be asleep yet; the bump of the futex word makes a late wait32
+        # return at once, so it cannot miss the wake either way.
         time.sleep(0.05)
-        assert atomics.store_and_wake(seq, 7, flag, futex, 1) is True
-        assert atomics.load64(seq) == 7
-        assert atomics.load32(futex) == 1
+        ring.reader.finish(ring.reader.next()[3], False)
+        assert ring.a.load64(R_SEQ) == 1
+        assert ring.a.load32(SPACE_FUTEX) == 1
     finally:
         thread.join(35)
     assert outcome and outcome[0][0] is True and outcome[0][1] < 25.0
 
 
-def test_store_and_wake_checks_every_offset(atomics: _native.Atomics) -> None:
-    with pytest.raises(ValueError, match="aligned"):
-        atomics.store_and_wake(4, 1, 64, 128, 1)  # seq must be 8-aligned
-    with pytest.raises(IndexError):
-        atomics.store_and_wake(0, 1, SIZE, 128, 1)
-    with pytest.raises(ValueError, match="aligned"):
-        atomics.store_and_wake(0, 1, 64, 130, 1)
-    assert atomics.load64(0) == 0  # nothing stored when an argument is bad
+def test_cursor_big_copies_release_the_gil_and_arrive_intact() -> None:
+    size = 4 * 1024 * 1024
+    mapping = mmap.mmap(-1, size)
+    a = _native.Atomics(mapping)
+    try:
+        n, slot = 4, 512 * 1024
+        w = _native.Cursor(a, n, slot, 2 * slot, 4096, 0, 32, 0, 256, 384, 0)
+        r = _native.Cursor(a, n, slot, 2 * slot, 4096, 128, 160, 0, 512, 640, 1)
+        w.bound = n
+        payload = secrets.token_bytes(3 * slot // 2)
+        assert w.put((payload[:1000], payload[1000:]), RAW, True)
+        assert r.take_bytes(RAW) == payload
+        assert r.pos == 2
+    finally:
+        a.release()
+        mapping.close()
+
+
+def test_cursor_checks_its_geometry_at_creation() -> None:
+    mapping = mmap.mmap(-1, SIZE)
+    a = _native.Atomics(mapping)
+    try:
+        args = [a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF, R_SEQ, R_MSGS, W_SEQ, W_SLEEPING,
+                SPACE_FUTEX, 1]  # fmt: skip
+        _native.Cursor(*args)
+        for index, bad, error in [
+            (1, 100, ValueError),  # 100 slots of 256 bytes do not fit
+            (3, SIZE - 100, ValueError),  # data past the end
+            (4, 4, ValueError),  # descriptors misaligned
+            (5, 4, ValueError),  # sequence word misaligned
+            (8, SIZE, IndexError),  # flag word out of range
+            (0, b"not atomics", TypeError),
+        ]:
+            with pytest.raises(error):
+                _native.Cursor(*args[:index], bad, *args[index + 1 :])
+        a.release()
+        with pytest.raises(ValueError, match="released"):
+            _native.Cursor(*args)
+    finally:
+        mapping.close()
+
+
+def test_cursor_after_release_raises(ring: Ring) -> None:
+    ring.a.release()
+    for call in (
+        lambda: ring.writer.put((b"x",), RAW, True),
+        ring.reader.next,
+        lambda: ring.reader.finish(1, False),
+        lambda: ring.reader.take_bytes(RAW),
+        ring.writer.flush,
+    ):
+        with pytest.raises(ValueError, match="released"):
+            call()
+
+
+def test_cursor_keeps_its_atomics_alive() -> None:
+    mapping = mmap.mmap(-1, SIZE)
+    a = _native.Atomics(mapping)
+    c = _native.Cursor(a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF, W_SEQ, W_MSGS, W_SEQ,
+                       SLEEPERS, DATA_FUTEX, 0)  # fmt: skip
+    del a
+    gc.collect()
+    with pytest.raises(BufferError):
+        mapping.close()  # the Atomics object lives on in the cursor, with its buffer export
+    c.bound = N_SLOTS
+    assert c.put((b"still mapped",), RAW, True)
+    del c
+    gc.collect()
+    mapping.close()  # gone with the cursor, export released
 
 
 # -- min_seq ----------------------------------------------------------------------------------
@@ -447,7 +657,6 @@ def test_release_then_use_raises(atomics: _native.Atomics) -> None:
         lambda: atomics.wait32(0, 0, 0.0),
         lambda: atomics.wake32(0, 1),
         lambda: atomics.min_seq(0, 128, 1, 12, 1),
-        lambda: atomics.store_and_wake(0, 1, 64, 128, 1),
     ):
         with pytest.raises(ValueError, match="released"):
             call()

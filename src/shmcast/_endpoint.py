@@ -119,6 +119,9 @@ class Endpoint:
         self._closed = False
         self._busy = threading.Lock()
         self._deferred_error: SerializationError | None = None
+        #: The one ring this endpoint reads, when a plain get has just one (a broadcast
+        #: reader): get() looks there first, without going through _receive.
+        self._fast: RingReader | None = None
 
     # -- to be provided by each queue ---------------------------------------------------------
 
@@ -291,8 +294,18 @@ class Endpoint:
 
     def _send(self, writer: RingWriter, parts: Any, kind: int, timeout: float | None,
               deadline: float | None = None, publish: bool = True) -> None:  # fmt: skip
-        if deadline is None:
-            deadline = deadline_of(timeout)
+        if deadline is None and timeout is not None:
+            deadline = deadline_of(timeout)  # checks the argument, whichever path is taken
+        # The fast path: a contiguous message that fits before the ring's end in slots known
+        # to be free is stored and published by one native call.  Anything else (the ring
+        # must wrap or is full, the message is larger than the ring, parts that are not plain
+        # contiguous buffers) takes the general path below, which waits, streams, or says why.
+        try:
+            if writer.cursor.put(parts, kind, publish):
+                self._activity()
+                return
+        except (BufferError, TypeError):
+            pass
         # bytes need no wrapping: a slice of the ring takes them as they are.
         views = [p if type(p) is bytes else as_bytes_view(p) for p in parts]
         total = sum(len(v) for v in views)
@@ -348,8 +361,22 @@ class Endpoint:
         self._enter()
         try:
             self._raise_deferred()
-            ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, want_kind,
-                                                    source)  # fmt: skip
+            deadline = None if timeout is None else deadline_of(timeout)
+            # The fast path: with one ring to read, a contiguous message already published is
+            # found by one native call, without the general machinery of _receive; raw bytes
+            # are even copied out and released by that same call.
+            fast = self._fast
+            if fast is not None and want_kind == L.MSG_RAW:
+                raw = fast.cursor.take_bytes(L.MSG_RAW)
+                if raw is not None:
+                    self._activity()
+                    return raw
+            head = None if fast is None else fast.cursor.next()
+            if head is not None and (want_kind is None or head[0] == want_kind):
+                kind, off, total, slots = head
+                ring, data = fast, self._seg.buf[off : off + total]
+            else:
+                ring, kind, data, slots = self._receive(deadline, timeout, want_kind, source)
             try:
                 if kind == L.MSG_RAW:
                     return bytes(data)

@@ -1,6 +1,6 @@
 """Typed interface of the native core (see _native.c)."""
 
-from collections.abc import Buffer
+from collections.abc import Buffer, Sequence
 
 HAVE_FUTEX: int
 
@@ -37,11 +37,6 @@ class Atomics:
         False if the time ran out; True if woken, the value differed, or a signal came."""
     def wake32(self, off: int, n: int, /) -> int:
         """Wake up to ``n`` waiters (n < 1: all); returns how many were woken."""
-    def store_and_wake(
-        self, seq_off: int, value: int, flag_off: int, futex_off: int, n: int, /
-    ) -> bool:
-        """Release-store ``value`` at ``seq_off``, full fence, and if the 32-bit word at
-        ``flag_off`` is non-zero, bump ``futex_off`` and wake ``n`` waiters (n < 1: all)."""
     def min_seq(
         self, first_off: int, stride: int, count: int, state_rel: int, mask: int, /
     ) -> int | None:
@@ -49,6 +44,51 @@ class Atomics:
         ``+state_rel`` has a bit of ``mask``; None if none qualifies."""
     def release(self) -> None:
         """Drop the buffer (BufferError while a thread waits in wait32)."""
+
+class Cursor:
+    """One endpoint's position in one ring, and its per-message fast path (see _native.c).
+
+    Built once per ring endpoint over the segment's :class:`Atomics`; offsets are checked
+    then.  Not thread-safe: the queue endpoint serializes calls.  After the Atomics object is
+    released every method raises ValueError.
+    """
+
+    #: Slots filled (writer) or consumed (reader).
+    pos: int
+    #: The value last stored in this endpoint's sequence word.
+    stored: int
+    #: Messages counted (the writer's next message number).
+    msgs: int
+    #: Writer: the cached gate (slots below it are free); reader: write_seq as last seen.
+    bound: int
+
+    def __init__(
+        self,
+        atomics: Atomics,
+        n_slots: int,
+        slot_size: int,
+        data_off: int,
+        desc_off: int,
+        seq_off: int,
+        msgs_off: int,
+        peer_seq_off: int,
+        flag_off: int,
+        futex_off: int,
+        wake_n: int,
+    ) -> None: ...
+    def put(self, parts: Sequence[Buffer], kind: int, publish: bool, /) -> bool:
+        """Store the concatenated ``parts`` as one contiguous message at ``pos`` and publish it
+        (unless ``publish`` is false).  False, with nothing written, if it would wrap, is not
+        covered by ``bound``, or has more than 8 parts."""
+    def next(self) -> tuple[int, int, int, int] | None:
+        """``(kind, offset, nbytes, slots)`` of the published contiguous message at ``pos``;
+        None if there is none (or the next slot needs the general path)."""
+    def finish(self, slots: int, defer: bool, /) -> None:
+        """Count a delivered message and release its slots (held back if ``defer``)."""
+    def take_bytes(self, kind: int, /) -> bytes | None:
+        """:meth:`next`, a copy and :meth:`finish` in one call, for a message of ``kind``."""
+    def flush(self) -> None:
+        """Store ``pos`` if it moved, and wake the peer if it announced it sleeps."""
 
 def shm_open(name: str, flags: int, mode: int, /) -> int:
     """POSIX shm_open (close-on-exec); returns a file descriptor."""

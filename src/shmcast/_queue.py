@@ -189,7 +189,7 @@ class BroadcastQueue(Endpoint):
         self = cls.__new__(cls)
         self._setup(seg, g, handle, serializer, policy)
         self._writer = None
-        self._reader = ring
+        self._reader = self._fast = ring
         self._finalizer = weakref.finalize(self, close_side, seg, [ring.detach], os.getpid(), False)
         return self
 

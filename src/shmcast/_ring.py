@@ -6,9 +6,14 @@ as P1..P6.  In brief:
 
 - the writer fills slots with plain stores and publishes them with one release store of
   ``write_seq`` (P1), followed by a full fence and a look at ``sleepers`` to wake sleeping readers
-  (P3) -- both done by one native call, ``store_and_wake``;
+  (P3);
 - a reader copies slots out and releases them with a release store of its own ``read_seq`` (P2),
-  followed by a full fence and a look at ``writer_sleeping`` (P4), also one native call;
+  followed by a full fence and a look at ``writer_sleeping`` (P4);
+- each endpoint's position lives in a native :class:`~shmcast._native.Cursor`, which also does
+  the common case of a whole message in one call (``put`` for the writer, ``next``/``finish``
+  and ``take_bytes`` for a reader: the steps above, in the same order).  Whatever it declines
+  (a wrap, a full ring, padding, streamed or corrupted messages) is done here, on the same
+  state;
 - the writer reuses a slot only when every gating reader has released it (I1).  It caches the
   gating sequence (the minimum ``read_seq``) and recomputes it, in one native call, only when the
   cache says the ring is full;
@@ -35,6 +40,7 @@ from ._errors import (
     SegmentError,
 )
 from ._liveness import identity, is_alive
+from ._native import Cursor
 from ._segment import Segment
 from ._wait import WaitPolicy
 
@@ -141,13 +147,16 @@ class RingWriter:
         self._ring = ring
         self._n = ring.n_slots
         self._slot = ring.slot_size
-        self._seq_off = ring.writer + L.SEQ
         self.policy = policy
         self.on_dead_reader = on_dead_reader
-        self._w = self._a.load64(self._seq_off)  # slots filled (published, or about to be)
-        self._stored = self._w  # slots published: the value last stored in write_seq
-        self._msg_no = self._a.load64(ring.writer + L.MSGS)
-        self._gate = 0  # cached: slots below this sequence are known to be free (I1)
+        # The position and the per-message fast path.  cursor.pos: slots filled (published,
+        # or held back); cursor.stored: the value last stored in write_seq; cursor.msgs: the
+        # next message number; cursor.bound: the cached gate, slots below it are free (I1).
+        self.cursor = Cursor(
+            self._a, ring.n_slots, ring.slot_size, ring.data_off, ring.desc_off,
+            ring.writer + L.SEQ, ring.writer + L.MSGS, ring.writer + L.SEQ,
+            ring.sleepers, ring.data_futex, _WAKE_ALL,
+        )  # fmt: skip
         self._need = 0  # slots the current wait asks for
         self.waits = 0  # statistics: how often a put had to wait for space
         self.label = "queue"  # how log messages name this endpoint
@@ -169,15 +178,16 @@ class RingWriter:
         if m is None:
             if self.reader_required:
                 self._orphaned = True
-                return self._w  # nothing is free: nobody will ever read it
+                return self.cursor.pos  # nothing is free: nobody will ever read it
             # With no gating reader, the ring runs freely, one ring-length at a time, so that
             # a reader joining later is taken into account within n_slots slots.
-            m = self._w
+            m = self.cursor.pos
         return m + self._n
 
     def ready(self) -> bool:
-        self._gate = self._gating()
-        return self._w + self._need <= self._gate or self.closing or self._orphaned
+        c = self.cursor
+        c.bound = self._gating()
+        return c.pos + self._need <= c.bound or self.closing or self._orphaned
 
     def sleep(self, timeout: float) -> bool:
         a, ring = self._a, self._ring
@@ -195,7 +205,8 @@ class RingWriter:
         """Look at the readers that hold the writer back; a dead one raises or is dropped.
         After a long wait, log who holds the writer back."""
         a, ring = self._a, self._ring
-        limit = self._w + self._need - self._n  # readers below this sequence block us
+        w = self.cursor.pos
+        limit = w + self._need - self._n  # readers below this sequence block us
         report = self._slow.due(self.policy)
         blockers = []
         for i in range(ring.n_readers):
@@ -208,7 +219,7 @@ class RingWriter:
                 continue
             pid, start = a.load64(line + L.PID), a.load64(line + L.START)
             if is_alive(pid, start):
-                blockers.append(f"reader {i} (pid {pid}, alive) is {self._w - seq} slots behind")
+                blockers.append(f"reader {i} (pid {pid}, alive) is {w - seq} slots behind")
                 continue
             if self.on_dead_reader == "drop":
                 if a.cas32(line + L.STATE, L.ATTACHED, L.DROPPED):
@@ -232,7 +243,8 @@ class RingWriter:
     def claim(self, k: int, deadline: float | None, timeout: float | None = None) -> None:
         """Block until slots ``[w, w+k)`` are free (I1).  QueueTimeout, QueueBroken, and
         QueueClosed if this endpoint, or the reader of a gather ring, closes meanwhile."""
-        if self._w + k <= self._gate:
+        c = self.cursor
+        if c.pos + k <= c.bound:
             return
         self._need = k
         if not self.ready():
@@ -249,17 +261,12 @@ class RingWriter:
     def publish(self, k: int) -> None:
         """Make the next ``k`` filled slots, and any held back, visible (P1) and wake sleeping
         readers (P3)."""
-        self._w += k
-        self.flush()
+        self.cursor.pos += k
+        self.cursor.flush()
 
     def flush(self) -> None:
-        """Publish the slots that :meth:`commit_contiguous` held back (``publish=False``)."""
-        if self._stored != self._w:
-            self._stored = self._w
-            ring = self._ring
-            self._a.store_and_wake(
-                self._seq_off, self._w, ring.sleepers, ring.data_futex, _WAKE_ALL
-            )
+        """Publish the slots held back by ``publish=False``."""
+        self.cursor.flush()
 
     def _desc(self, seq: int, total: int, nbytes: int, flags: int, msg_no: int) -> None:
         L.DESC.pack_into(
@@ -267,9 +274,10 @@ class RingWriter:
         )
 
     def _count_message(self) -> int:
-        msg_no = self._msg_no
-        self._msg_no += 1
-        self._a.store64(self._ring.writer + L.MSGS, self._msg_no)
+        c = self.cursor
+        msg_no = c.msgs
+        c.msgs = msg_no + 1
+        self._a.store64(self._ring.writer + L.MSGS, c.msgs)
         return msg_no
 
     def begin_contiguous(
@@ -287,11 +295,12 @@ class RingWriter:
             raise MessageTooLarge(
                 f"{total} bytes do not fit in the ring at once (capacity {n * slot} bytes)"
             )
-        idx = self._w % n
+        c = self.cursor
+        idx = c.pos % n
         if idx + k > n:
             pad = n - idx
             self.claim(pad, deadline, timeout)
-            self._desc(self._w, pad, 0, L.FLAG_PAD, self._msg_no)
+            self._desc(c.pos, pad, 0, L.FLAG_PAD, c.msgs)
             self.publish(pad)
             idx = 0
         self.claim(k, deadline, timeout)
@@ -302,11 +311,11 @@ class RingWriter:
         """Publish the message begun by :meth:`begin_contiguous`; with ``publish=False`` hold it
         back until :meth:`flush` (or the next publish, or a wait for space) to batch."""
         flags = L.FLAG_FIRST | L.FLAG_CONTIG | (kind << L.KIND_SHIFT)
-        self._desc(self._w, total, min(total, self._slot), flags, self._count_message())
+        self._desc(self.cursor.pos, total, min(total, self._slot), flags, self._count_message())
         if publish:
             self.publish(k)
         else:
-            self._w += k
+            self.cursor.pos += k
 
     def write_streamed(
         self,
@@ -323,18 +332,19 @@ class RingWriter:
         """
         slot, n = self._slot, self._n
         msg_no = self._count_message()
-        cursor = _Cursor(parts)
+        source = _Source(parts)
+        c = self.cursor
         done = 0
         flags = L.FLAG_FIRST | (kind << L.KIND_SHIFT)
         while done < total:
             self.claim(1, deadline, timeout)
-            idx = self._w % n
-            b = min(self._gate - self._w, n - idx, -(-(total - done) // slot))
+            idx = c.pos % n
+            b = min(c.bound - c.pos, n - idx, -(-(total - done) // slot))
             nbytes = min(total - done, b * slot)
             off = self._ring.data_at(idx)
-            cursor.copy_into(self._buf[off : off + nbytes])
+            source.copy_into(self._buf[off : off + nbytes])
             for j in range(b):
-                self._desc(self._w + j, total, min(slot, nbytes - j * slot), flags, msg_no)
+                self._desc(c.pos + j, total, min(slot, nbytes - j * slot), flags, msg_no)
                 flags = L.FLAG_CONT | (kind << L.KIND_SHIFT)
             done += nbytes
             self.publish(b)
@@ -351,11 +361,11 @@ class RingWriter:
 
     @property
     def write_seq(self) -> int:
-        return self._w
+        return self.cursor.pos
 
     @property
     def messages(self) -> int:
-        return self._msg_no
+        return self.cursor.msgs
 
 
 class SpinSlots:
@@ -408,7 +418,7 @@ class SlowWait:
         return waited
 
 
-class _Cursor:
+class _Source:
     """Copies a list of byte views, in order, into successive destination views."""
 
     __slots__ = ("_i", "_parts", "_pos")
@@ -458,12 +468,17 @@ class RingReader:
         self._wseq_off = ring.writer + L.SEQ
         self._wstate_off = ring.writer + L.STATE
         self.policy = policy
-        self._r = self._a.load64(self._seq_off)  # slots consumed (released, or about to be)
-        self._stored = self._r  # slots released: the value last stored in read_seq
-        self._known_w = self._r  # write_seq as last seen (never ahead of the real one)
+        # The position and the per-message fast path.  cursor.pos: slots consumed (released,
+        # or held back); cursor.stored: the value last stored in read_seq; cursor.msgs:
+        # messages delivered; cursor.bound: write_seq as last seen (never ahead of it, I2).
+        self.cursor = c = Cursor(
+            self._a, ring.n_slots, ring.slot_size, ring.data_off, ring.desc_off,
+            self._seq_off, self._line + L.MSGS, self._wseq_off,
+            ring.writer + L.SLEEPING, ring.space_futex, 1,
+        )  # fmt: skip
+        c.bound = c.pos
         self._target = 0
         self._partial: _Partial | None = None
-        self._msgs = self._a.load64(self._line + L.MSGS)
         self.waits = 0
         self.label = "queue"  # how log messages name this endpoint
         #: Level of the long-wait log message: waiting for data is normal for an idle
@@ -485,9 +500,9 @@ class RingReader:
         a = self._a
         a.store64(self._seq_off, a.load64(self._wseq_off))
         a.exchange32(self._line + L.STATE, L.ATTACHED)
-        self._r = self._stored = a.load64(self._wseq_off)
-        self._known_w = self._r
-        a.store64(self._seq_off, self._r)
+        c = self.cursor
+        c.pos = c.stored = c.bound = a.load64(self._wseq_off)
+        a.store64(self._seq_off, c.pos)
 
     def detach(self) -> None:
         """Leave: the writer stops waiting for this index, which may be taken again.  A get
@@ -505,8 +520,8 @@ class RingReader:
     def has_data(self) -> bool:
         """True when the slot at our sequence is published.  (Acquire load, P1.)"""
         w = self._a.load64(self._wseq_off)
-        if w > self._r:
-            self._known_w = w
+        if w > self.cursor.pos:
+            self.cursor.bound = w
             return True
         return False
 
@@ -515,7 +530,7 @@ class RingReader:
         state = a.load32(self._wstate_off)  # P6: state before sequence
         w = a.load64(self._wseq_off)
         if w >= self._target:
-            self._known_w = w
+            self.cursor.bound = w
             return True
         return bool(state & (L.DETACHED | L.DROPPED)) or self.closing
 
@@ -552,7 +567,7 @@ class RingReader:
             log.log(
                 self.warn_level,
                 "get on %s has waited %.1f s for %s (%s); nothing new since sequence %d",
-                self.label, waited, self.writer_name, who, self._r,
+                self.label, waited, self.writer_name, who, self.cursor.pos,
             )  # fmt: skip
 
     def broken(self) -> QueueBroken:
@@ -568,11 +583,11 @@ class RingReader:
     def wait_published(self, count: int, deadline: float | None, timeout: float | None) -> None:
         """Block until slots ``[r, r+count)`` are published (I2).
         QueueTimeout, QueueClosed (writer closed, all read), QueueBroken (writer died)."""
-        target = self._r + count
-        if target <= self._known_w:
+        target = self.cursor.pos + count
+        if target <= self.cursor.bound:
             return
         self._target = target
-        if self.ready() and self._known_w >= target:
+        if self.ready() and self.cursor.bound >= target:
             return
         self.flush()  # the writer may be waiting for the slots we hold back
         self.waits += 1
@@ -581,38 +596,28 @@ class RingReader:
             raise _timeout_error("get", timeout)
         if self.closing:
             raise QueueClosed("the queue was closed while get was waiting")
-        if self._known_w < target:
-            self._known_w = self._a.load64(self._wseq_off)  # re-read after seeing closed (P6)
-            if self._known_w < target:
+        if self.cursor.bound < target:
+            self.cursor.bound = self._a.load64(self._wseq_off)  # re-read after seeing closed (P6)
+            if self.cursor.bound < target:
                 raise QueueClosed("the writer closed the queue and everything it sent was read")
 
     def release(self, k: int) -> None:
         """Hand ``k`` more slots, and any held back, to the writer (P2) and wake it if it
         sleeps for space (P4)."""
-        self._r += k
-        self.flush()
+        self.cursor.pos += k
+        self.cursor.flush()
 
     def flush(self) -> None:
         """Release the slots that :meth:`finish_message` held back (``defer=True``)."""
-        if self._stored != self._r:
-            self._stored = self._r
-            ring = self._ring
-            self._a.store_and_wake(
-                self._seq_off, self._r, ring.writer + L.SLEEPING, ring.space_futex, 1
-            )
+        self.cursor.flush()
 
     def finish_message(self, k: int, defer: bool = False) -> None:
         """Count a delivered message and release its ``k`` slots; with ``defer=True`` hold the
         release back until :meth:`flush` (to batch; only for messages already copied out)."""
-        self._msgs += 1
-        self._a.store64(self._line + L.MSGS, self._msgs)
-        if defer:
-            self._r += k
-        elif k or self._stored != self._r:
-            self.release(k)
+        self.cursor.finish(k, defer)
 
     def _corrupt(self, why: str) -> SegmentError:
-        return SegmentError(f"corrupted slot at sequence {self._r}: {why}")
+        return SegmentError(f"corrupted slot at sequence {self.cursor.pos}: {why}")
 
     def next_message(
         self, deadline: float | None, timeout: float | None, want_kind: int | None = None
@@ -624,6 +629,13 @@ class RingReader:
         ``slots`` is 0.  With ``want_kind`` given, a message of another kind raises
         MessageKindError and stays in the queue.
         """
+        if self._partial is None:
+            # The fast path: a contiguous message is published at our position (one native
+            # call: the acquire load of write_seq, P1, and the descriptor).
+            head = self.cursor.next()
+            if head is not None and (want_kind is None or head[0] == want_kind):
+                kind, off, total, k = head
+                return kind, self._buf[off : off + total], k
         n, slot, buf, ring = self._n, self._slot, self._buf, self._ring
         while True:
             if self._partial is not None:
@@ -642,7 +654,7 @@ class RingReader:
             if want_kind is not None and kind != want_kind:
                 raise MessageKindError(_kind_mismatch(kind))
             if flags & L.FLAG_CONTIG:
-                idx = self._r % n
+                idx = self.cursor.pos % n
                 k = max(1, -(-total // slot))
                 if idx + k > n:
                     raise self._corrupt(f"contiguous message of {total} bytes runs past the end")
@@ -656,8 +668,8 @@ class RingReader:
         msg_no)`` of the message starting at our sequence, or None if no published slot is
         left.  Never blocks."""
         n, buf, ring = self._n, self._buf, self._ring
-        while self._r < self._known_w or self.has_data():
-            idx = self._r % n
+        while self.cursor.pos < self.cursor.bound or self.has_data():
+            idx = self.cursor.pos % n
             total, _nbytes, flags, msg_no, _ = L.DESC.unpack_from(buf, ring.desc_at(idx))
             if flags & L.FLAG_PAD:
                 if not 0 < total <= n - idx:
@@ -673,20 +685,20 @@ class RingReader:
         """True when a message can be started now without blocking (its first slot, or the
         next slot of a message in progress, is published).  Never blocks."""
         if self._partial is not None:
-            return self._r < self._known_w or self.has_data()
+            return self.cursor.pos < self.cursor.bound or self.has_data()
         return self._head() is not None
 
     def _stream(self, deadline: float | None, timeout: float | None):
         """Copy published slots of the partial message out, releasing them as we go."""
         p = self._partial
         assert p is not None
-        n, slot, buf, ring = self._n, self._slot, self._buf, self._ring
+        n, slot, buf, ring, c = self._n, self._slot, self._buf, self._ring, self.cursor
         total = len(p.data)
         while p.filled < total:
             self.wait_published(1, deadline, timeout)
-            idx = self._r % n
+            idx = c.pos % n
             # Look at the published slots up to the ring's end and the message's last slot.
-            avail = min(self._known_w - self._r, n - idx, -(-(total - p.filled) // slot))
+            avail = min(c.bound - c.pos, n - idx, -(-(total - p.filled) // slot))
             run = nbytes_run = 0
             for j in range(avail):
                 t, nb, flags, msg_no, _ = L.DESC.unpack_from(buf, ring.desc_at(idx + j))
@@ -711,11 +723,11 @@ class RingReader:
 
     @property
     def read_seq(self) -> int:
-        return self._r
+        return self.cursor.pos
 
     @property
     def messages(self) -> int:
-        return self._msgs
+        return self.cursor.msgs
 
 
 def _kind_mismatch(kind: int) -> str:
