@@ -47,15 +47,24 @@ class QueueStats:
     wait_policy: str
 
 
-def deadline_of(timeout: float | None) -> float | None:
-    """Absolute monotonic deadline for a ``timeout`` argument (None: no deadline)."""
+def check_timeout(timeout: float | None) -> None:
+    """TypeError or ValueError unless ``timeout`` is None or a number of seconds >= 0."""
     if timeout is None:
-        return None
+        return
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout != timeout:
         raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
     if timeout < 0:
         raise ValueError(f"timeout must be >= 0, got {timeout}")
-    return time.monotonic() + timeout
+
+
+def deadline_of(timeout: float | None) -> float | None:
+    """Absolute monotonic deadline for a ``timeout`` argument (None: no deadline).
+
+    The fast paths, which never wait, only check the argument (:func:`check_timeout`); the
+    deadline is taken when a call first has to wait, a few microseconds after it started.
+    """
+    check_timeout(timeout)
+    return None if timeout is None else time.monotonic() + timeout
 
 
 def as_bytes_view(part: Any) -> memoryview:
@@ -294,8 +303,8 @@ class Endpoint:
 
     def _send(self, writer: RingWriter, parts: Any, kind: int, timeout: float | None,
               deadline: float | None = None, publish: bool = True) -> None:  # fmt: skip
-        if deadline is None and timeout is not None:
-            deadline = deadline_of(timeout)  # checks the argument, whichever path is taken
+        if deadline is None:
+            check_timeout(timeout)  # whichever path is taken
         # The fast path: a contiguous message that fits before the ring's end in slots known
         # to be free is stored and published by one native call.  Anything else (the ring
         # must wrap or is full, the message is larger than the ring, parts that are not plain
@@ -306,6 +315,8 @@ class Endpoint:
                 return
         except (BufferError, TypeError):
             pass
+        if deadline is None:
+            deadline = deadline_of(timeout)
         # bytes need no wrapping: a slice of the ring takes them as they are.
         views = [p if type(p) is bytes else as_bytes_view(p) for p in parts]
         total = sum(len(v) for v in views)
@@ -361,7 +372,7 @@ class Endpoint:
         self._enter()
         try:
             self._raise_deferred()
-            deadline = None if timeout is None else deadline_of(timeout)
+            check_timeout(timeout)
             # The fast path: with one ring to read, a contiguous message already published is
             # found by one native call, without the general machinery of _receive; raw bytes
             # are even copied out and released by that same call.
@@ -376,7 +387,8 @@ class Endpoint:
                 kind, off, total, slots = head
                 ring, data = fast, self._seg.buf[off : off + total]
             else:
-                ring, kind, data, slots = self._receive(deadline, timeout, want_kind, source)
+                ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, want_kind,
+                                                        source)  # fmt: skip
             try:
                 if kind == L.MSG_RAW:
                     return bytes(data)

@@ -629,14 +629,7 @@ class RingReader:
         ``slots`` is 0.  With ``want_kind`` given, a message of another kind raises
         MessageKindError and stays in the queue.
         """
-        if self._partial is None:
-            # The fast path: a contiguous message is published at our position (one native
-            # call: the acquire load of write_seq, P1, and the descriptor).
-            head = self.cursor.next()
-            if head is not None and (want_kind is None or head[0] == want_kind):
-                kind, off, total, k = head
-                return kind, self._buf[off : off + total], k
-        n, slot, buf, ring = self._n, self._slot, self._buf, self._ring
+        n, slot, buf, ring, c = self._n, self._slot, self._buf, self._ring, self.cursor
         while True:
             if self._partial is not None:
                 if want_kind is not None and self._partial.kind != want_kind:
@@ -645,7 +638,18 @@ class RingReader:
                 if done is not None:
                     return done
                 continue
-            self.wait_published(1, deadline, timeout)
+            # The fast path: a contiguous message is published at our position (one native
+            # call: the acquire load of write_seq, P1, and the descriptor).
+            fast = c.next()
+            if fast is not None:
+                kind, off, total, k = fast
+                if want_kind is not None and kind != want_kind:
+                    raise MessageKindError(_kind_mismatch(kind))
+                return kind, buf[off : off + total], k
+            if c.pos >= c.bound:  # next() found nothing published: wait, then look again
+                self.wait_published(1, deadline, timeout)
+                continue
+            # Published, but declined by next(): padding, a streamed message, or corruption.
             head = self._head()
             if head is None:
                 continue
@@ -654,7 +658,7 @@ class RingReader:
             if want_kind is not None and kind != want_kind:
                 raise MessageKindError(_kind_mismatch(kind))
             if flags & L.FLAG_CONTIG:
-                idx = self.cursor.pos % n
+                idx = c.pos % n
                 k = max(1, -(-total // slot))
                 if idx + k > n:
                     raise self._corrupt(f"contiguous message of {total} bytes runs past the end")
