@@ -34,7 +34,7 @@ from ._segment import Segment
 from ._serialize import Serializer
 from ._wait import WaitPolicy, resolve_policy
 
-DEFAULT_SLOTS = 64
+DEFAULT_SLOTS = 128
 DEFAULT_SLOT_SIZE = 256 * 1024
 
 
