@@ -511,6 +511,29 @@ def test_cursor_keeps_its_atomics_alive() -> None:
     mapping.close()  # gone with the cursor, export released
 
 
+def test_scan_finds_the_first_published_ring_round_robin() -> None:
+    rings = [Ring() for _ in range(3)]
+    try:
+        readers = [r.reader for r in rings]
+        assert _native.scan(readers, 0) == -1  # nothing published anywhere
+        assert _native.scan([], 0) == -1
+        rings[0].writer.put((b"a",), RAW, True)
+        rings[2].writer.put((b"c",), RAW, True)
+        assert _native.scan(readers, 0) == 0
+        assert _native.scan(readers, 1) == 2  # round robin: from 1 on, ring 2 comes first
+        assert _native.scan(readers, 3) == 0  # start wraps around
+        assert readers[2].bound == 1  # refreshed by the look
+        assert readers[2].take_bytes(RAW) == b"c"
+        assert _native.scan(readers, 1) == 0
+        with pytest.raises(TypeError):
+            _native.scan((readers[0],), 0)
+        with pytest.raises(TypeError):
+            _native.scan([readers[0], "not a cursor"], 1)
+    finally:
+        for r in rings:
+            r.close()
+
+
 # -- min_seq ----------------------------------------------------------------------------------
 
 

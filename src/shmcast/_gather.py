@@ -26,6 +26,7 @@ from ._endpoint import (
 )
 from ._errors import QueueClosed, QueueTimeout, RoleError
 from ._liveness import is_alive
+from ._native import scan
 from ._queue import create_segment, open_segment, wait_all_attached
 from ._ring import (
     RingReader,
@@ -58,7 +59,7 @@ class _AnyWriter:
 
     def ready(self) -> bool:
         q = self._q
-        return any(r.has_data() for r in q._rings) or q._all_writers_closed() or q._closed
+        return scan(q._cursors, 0) >= 0 or q._all_writers_closed() or q._closed
 
     def sleep(self, timeout: float) -> bool:
         q = self._q
@@ -137,6 +138,7 @@ class GatherQueue(Endpoint):
         self._writer: RingWriter | None = None
         self._index: int | None = None
         self._reader_lines = [g.ring(j).reader_line(0) for j in range(n_writers)]
+        self._cursors = [ring.cursor for ring in self._rings]
         self._next = 0
         self._last = -1
         self._any = _AnyWriter(self)
@@ -239,7 +241,12 @@ class GatherQueue(Endpoint):
         return self._seg.atomics.load32(self._geometry.peer_line(j) + L.STATE)
 
     def _all_writers_closed(self) -> bool:
-        return all(self._writer_state(j) & _GONE for j in range(self.n_writers))
+        # No writer line is expected or attached any more: one native look at every line.
+        first = self._geometry.peer_line(0) + L.SEQ
+        return (
+            self._seg.atomics.min_seq(first, L.GATHER_BLOCK, self.n_writers, L.STATE - L.SEQ,
+                                      L.GATING) is None
+        )  # fmt: skip
 
     def _raise_if_writer_dead(self) -> None:
         a = self._seg.atomics
@@ -258,18 +265,26 @@ class GatherQueue(Endpoint):
         if source is not None:
             ring = self._rings[check_index(source, self.n_writers, "writer")]
             return (ring, *ring.next_message(deadline, timeout, want_kind))
-        n = len(self._rings)
+        rings, cursors = self._rings, self._cursors
         while True:
-            # Writer states before ring sequences (P6): a writer that puts and then closes
-            # between the two looks is then seen with its message.
-            all_closed = self._all_writers_closed()
-            for k in range(n):
-                j = (self._next + k) % n
-                ring = self._rings[j]
+            # The rings with a published slot, round robin from the one after the last taken
+            # (one native call per look); a ring with only padding published is passed over.
+            start = self._next
+            for _ in rings:
+                j = scan(cursors, start)
+                if j < 0:
+                    break
+                ring = rings[j]
                 if ring.poll():
                     self._next = j + 1
                     self._last = j
                     return (ring, *ring.next_message(deadline, timeout, want_kind))
+                start = j + 1
+            # Nothing to read.  Writer states before ring sequences (P6): a writer that puts
+            # and then closes between the two looks is then seen with its message.
+            all_closed = self._all_writers_closed()
+            if scan(cursors, self._next) >= 0:
+                continue
             if all_closed:
                 raise QueueClosed("every writer closed the gather queue and all was read")
             self._any.slow.start()

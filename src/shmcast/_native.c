@@ -827,6 +827,48 @@ static PyTypeObject CursorType = {
     .tp_members = Cursor_members,
 };
 
+/*
+ * scan(cursors, start) -> int
+ *
+ * The index of the first reader cursor, in round-robin order from `start`,
+ * with a published slot at its position (I2: an acquire load of its peer's
+ * sequence, which also refreshes the cursor's `bound`); -1 if none has one.
+ * A gather reader's look at all its rings in one call.
+ */
+static PyObject *
+native_scan(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGC(2, "scan");
+    if (!PyList_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "scan: cursors must be a list of Cursor objects");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(args[0]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t j = ((start + i) % n + n) % n;
+        PyObject *item = PyList_GET_ITEM(args[0], j);
+        if (!PyObject_TypeCheck(item, &CursorType)) {
+            PyErr_SetString(PyExc_TypeError, "scan: cursors must be a list of Cursor objects");
+            return NULL;
+        }
+        CursorObject *c = (CursorObject *)item;
+        char *base = cursor_base(c);
+        if (base == NULL)
+            return NULL;
+        if (c->pos < c->bound)
+            return PyLong_FromSsize_t(j);
+        uint64_t w = __atomic_load_n((uint64_t *)(base + c->peer_seq_off), __ATOMIC_ACQUIRE);
+        if (w > c->pos) {
+            c->bound = w;
+            return PyLong_FromSsize_t(j);
+        }
+    }
+    return PyLong_FromLong(-1);
+}
+
 /* ---- POSIX shared memory names ---------------------------------------- */
 
 static PyObject *
@@ -860,6 +902,8 @@ native_shm_unlink(PyObject *Py_UNUSED(mod), PyObject *args)
 }
 
 static PyMethodDef module_methods[] = {
+    {"scan", (PyCFunction)(void (*)(void))native_scan, METH_FASTCALL,
+     "scan(cursors, start) -> int: the first reader cursor (round robin) with a published slot, or -1."},
     {"shm_open", native_shm_open, METH_VARARGS, "shm_open(name, flags, mode) -> fd (close-on-exec)."},
     {"shm_unlink", native_shm_unlink, METH_VARARGS, "shm_unlink(name): remove a shared-memory name."},
     {NULL, NULL, 0, NULL},

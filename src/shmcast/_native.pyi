@@ -90,6 +90,10 @@ class Cursor:
     def flush(self) -> None:
         """Store ``pos`` if it moved, and wake the peer if it announced it sleeps."""
 
+def scan(cursors: list[Cursor], start: int, /) -> int:
+    """Index of the first reader cursor, round robin from ``start``, with a published slot at
+    its position (refreshing its ``bound``); -1 if none."""
+
 def shm_open(name: str, flags: int, mode: int, /) -> int:
     """POSIX shm_open (close-on-exec); returns a file descriptor."""
 

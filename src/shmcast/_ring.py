@@ -690,7 +690,7 @@ class RingReader:
         next slot of a message in progress, is published).  Never blocks."""
         if self._partial is not None:
             return self.cursor.pos < self.cursor.bound or self.has_data()
-        return self._head() is not None
+        return self.cursor.next() is not None or self._head() is not None
 
     def _stream(self, deadline: float | None, timeout: float | None):
         """Copy published slots of the partial message out, releasing them as we go."""
