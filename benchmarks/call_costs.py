@@ -1,0 +1,57 @@
+"""Per-call cost of put/get in one process, without any waiting.
+
+One writer and one reader endpoint of the same queue live in this process: 32 messages are put,
+then 32 taken, again and again, and each side is timed on its own.  This is the CPU cost of the
+calls themselves (no wake-ups, no other core involved), the figure the native fast path lowers.
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/call_costs.py [--messages N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from shmcast import BroadcastQueue
+
+BATCH = 32
+
+
+def measure(put, get, messages: int) -> tuple[float, float]:
+    """Mean microseconds per put and per get."""
+    put_s = get_s = 0.0
+    rounds = messages // BATCH
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(BATCH):
+            put()
+        put_s += time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(BATCH):
+            get()
+        get_s += time.perf_counter() - t
+    n = rounds * BATCH
+    return put_s / n * 1e6, get_s / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    args = parser.parse_args()
+    small = {f"field{i}": i * 1.5 for i in range(10)}
+    raw = b"x" * 64
+    with BroadcastQueue(1) as writer, BroadcastQueue.attach(writer.handle, 0) as reader:
+        cases = [
+            ("put_bytes / get_bytes, 64 B", lambda: writer.put_bytes(raw), reader.get_bytes),
+            ("put / get, 10-field dict", lambda: writer.put(small), reader.get),
+        ]
+        for name, put, get in cases:
+            measure(put, get, 10 * BATCH)  # warm up
+            put_us, get_us = measure(put, get, args.messages)
+            print(f"{name:30s} put {put_us:5.2f} us   get {get_us:5.2f} us")
+
+
+if __name__ == "__main__":
+    main()
