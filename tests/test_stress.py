@@ -46,6 +46,9 @@ SMALL_ARGS = [
 
 # The command's entry point, as the `shmcast stress` subcommand calls it.
 WRAPPER = (
+    # As a terminal gives a foreground command: Ctrl-C raises KeyboardInterrupt, even when the
+    # tests themselves run with SIGINT ignored (as a background job of a shell does).
+    "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "import sys, argparse\n"
     "from shmcast import _stress as s\n"
     "p = argparse.ArgumentParser()\n"
