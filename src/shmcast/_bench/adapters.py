@@ -242,10 +242,13 @@ class _ShmcastReader(Reader):
         self.queue.close()
 
 
-class _ShmcastReplySender(ReplySender):
-    def __init__(self, wait: str) -> None:
-        self._writer = _ShmcastWriter(1, wait)
-        self.back_handle = self._writer.queue.handle
+class _OwnQueueReplySender(ReplySender):
+    """A worker that replies through a one-reader queue of its own: ``writer`` is that queue's
+    writer, ``back_handle`` what the engine's reader attaches with."""
+
+    def __init__(self, writer: Writer, back_handle: Any) -> None:
+        self._writer = writer
+        self.back_handle = back_handle
 
     def wait_ready(self, timeout: float) -> None:
         self._writer.wait_ready(timeout)
@@ -290,7 +293,8 @@ class _ShmcastPerWorkerReplies(ReplyPath):
         self.wait = wait
 
     def worker_open(self, forward: Any, index: int) -> ReplySender:
-        return _ShmcastReplySender(self.wait)
+        writer = _ShmcastWriter(1, self.wait)
+        return _OwnQueueReplySender(writer, writer.queue.handle)
 
     def engine_connect(self, back_handles: list[Any]) -> ReplyCollector:
         return _PerWorkerCollector([_ShmcastReader(h, 0, self.wait) for h in back_handles])
@@ -790,27 +794,13 @@ class _VllmReader(Reader):
             _vllm_release(queue)
 
 
-class _VllmReplySender(ReplySender):
-    def __init__(self) -> None:
-        self._writer = _VllmWriter(1, _VLLM_MAX_CHUNK_BYTES, _VLLM_MAX_CHUNKS)
-        self.back_handle = self._writer.queue.export_handle()
-
-    def wait_ready(self, timeout: float) -> None:
-        self._writer.wait_ready(timeout)
-
-    def send(self, obj: Any) -> None:
-        self._writer.send(obj, raw=False)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
 class _VllmReplies(ReplyPath):
     """As vLLM's executor does: each worker creates a ``MessageQueue(1, 1)`` for its
     responses and the engine reads them in turn."""
 
     def worker_open(self, forward: Any, index: int) -> ReplySender:
-        return _VllmReplySender()
+        writer = _VllmWriter(1, _VLLM_MAX_CHUNK_BYTES, _VLLM_MAX_CHUNKS)
+        return _OwnQueueReplySender(writer, writer.queue.export_handle())
 
     def engine_connect(self, back_handles: list[Any]) -> ReplyCollector:
         return _PerWorkerCollector([_VllmReader(h, 0) for h in back_handles])
