@@ -440,6 +440,26 @@ def test_cursor_flush_with_flag_bumps_and_wakes(ring: Ring) -> None:
     assert outcome and outcome[0][0] is True and outcome[0][1] < 25.0
 
 
+def test_cursor_put_declines_large_messages_from_early_on() -> None:
+    mapping = mmap.mmap(-1, 1 << 20)
+    a = _native.Atomics(mapping)
+    try:
+        n, slot = 4, 128 * 1024
+        w = _native.Cursor(a, n, slot, 2 * slot, 4096, 0, 32, 0, 256, 384, 0)
+        w.bound = n
+        assert w.early == 2**64 - 1  # never, until the ring's writer sets it
+        w.early = 1
+        big = bytes(_native.EARLY_WRAP_MIN)
+        assert w.put((big,), RAW, True)  # before early
+        assert w.put((big,), RAW, True) is False  # at early: declined, nothing written
+        assert w.pos == 1 and a.load64(0) == 1
+        assert w.put((big[:-1],), RAW, True)  # a smaller message is taken
+        assert w.pos == 2
+    finally:
+        a.release()
+        mapping.close()
+
+
 def test_cursor_big_copies_release_the_gil_and_arrive_intact() -> None:
     size = 4 * 1024 * 1024
     mapping = mmap.mmap(-1, size)

@@ -17,6 +17,7 @@ from _procs import OBJECT, RAW, check_plan, message_payload, plan_digest, send_p
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import shmcast._ring
 from shmcast import (
     BroadcastQueue,
     FutexWait,
@@ -25,6 +26,7 @@ from shmcast import (
     QueueTimeout,
     SerializationError,
 )
+from shmcast._native import EARLY_WRAP_MIN
 
 SLOTS, SLOT = 4, 64  # a small ring: capacity 256 bytes
 CAPACITY = SLOTS * SLOT
@@ -171,6 +173,85 @@ def test_messages_wrap_around_the_ring_with_padding(make_queue: MakeQueue) -> No
         assert r.get_bytes(timeout=5) == message_payload(2, number, size)
     assert w.stats().sequence == sum(-(-s // SLOT) for s in sizes) + 2  # two padding runs
     assert r.stats().sequence == w.stats().sequence  # padding consumed too
+
+
+# Early wrap: large messages go back to the start of the ring once a lap passes the hot region
+# (HOT_BYTES, made two 64 KiB slots here), if the readers have freed the room there.
+BIG = 64 * 1024  # slot size of these tests, and the smallest message that wraps early
+HOT_SLOTS = 2
+
+
+@pytest.fixture
+def small_hot_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert EARLY_WRAP_MIN == BIG
+    monkeypatch.setattr(shmcast._ring, "HOT_BYTES", HOT_SLOTS * BIG)
+
+
+def test_large_messages_wrap_early_while_the_readers_keep_up(
+    make_queue: MakeQueue, small_hot_region: None
+) -> None:
+    w, (r,) = make_queue(n_slots=8, slot_size=BIG)
+    sequences = []
+    for number in range(6):
+        if number % 2:
+            with w.reserve(BIG, timeout=5) as region:  # reserve takes the same decision
+                region[:] = message_payload(3, number, BIG)
+        else:
+            w.put_bytes(message_payload(3, number, BIG), timeout=5)
+        sequences.append(w.stats().sequence)
+        assert r.get_bytes(timeout=5) == message_payload(3, number, BIG)
+    # Slots 0 and 1, then the third message goes back to slot 0 of the next lap (behind six
+    # slots of padding), and so on: the ring's first two slots (and one more) do all the work.
+    assert sequences == [1, 2, 9, 10, 17, 18]
+    assert r.stats().sequence == w.stats().sequence  # the padding was consumed too
+
+
+def test_large_messages_go_on_in_the_lap_while_a_reader_lags(
+    make_queue: MakeQueue, small_hot_region: None
+) -> None:
+    w, (r,) = make_queue(n_slots=8, slot_size=BIG)
+    for number in range(5):  # nobody reads: no room at the start, so no padding
+        w.put_bytes(message_payload(4, number, BIG), timeout=5)
+    assert w.stats().sequence == 5
+    for number in range(5):
+        assert r.get_bytes(timeout=5) == message_payload(4, number, BIG)
+    w.put_bytes(message_payload(4, 5, BIG), timeout=5)  # caught up: looked at again, wraps
+    assert w.stats().sequence == 9
+    assert r.get_bytes(timeout=5) == message_payload(4, 5, BIG)
+
+
+def test_small_messages_never_wrap_early(make_queue: MakeQueue, small_hot_region: None) -> None:
+    w, (r,) = make_queue(n_slots=8, slot_size=BIG)
+    for number in range(20):
+        w.put_bytes(message_payload(5, number, BIG - 1), timeout=5)
+        assert r.get_bytes(timeout=5) == message_payload(5, number, BIG - 1)
+    assert w.stats().sequence == 20
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([RAW, OBJECT]), st.integers(0, 10 * BIG)),
+        min_size=1,
+        max_size=25,
+    ),
+    st.integers(0, 2**32),
+)
+def test_any_sizes_with_early_wraps_and_a_reader_thread(
+    small_hot_region: None, plan: list[tuple[str, int]], seed: int
+) -> None:
+    with (
+        BroadcastQueue(1, n_slots=8, slot_size=BIG) as w,
+        BroadcastQueue.attach(w.handle, 0) as r,
+    ):
+        check = Background(lambda: check_plan(r, seed, plan, 30, expect_close=False))
+        send_plan(w, seed, plan, timeout=30)
+        assert check.result(60)["count"] == len(plan)
+        assert_empty(r)
 
 
 def test_readers_in_threads_receive_everything(make_queue: MakeQueue) -> None:

@@ -475,7 +475,10 @@ static PyTypeObject AtomicsType = {
  *   stored   the value last stored at seq_off (pos - stored slots are held back);
  *   msgs     messages counted (the writer's next message number);
  *   bound    writer: the cached gate (slots below it are free, I1);
- *            reader: write_seq as last seen (never ahead of the real one, I2).
+ *            reader: write_seq as last seen (never ahead of the real one, I2);
+ *   early    writer: from this position on, a message of EARLY_WRAP_MIN bytes
+ *            or more is declined, so that the Python path may wrap early
+ *            (RingWriter.begin_contiguous says why).
  *
  * Descriptors are little-endian (checked below), laid out as _layout.DESC.
  */
@@ -493,6 +496,8 @@ static PyTypeObject AtomicsType = {
 #define MAX_PARTS 8
 /* Copies at least this large release the GIL. */
 #define BIG_COPY (256 * 1024)
+/* Messages at least this large are declined at and after `early` (writer). */
+#define EARLY_WRAP_MIN (64 * 1024)
 
 typedef struct {
     uint64_t total;
@@ -508,7 +513,7 @@ typedef struct {
     Py_ssize_t n_slots, slot_size, data_off, desc_off;
     Py_ssize_t seq_off, msgs_off, peer_seq_off, flag_off, futex_off;
     int wake_n;
-    unsigned long long pos, stored, msgs, bound;
+    unsigned long long pos, stored, msgs, bound, early;
 } CursorObject;
 
 static char *
@@ -566,8 +571,8 @@ Cursor_flush(CursorObject *self, PyObject *Py_UNUSED(ignored))
  * the writer's position and publish it (P1, then the P3 wake) unless
  * `publish` is false (then it is held back until flush()).  Declines (False,
  * nothing written) if the message would wrap around the end of the ring, if
- * the cached gate does not cover it (I1), or if there are more than MAX_PARTS
- * parts.  The caller checks the size against the capacity first.
+ * the cached gate does not cover it (I1), if it is large and the writer is at
+ * or past `early`, or if there are more than MAX_PARTS parts.  The caller checks the size against the capacity first.
  */
 static PyObject *
 Cursor_put(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -602,7 +607,8 @@ Cursor_put(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
     uint64_t slot = (uint64_t)self->slot_size, n = (uint64_t)self->n_slots;
     uint64_t k = total == 0 ? 1 : ((uint64_t)total + slot - 1) / slot;
     uint64_t idx = self->pos % n;
-    if (k > n - idx || self->pos + k > self->bound) {
+    if (k > n - idx || self->pos + k > self->bound ||
+        (self->pos >= self->early && total >= EARLY_WRAP_MIN)) {
         result = Py_False;
         goto done;
     }
@@ -781,6 +787,7 @@ Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
     self->pos = self->stored = __atomic_load_n(WORD64(a, self->seq_off), __ATOMIC_ACQUIRE);
     self->msgs = __atomic_load_n(WORD64(a, self->msgs_off), __ATOMIC_ACQUIRE);
     self->bound = 0;
+    self->early = ~0ULL;   /* never, until the writer sets it */
     return 0;
 }
 
@@ -811,6 +818,8 @@ static PyMemberDef Cursor_members[] = {
     {"msgs", T_ULONGLONG, offsetof(CursorObject, msgs), 0, "Messages counted."},
     {"bound", T_ULONGLONG, offsetof(CursorObject, bound), 0,
      "Writer: the cached gate; reader: write_seq as last seen."},
+    {"early", T_ULONGLONG, offsetof(CursorObject, early), 0,
+     "Writer: from this position on, put() declines messages of EARLY_WRAP_MIN bytes or more."},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -934,7 +943,8 @@ PyInit__native(void)
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "HAVE_FUTEX", SHMCAST_HAVE_FUTEX) < 0) {
+    if (PyModule_AddIntConstant(m, "HAVE_FUTEX", SHMCAST_HAVE_FUTEX) < 0 ||
+        PyModule_AddIntConstant(m, "EARLY_WRAP_MIN", EARLY_WRAP_MIN) < 0) {
         Py_DECREF(m);
         return NULL;
     }

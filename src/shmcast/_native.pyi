@@ -3,6 +3,8 @@
 from collections.abc import Buffer, Sequence
 
 HAVE_FUTEX: int
+#: Messages of at least this many bytes are declined by Cursor.put at and after ``early``.
+EARLY_WRAP_MIN: int
 
 class Atomics:
     """Atomic operations and futexes on words of a writable buffer, by byte offset.
@@ -61,6 +63,9 @@ class Cursor:
     msgs: int
     #: Writer: the cached gate (slots below it are free); reader: write_seq as last seen.
     bound: int
+    #: Writer: from this position on, :meth:`put` declines messages of ``EARLY_WRAP_MIN`` bytes
+    #: or more, so that the Python path may wrap early.
+    early: int
 
     def __init__(
         self,
