@@ -4,14 +4,19 @@ One writer and one reader endpoint of the same queue live in this process: 32 me
 then 32 taken, again and again, and each side is timed on its own.  This is the CPU cost of the
 calls themselves (no wake-ups, no other core involved), the figure the native fast path lowers.
 
+With ``--after-sleep S`` each call is timed once right after the process slept S seconds, as a
+paced writer's ``put`` and a woken reader's ``get`` run (the median of ``--repetitions``): the
+same code run cold, after the processor's caches have been used by other work or powered down.
+
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/call_costs.py [--messages N]
+    .venv/bin/python benchmarks/call_costs.py [--messages N] [--after-sleep S [--repetitions N]]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from shmcast import BroadcastQueue
@@ -36,9 +41,26 @@ def measure(put, get, messages: int) -> tuple[float, float]:
     return put_s / n * 1e6, get_s / n * 1e6
 
 
+def measure_cold(put, get, pause: float, repetitions: int) -> tuple[float, float]:
+    """Median microseconds of one put, and of one get, each right after a ``pause`` s sleep."""
+    put_us, get_us = [], []
+    for _ in range(repetitions):
+        time.sleep(pause)
+        t = time.perf_counter()
+        put()
+        put_us.append((time.perf_counter() - t) * 1e6)
+        time.sleep(pause)
+        t = time.perf_counter()
+        get()
+        get_us.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(put_us), statistics.median(get_us)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--after-sleep", type=float, metavar="S", help="time calls run cold")
+    parser.add_argument("--repetitions", type=int, default=10, help="with --after-sleep")
     args = parser.parse_args()
     small = {f"field{i}": i * 1.5 for i in range(10)}
     raw = b"x" * 64
@@ -49,7 +71,10 @@ def main() -> None:
         ]
         for name, put, get in cases:
             measure(put, get, 10 * BATCH)  # warm up
-            put_us, get_us = measure(put, get, args.messages)
+            if args.after_sleep is None:
+                put_us, get_us = measure(put, get, args.messages)
+            else:
+                put_us, get_us = measure_cold(put, get, args.after_sleep, args.repetitions)
             print(f"{name:30s} put {put_us:5.2f} us   get {get_us:5.2f} us")
 
 

@@ -4,7 +4,8 @@
   JSON, and every implementation verified every message;
 - an implementation that loses messages, and one that reorders them, are flagged, not ranked;
 - an implementation that hangs is reported as a hang within its time limit, and nothing it
-  started is left: no process of its group, no shared-memory segment.
+  started is left: no process of its group, no shared-memory segment;
+- the two probes beside the harness run: ``call_costs.py`` (warm and cold) and ``wake_floor.c``.
 
 The fake implementations below are adapters like the real ones; the harness's leader process
 imports this module to run them (``--impl test_bench:ClassName``).
@@ -15,6 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -306,3 +311,39 @@ def test_hanging_implementation_is_killed_within_its_time_limit(
     assert segments, kill
     assert not any(os.path.exists(p) for p in segments)
     assert "hang" in out
+
+
+# -- the probes beside the harness ---------------------------------------------------------------
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+_US = re.compile(r"put +([0-9.]+) us +get +([0-9.]+) us")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", [[], ["--after-sleep", "0.01", "--repetitions", "3"]])
+def test_call_costs_probe_reports_both_calls(mode: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "call_costs.py"), "--messages", "640", *mode],
+        capture_output=True, text=True, timeout=100, check=True,
+    ).stdout  # fmt: skip
+    figures = [tuple(map(float, m.groups())) for m in _US.finditer(out)]
+    assert len(figures) == 2, out  # raw bytes and the dict
+    assert all(0 < us < 100_000 for pair in figures for us in pair), out
+
+
+@pytest.mark.timeout(120)
+def test_wake_floor_probe_builds_and_measures(tmp_path: Path) -> None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler is needed to build shmcast itself"
+    exe = tmp_path / "wake_floor"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(BENCHMARKS / "wake_floor.c")], check=True,
+                   timeout=60)  # fmt: skip
+    out = subprocess.run([str(exe), "0.01", "3"], capture_output=True, text=True, timeout=30,
+                         check=True).stdout  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0] == "idle 0.010 s, 3 repetitions (microseconds)"
+    for line in lines[1:3]:
+        figures = [float(x) for x in line.split(":", 1)[1].split()]
+        assert len(figures) == 3 and all(0 <= us < 10_000_000 for us in figures), out
+    bad = subprocess.run([str(exe), "1", "0"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "usage" in bad.stderr

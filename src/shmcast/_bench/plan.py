@@ -23,9 +23,9 @@ THROUGHPUT_VARIANTS = {
 }
 #: messages per throughput case: (full, quick)
 THROUGHPUT_MESSAGES = {
-    "64B": (20000, 2000),
-    "4KiB": (20000, 1000),
-    "1MiB": (300, 30),
+    "64B": (100_000, 2000),
+    "4KiB": (50_000, 1000),
+    "1MiB": (1000, 30),
     "16MiB": (30, 4),
     "numpy-16MiB": (30, 4),
 }
