@@ -11,7 +11,16 @@
  *   P2  release: a reader copies a slot out (plain load), then release-stores
  *       its read_seq.
  *   I1  backpressure: the writer fills slot w only when w < min(read_seq) + NSLOTS.
- *   P3  readers sleep on data_futex (Dekker handshake with `sleepers`).
+ *   P3  readers sleep on data_futex (Dekker handshake with `announced`, the
+ *       count of announced sleeps; the writer wakes only if it moved since
+ *       its last wake).  The model keeps, instead of the count and the
+ *       writer's `woken_at`, the one bit that decides: `moved`, true when the
+ *       count differs from the value the writer loaded last.  A reader's
+ *       announcement sets it; the writer's load reads it and, in the same
+ *       step, clears it (the writer keeps the loaded value as `woken_at`
+ *       whether or not it wakes, so the two are the same).  It starts true,
+ *       as `woken_at` starts at a value no count has.  `sleepers`, a count
+ *       for diagnostics only, is not modelled: no decision depends on it.
  *   P4  the writer sleeps on space_futex (Dekker handshake with
  *       `writer_sleeping`).
  *   Futexes: futex_wait(word, expected) compares the word and, if it still
@@ -57,8 +66,15 @@
  *
  * Build switches (spin -DNAME ...), each one selects a deliberately wrong
  * variant that the checks must reject:
- *   BROKEN_LATE_ANNOUNCE  P3: the reader increments `sleepers` after its
+ *   BROKEN_LATE_ANNOUNCE  P3: the reader increments `announced` after its
  *                         re-check of write_seq (lost wake-up).
+ *   BROKEN_ANNOUNCE_FIRST P3: the reader counts its announcement before it
+ *                         loads the futex word: a reader counted by the
+ *                         writer's look before a wake may load the bumped word
+ *                         and sleep through the next message.
+ *   BROKEN_COUNT_EARLY    P3: the writer loads `announced` before its release
+ *                         store of write_seq (the store-load reordering the
+ *                         full fence forbids).
  *   BROKEN_NO_WAKE        P3: the writer never does the fence/check/wake after
  *                         a publish.
  *   BROKEN_WRITER_LATE_FLAG  P4: the writer sets `writer_sleeping` after its
@@ -89,7 +105,7 @@
 byte write_seq;                 /* writer line: number of published slots      */
 bool writer_sleeping;           /* writer line: P4 announcement                */
 byte read_seq[NREADERS];        /* reader i's line: number of released slots   */
-byte sleepers;                  /* own line: P3 announcement (readers, atomic) */
+bool moved = true;              /* P3: announced != the writer's woken_at       */
 byte data_futex;                /* own line: bumped by the writer (P3)         */
 byte space_futex;               /* own line: bumped by readers (P4)            */
 byte slot[NSLOTS];              /* slot data                                   */
@@ -211,23 +227,25 @@ active [NREADERS] proctype Reader()
         :: else ->
             /* P3, reader side: nothing to read. */
 #ifndef BROKEN_LATE_ANNOUNCE
-            sleepers++;                 /* P3 1: atomic_add(sleepers, +1), full fence */
-            e = data_futex;             /* P3 2: e = load_acquire(data_futex) */
+#ifndef BROKEN_ANNOUNCE_FIRST
+            e = data_futex;             /* P3 1: e = load_acquire(data_futex) */
+            moved = true;               /* P3 2: atomic_add(announced, +1), full fence */
+#else
+            moved = true;               /* BROKEN: P3 2 before P3 1 */
+            e = data_futex;
+#endif
             if
-            :: r < write_seq ->         /* P3 3: re-check write_seq: it moved */
-                sleepers--              /*       atomic_add(sleepers, -1), go read */
+            :: r < write_seq -> skip    /* P3 3: re-check write_seq: it moved, go read */
             :: else ->
-                futex_wait_data(me, e); /* P3 4: futex_wait(data_futex, e), no timeout */
-                sleepers--              /*       atomic_add(sleepers, -1), loop */
+                futex_wait_data(me, e)  /* P3 4: futex_wait(data_futex, e), no timeout; loop */
             fi;
 #else
-            e = data_futex;             /* P3 2 */
+            e = data_futex;             /* P3 1 */
             if
             :: r < write_seq -> skip    /* P3 3, but nothing announced yet */
             :: else ->
-                sleepers++;             /* BROKEN: P3 1 after the re-check */
-                futex_wait_data(me, e);
-                sleepers--
+                moved = true;           /* BROKEN: P3 2 after the re-check */
+                futex_wait_data(me, e)
             fi;
 #endif
             e = 0
@@ -245,6 +263,7 @@ active proctype Writer()
     byte g;             /* gating sequence (min read_seq) */
     byte e;             /* futex word loaded before the re-check (P4) */
     byte t, k;          /* scratch */
+    bool c;             /* P3: whether announced moved, as loaded after a publish */
 
     do
     :: w == NMSG -> break
@@ -259,6 +278,9 @@ active proctype Writer()
 
 #ifdef BROKEN_EARLY_PUBLISH
             write_seq = w + 1;          /* BROKEN: publish before the data */
+#endif
+#ifdef BROKEN_COUNT_EARLY
+            atomic { c = moved; moved = false };  /* BROKEN: P3 writer 2 before the publish */
 #endif
             /* P1: fill the slot with a plain store.  The assertion is a
              * ghost check of I1 against the readers' *current* read_seq:
@@ -281,14 +303,19 @@ active proctype Writer()
 #ifndef BROKEN_NO_WAKE
             /* P3, writer side.  Step 1, the full fence, is implicit under SC
              * (it is what makes the load below ordered after the store above).
-             * Step 2: if a reader announced it sleeps, bump the word and wake
-             * everyone.  The load, the add and the wake are separate steps. */
+             * Step 2: if the count of announced sleeps moved since the last
+             * wake, bump the word and wake everyone.  The load, the add and
+             * the wake are separate steps. */
+#ifndef BROKEN_COUNT_EARLY
+            atomic { c = moved; moved = false };  /* P3 writer 2: load(announced) != woken_at */
+#endif
             if
-            :: sleepers > 0 ->
+            :: c ->
                 data_futex++;           /* P3 writer 2: atomic_add(data_futex, +1) */
                 futex_wake_data_all(k)  /* P3 writer 2: futex_wake(data_futex, all) */
             :: else -> skip
-            fi
+            fi;
+            c = false
 #endif
 
         :: else ->

@@ -33,6 +33,7 @@ from shmcast import (
     SerializationError,
     _native,
 )
+from shmcast._layout import LAYOUT_VERSION
 from shmcast._segment import PREFIX, SHM_DIR
 
 SLOTS, SLOT = 4, 64
@@ -332,7 +333,12 @@ def test_foreign_segment(content: bytes, words: str) -> None:
     ("offset", "fmt", "value", "words"),
     [
         (0, "<Q", 0x1122334455667788, "bad magic"),
-        (8, "<I", 2, "has layout version 2; this shmcast reads version 1"),
+        (
+            8,
+            "<I",
+            LAYOUT_VERSION - 1,
+            f"has layout version {LAYOUT_VERSION - 1}; this shmcast reads version {LAYOUT_VERSION}",
+        ),
         (12, "<I", 9, "corrupted header \\(unknown kind 9\\)"),
         (32, "<I", 0, "corrupted header: n_readers must be between 1"),
         (36, "<I", 1, "corrupted header: n_slots"),

@@ -401,7 +401,12 @@ def test_list_segments_and_dry_run_cleanup_remove_nothing(children, own_segments
         child = children.start(READER_CHILD, b.handle.name, b.handle.nonce, 1, 0)
         assert children.readline(child) == "read 0"
         sb, sg = segment_info(b.name), segment_info(g.name)
-        assert (sb.status, sb.kind, sb.version, sb.detail) == ("ok", "broadcast", 1, "")
+        assert (sb.status, sb.kind, sb.version, sb.detail) == (
+            "ok",
+            "broadcast",
+            L.LAYOUT_VERSION,
+            "",
+        )
         assert sb.size == L.Geometry(L.KIND_BROADCAST, 2, 4, 64).total_size
         assert (sb.creator_pid, sb.creator_alive, sb.orphan) == (os.getpid(), True, False)
         assert (sb.participants_alive, set(sb.live_pids)) == (2, {os.getpid(), child.pid})

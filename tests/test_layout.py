@@ -122,6 +122,8 @@ def test_broadcast_ring_uses_the_fixed_lines() -> None:
     assert ring.writer == L.BCAST_WRITER_OFF
     assert ring.space_futex == L.BCAST_SPACE_FUTEX_OFF
     assert ring.sleepers == L.SLEEPERS_OFF and ring.data_futex == L.DATA_FUTEX_OFF
+    # the announcement count: the u64 after the sleepers u32, in the same line
+    assert ring.announced == L.ANNOUNCED_OFF == L.SLEEPERS_OFF + 8
     assert [g.peer_line(i) for i in range(3)] == [ring.reader_line(i) for i in range(3)]
     assert g.peer_line(1) - g.peer_line(0) == L.LINE
 

@@ -112,6 +112,10 @@ BROKEN = [
     # (variant, mode, the error pan must report)
     ("BROKEN_LATE_ANNOUNCE", "safety", "invalid end state"),
     ("BROKEN_LATE_ANNOUNCE", "liveness", "acceptance cycle"),
+    ("BROKEN_ANNOUNCE_FIRST", "safety", "invalid end state"),
+    ("BROKEN_ANNOUNCE_FIRST", "liveness", "acceptance cycle"),
+    ("BROKEN_COUNT_EARLY", "safety", "invalid end state"),
+    ("BROKEN_COUNT_EARLY", "liveness", "acceptance cycle"),
     ("BROKEN_NO_WAKE", "safety", "invalid end state"),
     ("BROKEN_NO_WAKE", "liveness", "acceptance cycle"),
     ("BROKEN_WRITER_LATE_FLAG", "safety", "invalid end state"),

@@ -64,11 +64,13 @@ class _AnyWriter:
     def sleep(self, timeout: float) -> bool:
         q = self._q
         a = q._seg.atomics
-        a.add32(L.SLEEPERS_OFF, 1)  # P3, shared by all rings: announce, re-check, sleep
+        # P3, shared by all rings: the futex word, announce, re-check, sleep (RingReader.sleep)
+        seen = a.load32(L.DATA_FUTEX_OFF)
+        a.add64(L.ANNOUNCED_OFF, 1)
+        a.add32(L.SLEEPERS_OFF, 1)  # how many sleep now, for diagnostics
         for line in q._reader_lines:
             a.store32(line + L.SLEEPING, 1)  # informational, for inspection
         try:
-            seen = a.load32(L.DATA_FUTEX_OFF)
             if self.ready():
                 return True
             a.wait32(L.DATA_FUTEX_OFF, seen, timeout)

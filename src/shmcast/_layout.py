@@ -8,6 +8,7 @@ writers, each with the one reader).  Layout::
     0                 128                     header (below), written once by the creator
     128               128                     broadcast: the writer's line      (gather: unused)
     256               128                     sleepers      (u32 at +0): readers asleep on data
+                                              announced     (u64 at +8): sleeps announced, ever
     384               128                     data_futex    (u32 at +0): readers sleep here
     512               128                     broadcast: space_futex (u32)      (gather: unused)
     640               128                     attach_futex  (u32 at +0): attach/detach events
@@ -66,7 +67,7 @@ from dataclasses import dataclass
 from ._errors import SegmentError
 
 MAGIC = b"SHMCAST\x00"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 KIND_BROADCAST = 1
 KIND_GATHER = 2
 KIND_NAMES = {KIND_BROADCAST: "broadcast", KIND_GATHER: "gather"}
@@ -81,6 +82,7 @@ HEADER = struct.Struct("<8sIIQQIIQQQQQQ")
 # Fixed lines.
 BCAST_WRITER_OFF = 1 * LINE
 SLEEPERS_OFF = 2 * LINE
+ANNOUNCED_OFF = SLEEPERS_OFF + 8  # counts up by one for every sleep a reader announces (P3)
 DATA_FUTEX_OFF = 3 * LINE
 BCAST_SPACE_FUTEX_OFF = 4 * LINE
 ATTACH_FUTEX_OFF = 5 * LINE
@@ -138,6 +140,11 @@ class RingLayout:
     data_off: int
     n_slots: int
     slot_size: int
+
+    @property
+    def announced(self) -> int:
+        """u64 count of the sleeps readers announced on data_futex (queue-wide, as sleepers)."""
+        return ANNOUNCED_OFF
 
     def reader_line(self, index: int) -> int:
         return self.readers + LINE * index

@@ -469,7 +469,11 @@ static PyTypeObject AtomicsType = {
  *   flag_off, futex_off, wake_n
  *                          the Dekker hand-over after each store of seq_off:
  *                          writer: sleepers / data_futex / all (P1+P3);
- *                          reader: writer_sleeping / space_futex / 1 (P2+P4).
+ *                          reader: writer_sleeping / space_futex / 1 (P2+P4);
+ *   count_off              writer (optional): the readers' announcement count
+ *                          (P3); with it, the writer wakes only when the count
+ *                          moved since its last wake (cursor_flush says why),
+ *                          instead of whenever flag_off is non-zero.
  * State (members, read and written by the Python slow path too):
  *   pos      slots filled (writer) or consumed (reader);
  *   stored   the value last stored at seq_off (pos - stored slots are held back);
@@ -513,6 +517,8 @@ typedef struct {
     Py_ssize_t n_slots, slot_size, data_off, desc_off;
     Py_ssize_t seq_off, msgs_off, peer_seq_off, flag_off, futex_off;
     int wake_n;
+    Py_ssize_t count_off;   /* writer: the announcement count (-1: use flag_off) */
+    uint64_t woken_at;      /* writer: the count as loaded before the last wake */
     unsigned long long pos, stored, msgs, bound, early;
 } CursorObject;
 
@@ -525,7 +531,22 @@ cursor_base(CursorObject *self)
     return base;
 }
 
-/* Store pos at seq_off and wake the peer if it announced it sleeps (P1+P3 / P2+P4). */
+/*
+ * Store pos at seq_off and wake the peer if it announced it sleeps (P1+P3 /
+ * P2+P4): the release store, a full fence, then the look at the announcement.
+ *
+ * With count_off (the writer, P3), the look is at the count of sleeps the
+ * readers ever announced, and the wake happens only if the count moved since
+ * the look before the last wake.  Skipping is safe because a reader loads the
+ * futex word *before* it announces (docs/protocol.md P3, steps 1-2): a reader
+ * counted at that look loaded the word before the bump that followed the look,
+ * so that bump made its futex_wait return at once, or that wake reached it,
+ * or it never slept; to sleep again it must announce again, which moves the
+ * count.  (A reader announcing first could load the bumped word and then sleep
+ * through the next message: the model's BROKEN_ANNOUNCE_FIRST.)  Without it, a reader that was woken but has not run yet still
+ * counts in `sleepers`, and a writer publishing faster than readers are
+ * scheduled made one futex_wake system call per message.
+ */
 static void
 cursor_flush(CursorObject *self, char *base)
 {
@@ -534,10 +555,16 @@ cursor_flush(CursorObject *self, char *base)
     self->stored = self->pos;
     __atomic_store_n((uint64_t *)(base + self->seq_off), (uint64_t)self->pos, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n((uint32_t *)(base + self->flag_off), __ATOMIC_RELAXED) != 0) {
-        __atomic_add_fetch((uint32_t *)(base + self->futex_off), 1, __ATOMIC_SEQ_CST);
-        wake_word(self->atomics, self->futex_off, self->wake_n);
+    if (self->count_off >= 0) {
+        uint64_t count = __atomic_load_n((uint64_t *)(base + self->count_off), __ATOMIC_RELAXED);
+        if (count == self->woken_at)
+            return;
+        self->woken_at = count;
+    } else if (__atomic_load_n((uint32_t *)(base + self->flag_off), __ATOMIC_RELAXED) == 0) {
+        return;
     }
+    __atomic_add_fetch((uint32_t *)(base + self->futex_off), 1, __ATOMIC_SEQ_CST);
+    wake_word(self->atomics, self->futex_off, self->wake_n);
 }
 
 static void
@@ -756,14 +783,15 @@ Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"atomics", "n_slots", "slot_size", "data_off", "desc_off",
                              "seq_off", "msgs_off", "peer_seq_off", "flag_off", "futex_off",
-                             "wake_n", NULL};
+                             "wake_n", "count_off", NULL};
     PyObject *atomics;
     int wake_n;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnnnnnnnni:Cursor", kwlist,
+    self->count_off = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnnnnnnnni|$n:Cursor", kwlist,
                                      &AtomicsType, &atomics, &self->n_slots, &self->slot_size,
                                      &self->data_off, &self->desc_off, &self->seq_off,
                                      &self->msgs_off, &self->peer_seq_off, &self->flag_off,
-                                     &self->futex_off, &wake_n))
+                                     &self->futex_off, &wake_n, &self->count_off))
         return -1;
     AtomicsObject *a = (AtomicsObject *)atomics;
     if (a->base == NULL) {
@@ -779,8 +807,12 @@ Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
     }
     if (check_word(a, self->seq_off, 8) < 0 || check_word(a, self->msgs_off, 8) < 0 ||
         check_word(a, self->peer_seq_off, 8) < 0 || check_word(a, self->flag_off, 4) < 0 ||
-        check_word(a, self->futex_off, 4) < 0)
+        check_word(a, self->futex_off, 4) < 0 ||
+        (self->count_off >= 0 && check_word(a, self->count_off, 8) < 0))
         return -1;
+    /* No wake yet: the first publish wakes whatever the count (a reader may
+     * have announced before this writer attached). */
+    self->woken_at = ~(uint64_t)0;
     self->wake_n = wake_n < 1 ? INT32_MAX : wake_n;
     Py_INCREF(atomics);
     Py_XSETREF(self->atomics, a);

@@ -80,7 +80,12 @@ class Cursor:
         flag_off: int,
         futex_off: int,
         wake_n: int,
-    ) -> None: ...
+        *,
+        count_off: int = -1,
+    ) -> None:
+        """With ``count_off`` (a writer), wake readers after a publish only if the u64
+        announcement count there moved since the last wake, instead of whenever the u32 at
+        ``flag_off`` is non-zero."""
     def put(self, parts: Sequence[Buffer], kind: int, publish: bool, /) -> bool:
         """Store the concatenated ``parts`` as one contiguous message at ``pos`` and publish it
         (unless ``publish`` is false).  False, with nothing written, if it would wrap, is not

@@ -5,8 +5,8 @@ memory-ordering argument behind each one, are in docs/protocol.md; the comments 
 as P1..P6.  In brief:
 
 - the writer fills slots with plain stores and publishes them with one release store of
-  ``write_seq`` (P1), followed by a full fence and a look at ``sleepers`` to wake sleeping readers
-  (P3);
+  ``write_seq`` (P1), followed by a full fence and a look at ``announced``, the count of sleeps
+  readers announced: it wakes them if the count moved since its last wake (P3);
 - a reader copies slots out and releases them with a release store of its own ``read_seq`` (P2),
   followed by a full fence and a look at ``writer_sleeping`` (P4);
 - each endpoint's position lives in a native :class:`~shmcast._native.Cursor`, which also does
@@ -160,7 +160,7 @@ class RingWriter:
         self.cursor = Cursor(
             self._a, ring.n_slots, ring.slot_size, ring.data_off, ring.desc_off,
             ring.writer + L.SEQ, ring.writer + L.MSGS, ring.writer + L.SEQ,
-            ring.sleepers, ring.data_futex, _WAKE_ALL,
+            ring.sleepers, ring.data_futex, _WAKE_ALL, count_off=ring.announced,
         )  # fmt: skip
         # Large messages stay within the first HOT_BYTES of the ring while the readers keep
         # up (see begin_contiguous); cursor.early is where the next look at that is due.
@@ -575,10 +575,14 @@ class RingReader:
 
     def sleep(self, timeout: float) -> bool:
         a, ring = self._a, self._ring
-        a.add32(ring.sleepers, 1)  # P3 step 1: announce (seq_cst: a full fence)
+        # P3.  The futex word comes first: a writer that counted our announcement before its
+        # last wake has bumped the word after that count, so either `seen` is older than that
+        # bump (the wait returns at once) or the re-check sees what it published.
+        seen = a.load32(ring.data_futex)  # step 1
+        a.add64(ring.announced, 1)  # step 2: announce (seq_cst: a full fence)
+        a.add32(ring.sleepers, 1)  # how many sleep now, for diagnostics
         a.store32(self._line + L.SLEEPING, 1)
         try:
-            seen = a.load32(ring.data_futex)  # step 2
             if self.ready():  # step 3: re-check
                 return True
             a.wait32(ring.data_futex, seen, timeout)  # step 4
