@@ -11,16 +11,17 @@
  *   P2  release: a reader copies a slot out (plain load), then release-stores
  *       its read_seq.
  *   I1  backpressure: the writer fills slot w only when w < min(read_seq) + NSLOTS.
- *   P3  readers sleep on data_futex (Dekker handshake with `announced`, the
- *       count of announced sleeps; the writer wakes only if it moved since
- *       its last wake).  The model keeps, instead of the count and the
- *       writer's `woken_at`, the one bit that decides: `moved`, true when the
- *       count differs from the value the writer loaded last.  A reader's
- *       announcement sets it; the writer's load reads it and, in the same
- *       step, clears it (the writer keeps the loaded value as `woken_at`
- *       whether or not it wakes, so the two are the same).  It starts true,
- *       as `woken_at` starts at a value no count has.  `sleepers`, a count
- *       for diagnostics only, is not modelled: no decision depends on it.
+ *   P3  readers sleep on data_futex (Dekker handshake with `sleepers`, the
+ *       readers asleep now, and `announced`, the count of sleeps ever
+ *       announced; the writer wakes only if `sleepers > 0` and the count moved
+ *       since its last wake).  The model keeps, instead of the count and the
+ *       writer's `woken_at`, the one bit the writer's decision depends on:
+ *       `moved`, true when the count differs from `woken_at`.  A reader's
+ *       announcement sets it.  The writer's load of the count reads it and
+ *       clears it in the same step, and sets it again if it then does not
+ *       wake (woken_at is only updated by a wake; nobody else reads the bit,
+ *       and an announcement in between would only set it too).  It starts
+ *       true, as `woken_at` starts at a value no count has.
  *   P4  the writer sleeps on space_futex (Dekker handshake with
  *       `writer_sleeping`).
  *   Futexes: futex_wait(word, expected) compares the word and, if it still
@@ -106,6 +107,7 @@ byte write_seq;                 /* writer line: number of published slots      *
 bool writer_sleeping;           /* writer line: P4 announcement                */
 byte read_seq[NREADERS];        /* reader i's line: number of released slots   */
 bool moved = true;              /* P3: announced != the writer's woken_at       */
+byte sleepers;                  /* P3: readers asleep now (atomic add)          */
 byte data_futex;                /* own line: bumped by the writer (P3)         */
 byte space_futex;               /* own line: bumped by readers (P4)            */
 byte slot[NSLOTS];              /* slot data                                   */
@@ -230,14 +232,18 @@ active [NREADERS] proctype Reader()
 #ifndef BROKEN_ANNOUNCE_FIRST
             e = data_futex;             /* P3 1: e = load_acquire(data_futex) */
             moved = true;               /* P3 2: atomic_add(announced, +1), full fence */
+            sleepers++;                 /*       atomic_add(sleepers, +1) */
 #else
             moved = true;               /* BROKEN: P3 2 before P3 1 */
+            sleepers++;
             e = data_futex;
 #endif
             if
-            :: r < write_seq -> skip    /* P3 3: re-check write_seq: it moved, go read */
+            :: r < write_seq ->         /* P3 3: re-check write_seq: it moved, go read */
+                sleepers--
             :: else ->
-                futex_wait_data(me, e)  /* P3 4: futex_wait(data_futex, e), no timeout; loop */
+                futex_wait_data(me, e); /* P3 4: futex_wait(data_futex, e), no timeout */
+                sleepers--              /*       atomic_add(sleepers, -1), loop */
             fi;
 #else
             e = data_futex;             /* P3 1 */
@@ -245,7 +251,9 @@ active [NREADERS] proctype Reader()
             :: r < write_seq -> skip    /* P3 3, but nothing announced yet */
             :: else ->
                 moved = true;           /* BROKEN: P3 2 after the re-check */
-                futex_wait_data(me, e)
+                sleepers++;
+                futex_wait_data(me, e);
+                sleepers--
             fi;
 #endif
             e = 0
@@ -304,16 +312,20 @@ active proctype Writer()
             /* P3, writer side.  Step 1, the full fence, is implicit under SC
              * (it is what makes the load below ordered after the store above).
              * Step 2: if the count of announced sleeps moved since the last
-             * wake, bump the word and wake everyone.  The load, the add and
-             * the wake are separate steps. */
+             * wake and a reader sleeps now, bump the word and wake everyone.
+             * The loads, the add and the wake are separate steps. */
 #ifndef BROKEN_COUNT_EARLY
             atomic { c = moved; moved = false };  /* P3 writer 2: load(announced) != woken_at */
 #endif
             if
-            :: c ->
+            :: c && sleepers > 0 ->     /* P3 writer 2: then load(sleepers) > 0 */
                 data_futex++;           /* P3 writer 2: atomic_add(data_futex, +1) */
                 futex_wake_data_all(k)  /* P3 writer 2: futex_wake(data_futex, all) */
-            :: else -> skip
+            :: else ->
+                if
+                :: c -> moved = true    /* no wake: woken_at stays */
+                :: else -> skip
+                fi
             fi;
             c = false
 #endif

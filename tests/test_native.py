@@ -440,24 +440,29 @@ def test_cursor_flush_with_flag_bumps_and_wakes(ring: Ring) -> None:
     assert outcome and outcome[0][0] is True and outcome[0][1] < 25.0
 
 
-def test_cursor_with_a_count_wakes_once_per_announcement() -> None:
+def test_cursor_with_a_count_wakes_once_per_announced_sleep() -> None:
     mapping = mmap.mmap(-1, 1 << 16)
     a = _native.Atomics(mapping)
-    count, futex = 512, 384
+    sleepers, count, futex = 256, 264, 384
     try:
-        w = _native.Cursor(a, 4, 256, 8192, 4096, 0, 32, 0, 256, futex, 0, count_off=count)
+        w = _native.Cursor(a, 8, 256, 8192, 4096, 0, 32, 0, sleepers, futex, 0, count_off=count)
         w.bound = 8
-        w.put((b"a",), RAW, True)  # the first publish wakes: a reader may wait from before
+        w.put((b"a",), RAW, True)  # nobody sleeps: no wake
+        assert a.load32(futex) == 0
+        a.add64(count, 1)  # a reader announces a sleep ...
+        w.put((b"b",), RAW, True)  # ... and is awake again (sleepers 0): no wake
+        assert a.load32(futex) == 0
+        a.add32(sleepers, 1)  # now it sleeps
+        w.put((b"c",), RAW, True)  # the count moved since the last wake (there was none)
         assert a.load32(futex) == 1
-        w.put((b"b",), RAW, True)  # nobody announced a sleep since that wake
+        w.put((b"d",), RAW, True)  # woken, not yet run (still counted asleep): no new wake
         assert a.load32(futex) == 1
-        a.add64(count, 1)  # a reader announces a sleep
-        w.put((b"c",), RAW, True)
+        a.add64(count, 1)  # it announces its next sleep
+        w.put((b"e",), RAW, True)
         assert a.load32(futex) == 2
-        w.put((b"d",), RAW, True)  # the woken reader has not announced again
-        assert a.load32(futex) == 2 and a.load64(0) == 4  # published all the same
+        assert a.load64(0) == 5  # every message was published all the same
         with pytest.raises(ValueError, match="aligned"):
-            _native.Cursor(a, 4, 256, 8192, 4096, 0, 32, 0, 256, futex, 0, count_off=count + 4)
+            _native.Cursor(a, 8, 256, 8192, 4096, 0, 32, 0, sleepers, futex, 0, count_off=count + 4)
     finally:
         a.release()
         mapping.close()

@@ -67,7 +67,7 @@ class _AnyWriter:
         # P3, shared by all rings: the futex word, announce, re-check, sleep (RingReader.sleep)
         seen = a.load32(L.DATA_FUTEX_OFF)
         a.add64(L.ANNOUNCED_OFF, 1)
-        a.add32(L.SLEEPERS_OFF, 1)  # how many sleep now, for diagnostics
+        a.add32(L.SLEEPERS_OFF, 1)
         for line in q._reader_lines:
             a.store32(line + L.SLEEPING, 1)  # informational, for inspection
         try:

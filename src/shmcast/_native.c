@@ -471,9 +471,9 @@ static PyTypeObject AtomicsType = {
  *                          writer: sleepers / data_futex / all (P1+P3);
  *                          reader: writer_sleeping / space_futex / 1 (P2+P4);
  *   count_off              writer (optional): the readers' announcement count
- *                          (P3); with it, the writer wakes only when the count
- *                          moved since its last wake (cursor_flush says why),
- *                          instead of whenever flag_off is non-zero.
+ *                          (P3); with it, the writer wakes only if, besides
+ *                          flag_off being non-zero, the count moved since its
+ *                          last wake (cursor_flush says why).
  * State (members, read and written by the Python slow path too):
  *   pos      slots filled (writer) or consumed (reader);
  *   stored   the value last stored at seq_off (pos - stored slots are held back);
@@ -533,19 +533,24 @@ cursor_base(CursorObject *self)
 
 /*
  * Store pos at seq_off and wake the peer if it announced it sleeps (P1+P3 /
- * P2+P4): the release store, a full fence, then the look at the announcement.
+ * P2+P4): the release store, a full fence, then the look at the announcement
+ * (flag_off non-zero: a reader, or the writer, is asleep or about to be).
  *
- * With count_off (the writer, P3), the look is at the count of sleeps the
- * readers ever announced, and the wake happens only if the count moved since
- * the look before the last wake.  Skipping is safe because a reader loads the
+ * With count_off (the writer, P3), the writer also looks at the count of
+ * sleeps the readers ever announced, and wakes only if it moved since the look
+ * before the last wake as well.  Each look alone is a sound reason to skip
+ * (a reader that needs this wake is counted by both), so both must say
+ * "wake".  Skipping on the count is safe because a reader loads the
  * futex word *before* it announces (docs/protocol.md P3, steps 1-2): a reader
  * counted at that look loaded the word before the bump that followed the look,
  * so that bump made its futex_wait return at once, or that wake reached it,
  * or it never slept; to sleep again it must announce again, which moves the
  * count.  (A reader announcing first could load the bumped word and then sleep
- * through the next message: the model's BROKEN_ANNOUNCE_FIRST.)  Without it, a reader that was woken but has not run yet still
- * counts in `sleepers`, and a writer publishing faster than readers are
- * scheduled made one futex_wake system call per message.
+ * through the next message: the model's BROKEN_ANNOUNCE_FIRST.)  Why both: a
+ * reader that was woken but has not run yet still counts in `sleepers`, so
+ * with the flag alone a writer publishing faster than readers are scheduled
+ * made one futex_wake system call per message; the count alone would wake for
+ * readers that announced since and are awake again.
  */
 static void
 cursor_flush(CursorObject *self, char *base)
@@ -555,14 +560,15 @@ cursor_flush(CursorObject *self, char *base)
     self->stored = self->pos;
     __atomic_store_n((uint64_t *)(base + self->seq_off), (uint64_t)self->pos, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint64_t count = 0;
     if (self->count_off >= 0) {
-        uint64_t count = __atomic_load_n((uint64_t *)(base + self->count_off), __ATOMIC_RELAXED);
+        count = __atomic_load_n((uint64_t *)(base + self->count_off), __ATOMIC_RELAXED);
         if (count == self->woken_at)
             return;
-        self->woken_at = count;
-    } else if (__atomic_load_n((uint32_t *)(base + self->flag_off), __ATOMIC_RELAXED) == 0) {
-        return;
     }
+    if (__atomic_load_n((uint32_t *)(base + self->flag_off), __ATOMIC_RELAXED) == 0)
+        return;
+    self->woken_at = count;
     __atomic_add_fetch((uint32_t *)(base + self->futex_off), 1, __ATOMIC_SEQ_CST);
     wake_word(self->atomics, self->futex_off, self->wake_n);
 }

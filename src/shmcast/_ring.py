@@ -5,8 +5,9 @@ memory-ordering argument behind each one, are in docs/protocol.md; the comments 
 as P1..P6.  In brief:
 
 - the writer fills slots with plain stores and publishes them with one release store of
-  ``write_seq`` (P1), followed by a full fence and a look at ``announced``, the count of sleeps
-  readers announced: it wakes them if the count moved since its last wake (P3);
+  ``write_seq`` (P1), followed by a full fence and a look at ``announced`` (the count of sleeps
+  readers announced) and ``sleepers``: it wakes them if one sleeps and the count moved since
+  its last wake (P3);
 - a reader copies slots out and releases them with a release store of its own ``read_seq`` (P2),
   followed by a full fence and a look at ``writer_sleeping`` (P4);
 - each endpoint's position lives in a native :class:`~shmcast._native.Cursor`, which also does
@@ -579,8 +580,8 @@ class RingReader:
         # last wake has bumped the word after that count, so either `seen` is older than that
         # bump (the wait returns at once) or the re-check sees what it published.
         seen = a.load32(ring.data_futex)  # step 1
-        a.add64(ring.announced, 1)  # step 2: announce (seq_cst: a full fence)
-        a.add32(ring.sleepers, 1)  # how many sleep now, for diagnostics
+        a.add64(ring.announced, 1)  # step 2: announce (seq_cst: a full fence) ...
+        a.add32(ring.sleepers, 1)  # ... in both words the writer looks at
         a.store32(self._line + L.SLEEPING, 1)
         try:
             if self.ready():  # step 3: re-check
