@@ -334,8 +334,10 @@ class RingWriter:
         32 MiB ring reach under half the rate they reach through a 4 MiB one).  So once a lap
         passes ``HOT_BYTES``, a large message goes back to the start of the ring, behind a run
         of padding, if the readers have already freed the room there: no wait is added.  If
-        they have not, the lap goes on and the whole ring serves as a buffer, as before.  Looked
-        at once per lap (``cursor.early``); padding is published as at the end of a lap (P1).
+        they have not, the lap goes on and the whole ring serves as a buffer, as before.  The
+        native fast path declines large messages from ``cursor.early`` on, so this runs once
+        per lap while the readers keep up, and for each large message past the hot region while
+        they lag.  Padding is published as at the end of a lap (P1).
         """
         c, n = self.cursor, self._n
         lap_end = c.pos - idx + n
