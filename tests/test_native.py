@@ -27,15 +27,25 @@ U64 = 2**64
 U32 = 2**32
 
 
+@contextlib.contextmanager
+def atomics_over(size: int) -> Iterator[_native.Atomics]:
+    """Atomics over a fresh zero-filled, page-aligned anonymous mapping of ``size`` bytes,
+    released (if the test has not) and unmapped afterwards."""
+    mapping = mmap.mmap(-1, size)
+    a = _native.Atomics(mapping)
+    try:
+        yield a
+    finally:
+        with contextlib.suppress(BufferError):
+            a.release()
+        mapping.close()
+
+
 @pytest.fixture
 def atomics() -> Iterator[_native.Atomics]:
-    """Atomics over a fresh zero-filled, page-aligned anonymous mapping of SIZE bytes."""
-    mapping = mmap.mmap(-1, SIZE)
-    a = _native.Atomics(mapping)
-    yield a
-    with contextlib.suppress(BufferError):
-        a.release()
-    mapping.close()
+    """Atomics over a mapping of SIZE bytes."""
+    with atomics_over(SIZE) as a:
+        yield a
 
 
 def wake_until_woken(a: _native.Atomics, off: int, timeout: float = 10.0) -> int:
@@ -441,10 +451,8 @@ def test_cursor_flush_with_flag_bumps_and_wakes(ring: Ring) -> None:
 
 
 def test_cursor_with_a_count_wakes_once_per_announced_sleep() -> None:
-    mapping = mmap.mmap(-1, 1 << 16)
-    a = _native.Atomics(mapping)
     sleepers, count, futex = 256, 264, 384
-    try:
+    with atomics_over(1 << 16) as a:
         w = _native.Cursor(a, 8, 256, 8192, 4096, 0, 32, 0, sleepers, futex, 0, count_off=count)
         w.bound = 8
         w.put((b"a",), RAW, True)  # nobody sleeps: no wake
@@ -463,15 +471,10 @@ def test_cursor_with_a_count_wakes_once_per_announced_sleep() -> None:
         assert a.load64(0) == 5  # every message was published all the same
         with pytest.raises(ValueError, match="aligned"):
             _native.Cursor(a, 8, 256, 8192, 4096, 0, 32, 0, sleepers, futex, 0, count_off=count + 4)
-    finally:
-        a.release()
-        mapping.close()
 
 
 def test_cursor_put_declines_large_messages_from_early_on() -> None:
-    mapping = mmap.mmap(-1, 1 << 20)
-    a = _native.Atomics(mapping)
-    try:
+    with atomics_over(1 << 20) as a:
         n, slot = 4, 128 * 1024
         w = _native.Cursor(a, n, slot, 2 * slot, 4096, 0, 32, 0, 256, 384, 0)
         w.bound = n
@@ -483,16 +486,10 @@ def test_cursor_put_declines_large_messages_from_early_on() -> None:
         assert w.pos == 1 and a.load64(0) == 1
         assert w.put((big[:-1],), RAW, True)  # a smaller message is taken
         assert w.pos == 2
-    finally:
-        a.release()
-        mapping.close()
 
 
 def test_cursor_big_copies_release_the_gil_and_arrive_intact() -> None:
-    size = 4 * 1024 * 1024
-    mapping = mmap.mmap(-1, size)
-    a = _native.Atomics(mapping)
-    try:
+    with atomics_over(4 * 1024 * 1024) as a:
         n, slot = 4, 512 * 1024
         w = _native.Cursor(a, n, slot, 2 * slot, 4096, 0, 32, 0, 256, 384, 0)
         r = _native.Cursor(a, n, slot, 2 * slot, 4096, 128, 160, 0, 512, 640, 1)
@@ -501,9 +498,6 @@ def test_cursor_big_copies_release_the_gil_and_arrive_intact() -> None:
         assert w.put((payload[:1000], payload[1000:]), RAW, True)
         assert r.take_bytes(RAW) == payload
         assert r.pos == 2
-    finally:
-        a.release()
-        mapping.close()
 
 
 def test_cursor_checks_its_geometry_at_creation() -> None:
