@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from shmcast._liveness import all_stat_fields
 from shmcast._segment import SHM_DIR
 
 START_METHODS = ("fork", "forkserver", "spawn")
@@ -59,19 +60,7 @@ def recorded_children() -> frozenset[int]:
 
 def process_table() -> dict[int, tuple[int, str]]:
     """``pid -> (parent pid, state letter)`` for every process visible in /proc."""
-    table: dict[int, tuple[int, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue  # exited meanwhile
-        # The command name may contain spaces and parentheses: split after the last ')'.
-        fields = data[data.rfind(b")") + 2 :].split()
-        table[int(entry)] = (int(fields[1]), fields[0].decode())
-    return table
+    return {pid: (int(fields[1]), fields[0].decode()) for pid, fields in all_stat_fields()}
 
 
 def descendants(root: int) -> dict[int, tuple[int, str]]:

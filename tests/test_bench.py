@@ -34,6 +34,7 @@ from shmcast._bench.adapters import (
     Writer,
 )
 from shmcast._bench.stats import SequenceCheck, percentile
+from shmcast._liveness import all_stat_fields
 
 # -- fake implementations ------------------------------------------------------------------------
 
@@ -131,18 +132,7 @@ def run_bench(tmp_path: Path, *argv: str) -> tuple[int, dict[str, Any]]:
 
 def group_members(pgid: int) -> list[int]:
     """Processes (zombies included) still in process group ``pgid``."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            fields = data[data.rfind(b")") + 2 :].split()
-            if int(fields[2]) == pgid:
-                members.append(int(entry))
-    return members
+    return [pid for pid, fields in all_stat_fields() if int(fields[2]) == pgid]
 
 
 def cases_of(doc: dict[str, Any], impl: str) -> list[dict[str, Any]]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 _SELF: tuple[int, int] | None = None
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """Fields 3.. of /proc/PID/stat (state first), or None when the process is gone."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """Fields 3.. of /proc/PID/stat (so index 0 is the state letter, field 3), or None when
+    the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -18,9 +20,18 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     return data[data.rfind(b")") + 2 :].split()
 
 
+def all_stat_fields() -> Iterator[tuple[int, list[bytes]]]:
+    """``(pid, stat_fields(pid))`` of every process visible in /proc (gone ones skipped)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None:
+                yield int(entry), fields
+
+
 def process_start_time(pid: int) -> int:
     """The start time of ``pid`` in clock ticks since boot, or 0 when it cannot be read."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     try:
         return int(fields[19]) if fields else 0  # field 22 of the whole line
     except (IndexError, ValueError):
@@ -50,7 +61,7 @@ def is_alive(pid: int, start_time: int) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     if fields is None:
         return not os.path.isdir("/proc/self")  # no /proc at all: existence is all we know
     if fields[0] in (b"Z", b"X"):

@@ -49,6 +49,7 @@ from . import _layout as L
 from ._endpoint import Handle
 from ._errors import QueueBroken, QueueClosed, QueueTimeout, SegmentError
 from ._gather import GatherQueue
+from ._liveness import stat_fields
 from ._queue import BroadcastQueue
 from ._segment import Segment
 from ._wait import POLICIES, IdleWait, WaitPolicy, resolve_policy
@@ -425,12 +426,10 @@ _PROC_STATES = {
 
 def describe_process(pid: int) -> str:
     """The kernel's view of ``pid``: its state letter and what it waits in (wchan)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
+    fields = stat_fields(pid)
+    if not fields:
         return "no such process"
-    letter = stat[stat.rfind(")") + 2 :][:1]
+    letter = fields[0].decode(errors="replace")
     words = f"state {letter} ({_PROC_STATES.get(letter, '?')})"
     try:
         with open(f"/proc/{pid}/wchan") as f:
@@ -444,12 +443,12 @@ def describe_process(pid: int) -> str:
 
 def cpu_seconds(pid: int) -> float | None:
     """User plus system CPU time of ``pid`` so far, or None when it cannot be read."""
+    fields = stat_fields(pid)
+    if fields is None:
+        return None
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rfind(b")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
+    except (IndexError, ValueError):
         return None
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._liveness import all_stat_fields
 from . import adapters
 from .workloads import CaseSpec
 
@@ -37,20 +38,12 @@ STARTUP_LIMIT_S = 180.0  # importing torch and vLLM twice (leader and forkserver
 
 def _process_group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2 :].split()
-        # fields[0] is the state (field 3), fields[2] the process group (field 5)
-        if len(fields) > 2 and fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+    # fields[0] is the state (field 3), fields[2] the process group (field 5)
+    return [
+        pid
+        for pid, fields in all_stat_fields()
+        if len(fields) > 2 and fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid
+    ]
 
 
 def _cpu_jiffies() -> tuple[int, int]:
