@@ -94,6 +94,35 @@ def assert_empty(reader: BroadcastQueue) -> None:
         reader.get(timeout=0)
 
 
+PLAN_SETTINGS = settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+def plans(largest: int) -> st.SearchStrategy[list[tuple[str, int]]]:
+    """1 to 25 messages, raw or objects, of 0 to ``largest`` bytes each."""
+    return st.lists(
+        st.tuples(st.sampled_from([RAW, OBJECT]), st.integers(0, largest)), min_size=1, max_size=25
+    )
+
+
+def run_plan_with_a_reader_thread(
+    plan: list[tuple[str, int]], seed: int, n_slots: int, slot_size: int
+) -> None:
+    """Send ``plan`` through a fresh one-reader queue of this geometry while a thread reads and
+    checks every message; nothing may be left over."""
+    with (
+        BroadcastQueue(1, n_slots=n_slots, slot_size=slot_size) as w,
+        BroadcastQueue.attach(w.handle, 0) as r,
+    ):
+        check = Background(lambda: check_plan(r, seed, plan, 30, expect_close=False))
+        send_plan(w, seed, plan, timeout=30)
+        assert check.result(60)["count"] == len(plan)
+        assert_empty(r)
+
+
 # -- put / get --------------------------------------------------------------------------------
 
 
@@ -228,30 +257,12 @@ def test_small_messages_never_wrap_early(make_queue: MakeQueue, small_hot_region
     assert w.stats().sequence == 20
 
 
-@settings(
-    max_examples=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-@given(
-    st.lists(
-        st.tuples(st.sampled_from([RAW, OBJECT]), st.integers(0, 10 * BIG)),
-        min_size=1,
-        max_size=25,
-    ),
-    st.integers(0, 2**32),
-)
+@PLAN_SETTINGS
+@given(plans(largest=10 * BIG), st.integers(0, 2**32))
 def test_any_sizes_with_early_wraps_and_a_reader_thread(
     small_hot_region: None, plan: list[tuple[str, int]], seed: int
 ) -> None:
-    with (
-        BroadcastQueue(1, n_slots=8, slot_size=BIG) as w,
-        BroadcastQueue.attach(w.handle, 0) as r,
-    ):
-        check = Background(lambda: check_plan(r, seed, plan, 30, expect_close=False))
-        send_plan(w, seed, plan, timeout=30)
-        assert check.result(60)["count"] == len(plan)
-        assert_empty(r)
+    run_plan_with_a_reader_thread(plan, seed, n_slots=8, slot_size=BIG)
 
 
 def test_readers_in_threads_receive_everything(make_queue: MakeQueue) -> None:
@@ -266,28 +277,10 @@ def test_readers_in_threads_receive_everything(make_queue: MakeQueue) -> None:
         assert check.result(60)["digest"] == plan_digest(plan)
 
 
-@settings(
-    max_examples=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
-@given(
-    st.lists(
-        st.tuples(st.sampled_from([RAW, OBJECT]), st.integers(0, 3 * CAPACITY)),
-        min_size=1,
-        max_size=25,
-    ),
-    st.integers(0, 2**32),
-)
+@PLAN_SETTINGS
+@given(plans(largest=3 * CAPACITY), st.integers(0, 2**32))
 def test_any_sizes_with_a_reader_thread(plan: list[tuple[str, int]], seed: int) -> None:
-    with (
-        BroadcastQueue(1, n_slots=SLOTS, slot_size=SLOT) as w,
-        BroadcastQueue.attach(w.handle, 0) as r,
-    ):
-        check = Background(lambda: check_plan(r, seed, plan, 30, expect_close=False))
-        send_plan(w, seed, plan, timeout=30)
-        assert check.result(60)["count"] == len(plan)
-        assert_empty(r)
+    run_plan_with_a_reader_thread(plan, seed, n_slots=SLOTS, slot_size=SLOT)
 
 
 # -- zero copy: reserve and view --------------------------------------------------------------
