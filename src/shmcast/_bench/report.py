@@ -274,14 +274,22 @@ def _size_label(n: int) -> str:
     return f"{n} B"
 
 
-def _shared_legend(fig: Any, axes: Any) -> None:
-    """One legend for the whole figure, right of the panels, each label once."""
+def _save_figure(
+    plt: Any, fig: Any, axes: Any, title: str, panels_width: float, path: Path
+) -> Path:
+    """Finish a figure and write it: one legend for the whole figure right of the panels (each
+    label once), the title, the panels in the left ``panels_width`` of the width; then close."""
     seen: dict[str, Any] = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
     if seen:
         fig.legend(list(seen.values()), list(seen), loc="center right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, panels_width, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_plots(doc: dict[str, Any], out_dir: Path, stem: str) -> tuple[list[Path], str]:
@@ -324,13 +332,9 @@ def write_plots(doc: dict[str, Any], out_dir: Path, stem: str) -> tuple[list[Pat
             ax.grid(True, which="both", alpha=0.3)
         for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
-        _shared_legend(fig, axes)
-        fig.suptitle("Latency CDF per implementation (verified cases only)")
-        fig.tight_layout(rect=(0, 0, 0.86, 1))
+        title = "Latency CDF per implementation (verified cases only)"
         path = out_dir / f"{stem}-latency-cdf.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(plt, fig, axes, title, 0.86, path))
 
     tput = [c for c in ok if c["workload"] == "throughput"]
     reader_counts = sorted({c["readers"] for c in tput})
@@ -358,11 +362,7 @@ def write_plots(doc: dict[str, Any], out_dir: Path, stem: str) -> tuple[list[Pat
             ax.set_ylabel("MB/s per reader")
             ax.set_title(f"{readers} reader(s)")
             ax.grid(True, which="both", alpha=0.3)
-        _shared_legend(fig, axes)
-        fig.suptitle("Throughput against message size (stars: a numpy array; verified cases only)")
-        fig.tight_layout(rect=(0, 0, 0.82, 1))
+        title = "Throughput against message size (stars: a numpy array; verified cases only)"
         path = out_dir / f"{stem}-throughput.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(plt, fig, axes, title, 0.82, path))
     return written, ""
