@@ -49,7 +49,6 @@ log = logging.getLogger("shmcast")
 
 _DEC = 0xFFFFFFFF  # adding this to a u32 subtracts one
 _WAKE_ALL = 0
-_NEVER = (1 << 64) - 1
 #: While the readers keep up, large messages (``EARLY_WRAP_MIN`` bytes and up) use only about
 #: this much of the ring, so that it stays in the processor's cache; see
 #: :meth:`RingWriter._early_wrap`.
@@ -165,8 +164,10 @@ class RingWriter:
         )  # fmt: skip
         # Large messages stay within the first HOT_BYTES of the ring while the readers keep
         # up (see begin_contiguous); cursor.early is where the next look at that is due.
+        # (A ring no larger than that keeps the Cursor's default: never.)
         self._hot = max(1, HOT_BYTES // ring.slot_size)
-        self.cursor.early = _NEVER if self._hot >= ring.n_slots else self._lap_start() + self._hot
+        if self._hot < ring.n_slots:
+            self.cursor.early = self._lap_start() + self._hot
         self._need = 0  # slots the current wait asks for
         self.waits = 0  # statistics: how often a put had to wait for space
         self.label = "queue"  # how log messages name this endpoint
