@@ -5,6 +5,8 @@
 - an implementation that loses messages, and one that reorders them, are flagged, not ranked;
 - an implementation that hangs is reported as a hang within its time limit, and nothing it
   started is left: no process of its group, no shared-memory segment;
+- the report places each case (the core-to-core round trip around it) and compares large
+  messages with this machine's memcpy;
 - the two probes beside the harness run: ``call_costs.py`` (warm and cold) and ``wake_floor.c``.
 
 The fake implementations below are adapters like the real ones; the harness's leader process
@@ -27,12 +29,14 @@ from typing import Any
 import pytest
 
 from shmcast import _bench
+from shmcast._bench import report
 from shmcast._bench.adapters import (
     MultiprocessingQueueAdapter,
     Reader,
     ShmcastAdapter,
     Writer,
 )
+from shmcast._bench.memcpy import memcpy_bandwidth
 from shmcast._bench.stats import SequenceCheck, percentile
 from shmcast._liveness import all_stat_fields
 
@@ -164,6 +168,53 @@ def test_sequence_check_counts_gaps_reorders_and_missing_tail() -> None:
     assert clean.ok and clean.lost == 0
 
 
+def test_placement_from_the_core_to_core_round_trips() -> None:
+    def case(*ns: float | None) -> dict[str, Any]:
+        return {"core_to_core_ns": list(ns)}
+
+    cases = [case(70, 80), case(400, 380), case(75, 300), case(None, 90), case()]
+    fastest = report.fastest_core_to_core(cases)
+    assert fastest == 70
+    kinds = [report.placement(c, fastest) for c in cases]
+    assert kinds == ["near", "apart", "moved", None, None]
+    assert report.fastest_core_to_core([case(), case(None, None)]) is None
+
+
+def test_ratios_and_tables_show_each_side_s_placement() -> None:
+    def case(impl: str, value: float, c2c: list[float]) -> dict[str, Any]:
+        return {
+            "impl": impl, "workload": "throughput", "variant": "1MiB", "readers": 1,
+            "payload": "bytes", "size": 1 << 20, "status": "ok", "core_to_core_ns": c2c,
+            "metrics": {"msgs_per_s_per_reader": value, "mb_per_s_per_reader": value},
+        }  # fmt: skip
+
+    cases = [
+        case("shmcast-futex", 300.0, [70, 75]),
+        case("vllm-mq", 100.0, [350, 340]),
+        case("mp-queue", 50.0, [72, 330]),
+    ]
+    ratios = [r for r in report.compute_ratios(cases) if r["metric"] == "mb_per_s_per_reader"]
+    assert len(ratios) == 1
+    assert ratios[0]["vs_vllm"] == pytest.approx(3.0)
+    assert ratios[0]["placement"] == {"shmcast": "near", "vllm": "apart", "best_other": "moved"}
+    memcpy = {str(1 << 20): {"from_memory": 600.0, "in_cache": 1200.0}}
+    doc = {"cases": cases, "implementations": {}, "ratios": ratios, "memcpy_mb_per_s": memcpy}
+    text = report.format_tables(doc)
+    assert "fastest 70 ns; 1 case(s) ran with the CPUs apart" in text
+    assert "near/apart/moved" in text
+    # shmcast's 300 MB/s is half of memcpy from memory and a quarter of memcpy in cache
+    row = next(line for line in text.splitlines() if line.startswith("1MiB r1 "))
+    assert row.split() == ["1MiB", "r1", "300", "600", "0.50", "1,200", "0.25", "near"]
+
+
+def test_memcpy_reference_measures_both_figures() -> None:
+    figures = memcpy_bandwidth(1 << 20, repeats=1)
+    assert set(figures) == {"in_cache", "from_memory"}
+    assert all(value > 0 for value in figures.values())
+    with pytest.raises(ValueError, match="at least 1"):
+        memcpy_bandwidth(0)
+
+
 def test_percentile_interpolates() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == pytest.approx(50.5)
@@ -200,6 +251,7 @@ def test_quick_run_verifies_every_message(tmp_path: Path, capsys: pytest.Capture
     assert all(info["status"] == "ok" for info in doc["implementations"].values())
     assert len(doc["settings"]["cases"]) == 5
     assert len(doc["cases"]) == 10
+    assert doc["memcpy_mb_per_s"] == {}  # no throughput case of 1 MiB or more
     for case in doc["cases"]:
         assert case["status"] == "ok", (case["impl"], case["workload"], case["detail"])
         readers = case["verification"]["readers"]
@@ -211,6 +263,8 @@ def test_quick_run_verifies_every_message(tmp_path: Path, capsys: pytest.Capture
         assert case["elapsed_s"] < case["time_limit"]
         assert case["leaked"] == []
         assert {"busy_percent", "loadavg_1m"} <= set(case["background"])
+        before, after = case["core_to_core_ns"]  # every test machine has two CPUs or more
+        assert 0 < before < 1e6 and 0 < after < 1e6
     engine = [c for c in doc["cases"] if c["workload"] == "engine"]
     assert all(c["readers"] == 3 and c["metrics"]["steps_completed"] == 40 for c in engine)
     # shmcast is compared with the best other comparator; vLLM did not run, so no vLLM ratio

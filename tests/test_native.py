@@ -846,3 +846,32 @@ def test_shm_open_argument_errors() -> None:
         _native.shm_open("/x", "rw", 0)
     with pytest.raises(TypeError):
         _native.shm_unlink(None)
+
+
+# -- the core-to-core probe ------------------------------------------------------------------------
+
+ALLOWED_CPUS = sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(len(ALLOWED_CPUS) < 2, reason="needs two CPUs")
+@pytest.mark.timeout(30)
+def test_core_to_core_gives_one_positive_mean_per_batch() -> None:
+    means = _native.core_to_core_ns(ALLOWED_CPUS[0], ALLOWED_CPUS[1], 2000, 4, 10.0)
+    assert len(means) == 4
+    # a round trip moves a line twice between CPUs: more than nothing, less than a timeslice
+    assert all(1.0 < m < 1e6 for m in means), means
+
+
+@pytest.mark.timeout(30)
+def test_core_to_core_errors() -> None:
+    with pytest.raises(ValueError, match="two different CPUs"):
+        _native.core_to_core_ns(0, 0, 100, 1, 1.0)
+    with pytest.raises(ValueError, match="two different CPUs"):
+        _native.core_to_core_ns(-1, 0, 100, 1, 1.0)
+    with pytest.raises(ValueError, match="rounds >= batches"):
+        _native.core_to_core_ns(0, 1, 3, 4, 1.0)
+    with pytest.raises(ValueError, match="timeout > 0"):
+        _native.core_to_core_ns(0, 1, 100, 1, 0.0)
+    outside = max(ALLOWED_CPUS) + 1  # a CPU this process may not run on
+    with pytest.raises(OSError, match=f"CPU {ALLOWED_CPUS[0]} or {outside}"):
+        _native.core_to_core_ns(ALLOWED_CPUS[0], outside, 100, 1, 1.0)

@@ -109,3 +109,11 @@ def shm_open(name: str, flags: int, mode: int, /) -> int:
 
 def shm_unlink(name: str, /) -> None:
     """POSIX shm_unlink."""
+
+def core_to_core_ns(
+    cpu_a: int, cpu_b: int, rounds: int, batches: int, timeout: float, /
+) -> list[float]:
+    """Mean round trip, per batch, in ns, of one cache line passed back and forth between
+    two threads pinned to ``cpu_a`` and ``cpu_b`` (a benchmark diagnostic; Linux only).
+    ValueError on bad arguments, OSError when a thread cannot run on its CPU, TimeoutError
+    past ``timeout`` seconds.  Releases the GIL; the caller's own affinity is unchanged."""

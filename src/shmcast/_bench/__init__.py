@@ -212,6 +212,20 @@ def _package_version() -> str:
     return __version__
 
 
+def _memcpy_references(cases: list[Any]) -> dict[str, dict[str, float]]:
+    """This machine's single-threaded memcpy MB/s for each throughput size of at least
+    ``report.MEMCPY_MIN_SIZE`` in the plan (``memcpy.memcpy_bandwidth``), keyed by the size."""
+    from . import report
+    from .memcpy import memcpy_bandwidth
+
+    sizes = sorted(
+        {c.size for c in cases if c.workload == "throughput" and c.size >= report.MEMCPY_MIN_SIZE}
+    )
+    if sizes:
+        _progress(f"memcpy reference: {', '.join(f'{s >> 20} MiB' for s in sizes)}")
+    return {str(size): memcpy_bandwidth(size) for size in sizes}
+
+
 def _start_leader(
     name: str,
     spec_cls: tuple[str, Any],
@@ -308,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
         f"shmcast bench: {len(runnable)} implementation(s) x {len(cases)} case(s), "
         f"results to {args.out}"
     )
+    memcpy = _memcpy_references(cases)
     results: list[dict[str, Any]] = []
     leaders: dict[str, Leader] = {}
     interrupted = False
@@ -330,6 +345,7 @@ def run(args: argparse.Namespace) -> int:
                 "elapsed_s": round(outcome.elapsed_s, 3),
                 "leaked": outcome.leaked,
                 "background": outcome.background,
+                "core_to_core_ns": outcome.core_to_core_ns,
             }
             results.append(case)
             _progress(f"{_one_line(case)}  ({outcome.elapsed_s:.1f} s)")
@@ -362,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
             "cases": [spec.as_dict() for spec in cases],
         },
         "implementations": implementations,
+        "memcpy_mb_per_s": memcpy,
         "cases": results,
     }
     doc["ratios"] = report.compute_ratios(results)

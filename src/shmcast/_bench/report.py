@@ -51,6 +51,35 @@ def case_label(case: dict[str, Any]) -> str:
     return f"{case['workload']} {case['variant']} r{case['readers']}"
 
 
+#: throughput cases of at least this size are compared with memcpy (smaller copies measure
+#: the call, not the memory)
+MEMCPY_MIN_SIZE = 1 << 20
+
+
+# -- CPU placement -----------------------------------------------------------------------------
+
+#: a case whose core-to-core round trip exceeds this many times the run's fastest one ran with
+#: the CPUs placed apart (on a virtual machine: the host moved them to different core complexes)
+SLOW_FACTOR = 2.0
+
+
+def fastest_core_to_core(cases: list[dict[str, Any]]) -> float | None:
+    """The fastest core-to-core round trip (ns) measured around any case of the run."""
+    values = [v for c in cases for v in c.get("core_to_core_ns") or () if v]
+    return min(values) if values else None
+
+
+def placement(case: dict[str, Any], fastest: float | None) -> str | None:
+    """``"near"`` when the round trip before and after the case was within ``SLOW_FACTOR`` of
+    the run's fastest, ``"apart"`` when both were beyond it, ``"moved"`` when the CPUs moved
+    during the case; None when not measured."""
+    values = [v for v in case.get("core_to_core_ns") or () if v]
+    if not fastest or len(values) < 2:
+        return None
+    slow = [v > SLOW_FACTOR * fastest for v in values]
+    return "apart" if all(slow) else "moved" if any(slow) else "near"
+
+
 # -- ratios ------------------------------------------------------------------------------------
 
 
@@ -63,7 +92,9 @@ def _factor(ours: float | None, theirs: float | None, higher_better: bool) -> fl
 def compute_ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For every shmcast variant, every ok case and ranked metric: the advantage factor over
     vLLM's MessageQueue and over the best other (non-shmcast, non-vLLM) implementation,
-    where those ran and verified."""
+    where those ran and verified; with the CPU placement (:func:`placement`) each of the
+    compared cases ran under, since a comparison across placements compares the host too."""
+    fastest = fastest_core_to_core(cases)
     by_key: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
     for case in cases:
         if case["status"] == "ok":
@@ -103,6 +134,13 @@ def compute_ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         "vs_best_other": _factor(
                             ours, others.get(best_name) if best_name else None, higher
                         ),
+                        "placement": {
+                            "shmcast": placement(case, fastest),
+                            "vllm": placement(impls[VLLM], fastest) if VLLM in impls else None,
+                            "best_other": (
+                                placement(impls[best_name], fastest) if best_name else None
+                            ),
+                        },
                     }
                 )
     return ratios
@@ -190,6 +228,15 @@ def format_tables(doc: dict[str, Any]) -> str:
             f"median {busy[len(busy) // 2]:.0f}% busy, max {busy[-1]:.0f}%"
             + ("  (figures are skewed by other work)" if busy[len(busy) // 2] > 20 else "")
         )
+    fastest = fastest_core_to_core(cases)
+    if fastest:
+        kinds = [placement(c, fastest) for c in cases]
+        out.append(
+            f"CPU placement: a cache line's round trip between two CPUs, around each case: "
+            f"fastest {fastest:.0f} ns; {kinds.count('apart')} case(s) ran with the CPUs apart "
+            f"(> {SLOW_FACTOR:g}x that), {kinds.count('moved')} while they moved (column 'CPUs')"
+        )
+    if busy or fastest:
         out.append("")
     for workload, metrics in METRICS.items():
         rows_cases = [c for c in cases if c["workload"] == workload]
@@ -197,7 +244,10 @@ def format_tables(doc: dict[str, Any]) -> str:
             continue
         extras = EXTRA_COLUMNS.get(workload, [])
         headers = (
-            ["implementation", "case", "status"] + [m[1] for m in metrics] + [e[1] for e in extras]
+            ["implementation", "case", "status"]
+            + [m[1] for m in metrics]
+            + [e[1] for e in extras]
+            + ["CPUs"]
         )
         rows = []
         for c in rows_cases:
@@ -208,6 +258,7 @@ def format_tables(doc: dict[str, Any]) -> str:
                 row += [_fmt(c["metrics"].get(e[0])) for e in extras]
             else:
                 row += ["-"] * (len(metrics) + len(extras))
+            row.append(placement(c, fastest) or "-")
             rows.append(row)
         out.append(f"== {workload}: {_TITLES[workload]} ==")
         out.append(_table(headers, rows))
@@ -236,6 +287,7 @@ def format_tables(doc: dict[str, Any]) -> str:
         for name, info in unavailable.items():
             out.append(f"{name:<16} {info['status']}: {info.get('reason', '')}")
         out.append("")
+    out.extend(_memcpy_table(doc))
     ratios = [r for r in doc.get("ratios", []) if r["impl"] == "shmcast-futex"]
     if ratios:
         out.append(
@@ -243,7 +295,7 @@ def format_tables(doc: dict[str, Any]) -> str:
             "(factor > 1: shmcast better) =="
         )
         headers = ["case", "metric", "shmcast", "vllm-mq", "x vllm", "best other", "value",
-                   "x best"]  # fmt: skip
+                   "x best", "CPUs (ours/vllm/best)"]  # fmt: skip
         rows = [
             [
                 f"{r['workload']} {r['variant']} r{r['readers']}",
@@ -254,12 +306,48 @@ def format_tables(doc: dict[str, Any]) -> str:
                 r["best_other"] or "-",
                 _fmt(r["best_other_value"]),
                 _fmt(r["vs_best_other"]),
+                "/".join(r["placement"][k] or "-" for k in ("shmcast", "vllm", "best_other")),
             ]
             for r in ratios
         ]
         out.append(_table(headers, rows))
         out.append("")
     return "\n".join(out)
+
+
+def _memcpy_table(doc: dict[str, Any]) -> list[str]:
+    """shmcast-futex's large-message throughput as a share of this machine's single-threaded
+    memcpy, measured in the same run (see ``memcpy.py``), from memory and in cache."""
+    memcpy = doc.get("memcpy_mb_per_s") or {}
+    fastest = fastest_core_to_core(doc["cases"])
+    rows = []
+    for c in doc["cases"]:
+        reference = memcpy.get(str(c.get("size")))
+        if c["impl"] != "shmcast-futex" or c["status"] != "ok" or c["workload"] != "throughput":
+            continue
+        if not reference or c["payload"] != "bytes":
+            continue
+        ours = c["metrics"]["mb_per_s_per_reader"]
+        rows.append(
+            [
+                f"{c['variant']} r{c['readers']}",
+                _fmt(ours),
+                _fmt(reference["from_memory"]),
+                _fmt(ours / reference["from_memory"]),
+                _fmt(reference["in_cache"]),
+                _fmt(ours / reference["in_cache"]),
+                placement(c, fastest) or "-",
+            ]
+        )
+    if not rows:
+        return []
+    headers = ["case", "MB/s/reader", "memcpy from memory", "share", "memcpy in cache", "share",
+               "CPUs"]  # fmt: skip
+    return [
+        "== shmcast-futex against one memcpy on one CPU (the messages come from memory) ==",
+        _table(headers, rows),
+        "",
+    ]
 
 
 # -- plots -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import os
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _native
 from .._liveness import all_stat_fields
 from . import adapters
 from .workloads import CaseSpec
@@ -66,6 +68,24 @@ def background_load(sample_s: float = 0.2) -> dict[str, float]:
     return {"busy_percent": round(100 * share, 1), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
+def core_to_core(rounds: int = 20_000, batches: int = 10) -> dict[str, Any]:
+    """Where the host has put this machine's CPUs, as seen from one cache line: the median
+    round trip (ns) of a line passed between threads pinned to the first two CPUs this process
+    may use (``_native.core_to_core_ns``).  On a virtual machine the host may move the virtual
+    CPUs between core complexes while the harness runs (seen on a 2-vCPU machine: 60-90 ns on
+    one complex, 340 ns across two, and 1 MiB throughput 10x apart), so it is recorded before
+    and after each case.  ``{}`` when there are fewer than two CPUs or no probe."""
+    cpus = sorted(os.sched_getaffinity(0))
+    probe = getattr(_native, "core_to_core_ns", None)
+    if len(cpus) < 2 or probe is None:
+        return {}
+    try:
+        means = probe(cpus[0], cpus[1], rounds, batches, 2.0)
+    except (OSError, TimeoutError) as exc:
+        return {"cpus": cpus[:2], "error": str(exc)}
+    return {"cpus": cpus[:2], "round_trip_ns": round(statistics.median(means), 1)}
+
+
 @dataclass
 class CaseOutcome:
     """What the harness learned about one case, beyond the leader's own summary."""
@@ -74,6 +94,8 @@ class CaseOutcome:
     elapsed_s: float
     leaked: list[str] = field(default_factory=list)
     background: dict[str, float] = field(default_factory=dict)
+    #: core-to-core round trip (ns) measured just before and just after the case
+    core_to_core_ns: list[float | None] = field(default_factory=list)
 
 
 class Leader:
@@ -149,6 +171,7 @@ class Leader:
         """Run one case; a case past ``spec.time_limit`` is killed and reported as a hang."""
         assert self.proc is not None
         background = background_load()
+        c2c_before = core_to_core().get("round_trip_ns")
         recorded_before = self._recorded()
         start = time.monotonic()
         deadline = start + spec.time_limit
@@ -172,14 +195,16 @@ class Leader:
                         f"process group {killed['process_group']} killed",
                     }
                 result.update(verification={}, metrics={}, kill=killed)
-                return CaseOutcome(result, elapsed, background=background)
+                c2c = [c2c_before, core_to_core().get("round_trip_ns")]
+                return CaseOutcome(result, elapsed, background=background, core_to_core_ns=c2c)
             if event.get("event") == "phase":
                 self.phase = event["phase"]
                 self.on_event(event)
             elif event.get("event") == "result":
                 elapsed = time.monotonic() - start
                 leaked = self._remove_resources(self._recorded()[len(recorded_before) :])
-                return CaseOutcome(event["result"], elapsed, leaked, background)
+                c2c = [c2c_before, core_to_core().get("round_trip_ns")]
+                return CaseOutcome(event["result"], elapsed, leaked, background, c2c)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ask the leader to exit; kill it (and its group) if it does not within ``timeout``."""
