@@ -207,6 +207,33 @@ def test_ratios_and_tables_show_each_side_s_placement() -> None:
     assert row.split() == ["1MiB", "r1", "300", "600", "0.50", "1,200", "0.25", "near"]
 
 
+def test_rounds_merge_into_medians_and_keep_any_failure() -> None:
+    def case(impl: str, p50: float, status: str = "ok", c2c: float = 70.0) -> dict[str, Any]:
+        return {
+            "impl": impl, "workload": "latency", "variant": "dict", "readers": 1,
+            "status": status, "core_to_core_ns": [c2c, c2c],
+            "metrics": {"p50_us": p50, "p99_us": 2 * p50, "cdf": [[p50, 0.5]]},
+        }  # fmt: skip
+
+    cases = [
+        case("shmcast-futex", 10.0), case("vllm-mq", 50.0),
+        case("shmcast-futex", 30.0, c2c=400.0), case("vllm-mq", 40.0, status="lost"),
+        case("shmcast-futex", 20.0), case("vllm-mq", 60.0),
+    ]  # fmt: skip
+    ours, theirs = report.merge_rounds(cases)
+    assert ours["rounds"] == 3 and ours["status"] == "ok"
+    assert ours["metrics"]["p50_us"] == 20.0 and ours["metrics"]["p99_us"] == 40.0
+    assert ours["metrics"]["cdf"] == [[20.0, 0.5]]  # from the median round
+    assert len(ours["core_to_core_ns"]) == 6
+    assert report.placement(ours, 70.0) == "moved"  # apart in one round of three
+    assert theirs["status"] == "lost" and theirs["rounds"] == 3  # flagged, not ranked
+    ratios = report.compute_ratios(cases)
+    assert ratios and all(r["vllm"] is None for r in ratios)  # vLLM's median is not compared
+    assert {r["metric"]: r["value"] for r in ratios}["p50_us"] == 20.0
+    single = case("mp-queue", 5.0)
+    assert report.merge_rounds([single]) == [single]
+
+
 def test_memcpy_reference_measures_both_figures() -> None:
     figures = memcpy_bandwidth(1 << 20, repeats=1)
     assert set(figures) == {"in_cache", "from_memory"}
@@ -272,6 +299,30 @@ def test_quick_run_verifies_every_message(tmp_path: Path, capsys: pytest.Capture
     assert ratios and all(r["best_other"] == "mp-queue" for r in ratios)
     assert all(r["vllm"] is None and r["vs_vllm"] is None for r in ratios)
     assert "== latency" in out and "== engine" in out
+
+
+@pytest.mark.timeout(60)
+def test_rounds_run_the_plan_again_and_report_medians(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, doc = run_bench(
+        tmp_path, "--quick", "--impl", "shmcast-futex,mp-queue", "--workload", "throughput:64B",
+        "--readers", "1", "--rounds", "2",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and doc["settings"]["rounds"] == 2
+    assert [(c["round"], c["impl"]) for c in doc["cases"]] == [
+        (0, "shmcast-futex"), (0, "mp-queue"), (1, "shmcast-futex"), (1, "mp-queue"),
+    ]  # fmt: skip
+    assert all(c["status"] == "ok" for c in doc["cases"])
+    assert "each figure below is the median of 2 rounds" in out
+    ratio = next(r for r in doc["ratios"] if r["metric"] == "msgs_per_s_per_reader")
+    values = sorted(c["metrics"]["msgs_per_s_per_reader"] for c in cases_of(doc, "shmcast-futex"))
+    assert ratio["value"] == pytest.approx(sum(values) / 2)
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    assert _bench.run(parser.parse_args(["--quick", "--rounds", "0"])) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)

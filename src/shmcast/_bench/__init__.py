@@ -104,6 +104,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how reader processes start (default forkserver: imports each implementation once)",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the whole plan N times, interleaved (default 1); the tables and ratios give "
+        "each metric's median over the rounds, the JSON every round",
+    )
+    parser.add_argument(
         "--order",
         choices=("case", "impl"),
         default="case",
@@ -314,10 +322,14 @@ def run(args: argparse.Namespace) -> int:
             _progress(f"{cls.name}: not installed ({reason})")
         else:
             runnable[cls.name] = (spec_name, cls)
+    if args.rounds < 1:
+        print(f"shmcast bench: --rounds must be at least 1, not {args.rounds}", file=sys.stderr)
+        return 2
     if args.order == "case":  # each case for every implementation in turn
-        order = [(spec, name) for spec in cases for name in runnable]
+        one_round = [(spec, name) for spec in cases for name in runnable]
     else:
-        order = [(spec, name) for name in runnable for spec in cases]
+        one_round = [(spec, name) for name in runnable for spec in cases]
+    order = [(r, spec, name) for r in range(args.rounds) for spec, name in one_round]
     _progress(
         f"shmcast bench: {len(runnable)} implementation(s) x {len(cases)} case(s), "
         f"results to {args.out}"
@@ -327,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     leaders: dict[str, Leader] = {}
     interrupted = False
     try:
-        for done, (spec, name) in enumerate(order, 1):
+        for done, (round_index, spec, name) in enumerate(order, 1):
             if implementations.get(name, {}).get("status", "ok") != "ok":
                 continue
             leader = leaders.get(name)
@@ -340,6 +352,7 @@ def run(args: argparse.Namespace) -> int:
             outcome = leader.run(spec)
             case = {
                 "impl": name,
+                "round": round_index,
                 **{k: v for k, v in spec.as_dict().items() if k != "extra"},
                 **outcome.result,
                 "elapsed_s": round(outcome.elapsed_s, 3),
@@ -373,6 +386,7 @@ def run(args: argparse.Namespace) -> int:
             "quick": args.quick,
             "start_method": args.start_method,
             "order": args.order,
+            "rounds": args.rounds,
             "shmcast_replies": args.shmcast_replies,
             "options": {k: v for k, v in vars(options).items()},
             "cases": [spec.as_dict() for spec in cases],

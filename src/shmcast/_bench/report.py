@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,57 @@ def fastest_core_to_core(cases: list[dict[str, Any]]) -> float | None:
 
 
 def placement(case: dict[str, Any], fastest: float | None) -> str | None:
-    """``"near"`` when the round trip before and after the case was within ``SLOW_FACTOR`` of
-    the run's fastest, ``"apart"`` when both were beyond it, ``"moved"`` when the CPUs moved
-    during the case; None when not measured."""
+    """``"near"`` when every round trip measured around the case (before and after it, in
+    each round) was within ``SLOW_FACTOR`` of the run's fastest, ``"apart"`` when all were
+    beyond it, ``"moved"`` when the CPUs moved during the case or between its rounds; None
+    when not measured."""
     values = [v for v in case.get("core_to_core_ns") or () if v]
     if not fastest or len(values) < 2:
         return None
     slow = [v > SLOW_FACTOR * fastest for v in values]
     return "apart" if all(slow) else "moved" if any(slow) else "near"
+
+
+# -- rounds ------------------------------------------------------------------------------------
+
+
+def _is_figure(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def merge_rounds(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per implementation and case, in first-seen order, from the rounds of a run
+    (``--rounds``).  A case that failed in any round keeps that round's failure (flagged, not
+    ranked).  Otherwise every numeric metric is the median over the rounds, and what is not a
+    number (the latency CDF, per-reader lists) comes from the round whose first metric is the
+    median one.  ``rounds`` counts the rounds; ``core_to_core_ns`` gathers all of theirs.  A
+    single round is returned as it is."""
+    groups: dict[tuple[str, str, str, int], list[dict[str, Any]]] = {}
+    for case in cases:
+        key = (case["impl"], case["workload"], case["variant"], case["readers"])
+        groups.setdefault(key, []).append(case)
+    merged = []
+    for runs in groups.values():
+        if len(runs) == 1:
+            merged.append(runs[0])
+            continue
+        failed = [c for c in runs if c["status"] != "ok"]
+        if failed:
+            entry = dict(failed[0])
+        else:
+            first = METRICS[runs[0]["workload"]][0][0]
+            ranked = sorted(runs, key=lambda c: c["metrics"].get(first) or 0.0)
+            middle = ranked[(len(runs) - 1) // 2]
+            entry = dict(middle)
+            entry["metrics"] = {
+                key: statistics.median(values) if all(map(_is_figure, values)) else value
+                for key, value in middle["metrics"].items()
+                for values in [[c["metrics"].get(key) for c in runs]]
+            }
+        entry["rounds"] = len(runs)
+        entry["core_to_core_ns"] = [v for c in runs for v in c.get("core_to_core_ns") or ()]
+        merged.append(entry)
+    return merged
 
 
 # -- ratios ------------------------------------------------------------------------------------
@@ -93,8 +137,10 @@ def compute_ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For every shmcast variant, every ok case and ranked metric: the advantage factor over
     vLLM's MessageQueue and over the best other (non-shmcast, non-vLLM) implementation,
     where those ran and verified; with the CPU placement (:func:`placement`) each of the
-    compared cases ran under, since a comparison across placements compares the host too."""
+    compared cases ran under, since a comparison across placements compares the host too.
+    Over several rounds, the medians (:func:`merge_rounds`) are compared."""
     fastest = fastest_core_to_core(cases)
+    cases = merge_rounds(cases)
     by_key: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
     for case in cases:
         if case["status"] == "ok":
@@ -217,9 +263,11 @@ _TITLES = {
 
 
 def format_tables(doc: dict[str, Any]) -> str:
-    """The human-readable report: one table per workload, the ratios, flagged cases."""
+    """The human-readable report: one table per workload (medians over the rounds), the
+    ratios, flagged cases (of every round)."""
     out: list[str] = []
     cases = doc["cases"]
+    merged = merge_rounds(cases)
     busy = sorted(c["background"]["busy_percent"] for c in cases if c.get("background"))
     if busy:
         machine = doc.get("machine", {})
@@ -236,10 +284,13 @@ def format_tables(doc: dict[str, Any]) -> str:
             f"fastest {fastest:.0f} ns; {kinds.count('apart')} case(s) ran with the CPUs apart "
             f"(> {SLOW_FACTOR:g}x that), {kinds.count('moved')} while they moved (column 'CPUs')"
         )
-    if busy or fastest:
+    rounds = max((c.get("rounds", 1) for c in merged), default=1)
+    if rounds > 1:
+        out.append(f"each figure below is the median of {rounds} rounds")
+    if busy or fastest or rounds > 1:
         out.append("")
     for workload, metrics in METRICS.items():
-        rows_cases = [c for c in cases if c["workload"] == workload]
+        rows_cases = [c for c in merged if c["workload"] == workload]
         if not rows_cases:
             continue
         extras = EXTRA_COLUMNS.get(workload, [])
@@ -271,7 +322,8 @@ def format_tables(doc: dict[str, Any]) -> str:
             first = (
                 detail[-1] if c["status"] == "error" and detail else (detail[0] if detail else "")
             )
-            out.append(f"{c['impl']:<16} {case_label(c):<28} {c['status']:<9} {first[:160]}")
+            where = f"{case_label(c)} (round {c['round'] + 1})" if rounds > 1 else case_label(c)
+            out.append(f"{c['impl']:<16} {where:<28} {c['status']:<9} {first[:160]}")
         out.append("")
     leaks = [c for c in cases if c.get("leaked")]
     if leaks:
@@ -321,7 +373,7 @@ def _memcpy_table(doc: dict[str, Any]) -> list[str]:
     memcpy = doc.get("memcpy_mb_per_s") or {}
     fastest = fastest_core_to_core(doc["cases"])
     rows = []
-    for c in doc["cases"]:
+    for c in merge_rounds(doc["cases"]):
         reference = memcpy.get(str(c.get("size")))
         if c["impl"] != "shmcast-futex" or c["status"] != "ok" or c["workload"] != "throughput":
             continue
@@ -393,7 +445,7 @@ def write_plots(doc: dict[str, Any], out_dir: Path, stem: str) -> tuple[list[Pat
         return [], "matplotlib is not installed: no plots"
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    ok = [c for c in doc["cases"] if c["status"] == "ok"]
+    ok = [c for c in merge_rounds(doc["cases"]) if c["status"] == "ok"]
     impls = list(dict.fromkeys(c["impl"] for c in doc["cases"]))
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(impls)}
 
