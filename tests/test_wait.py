@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import time
 import types
@@ -270,13 +271,57 @@ def test_futex_wait_spins_before_sleeping() -> None:
     assert waiter.spins == waiter.spins_ended == 1
 
 
-def test_futex_wait_sleeps_at_once_when_no_spinning_place_is_free() -> None:
-    waiter = ScriptedWaiter(ready_on=3)
+@pytest.fixture
+def yields(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """Record the policies' calls of os.sched_yield (they still yield)."""
+    calls: list[None] = []
+    real = os.sched_yield
+
+    def recording_yield() -> None:
+        calls.append(None)
+        real()
+
+    monkeypatch.setattr(_wait.os, "sched_yield", recording_yield)
+    return calls
+
+
+def test_futex_wait_eager_spin_yields_every_16_looks(yields: list[None]) -> None:
+    waiter = ScriptedWaiter(ready_on=100)
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    assert waiter.sleeps == [] and waiter.spins == waiter.spins_ended == 1
+    assert len(yields) == (waiter.ready_calls - 2) // 16  # one look before the spin
+
+
+def test_futex_wait_spins_politely_when_no_spinning_place_is_free(yields: list[None]) -> None:
+    waiter = ScriptedWaiter(ready_on=40)
     waiter.may_spin = False
     policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000)
     assert policy.wait(waiter, time.monotonic() + 10) is True
-    assert len(waiter.sleeps) == 1  # went to sleep instead of spinning
+    assert waiter.sleeps == []  # caught while spinning
     assert waiter.spins == 1 and waiter.spins_ended == 0  # refused: nothing to give back
+    assert len(yields) == waiter.ready_calls - 2  # a yield after every look that found nothing
+
+
+def test_futex_wait_polite_spin_ends_with_the_budget_and_sleeps() -> None:
+    waiter = ScriptedWaiter()
+    waiter.may_spin = False
+    policy = FutexWait(spin_us=2000, min_spin_us=2000, slice=0.02)
+    start = time.monotonic()
+    assert policy.wait(waiter, start + 0.1) is False
+    assert waiter.sleeps, "a polite spin is bounded by the same budget"
+
+
+def test_futex_wait_not_polite_sleeps_at_once_when_no_spinning_place_is_free(
+    yields: list[None],
+) -> None:
+    waiter = ScriptedWaiter(ready_on=3)
+    waiter.may_spin = False
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, polite=False)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    assert len(waiter.sleeps) == 1  # went to sleep instead of spinning
+    assert waiter.spins == 1 and waiter.spins_ended == 0
+    assert yields == []
 
 
 def _ready_after(waiter: ScriptedWaiter, seconds: float) -> threading.Timer:
