@@ -412,11 +412,11 @@ class RingWriter:
 
 
 class SpinSlots:
-    """The segment's ``spinners`` count: at most ``limit`` of its processes spin at once.
+    """The segment's ``spinners`` count: at most ``limit`` of its processes spin eagerly at once.
 
     Only the spin phase of :class:`~shmcast.FutexWait` uses it, on its slow path (a wait that
-    found nothing).  A process killed while spinning leaves the count one too high: one spinner
-    fewer from then on, never a hang.
+    found nothing); a process refused a place spins politely or sleeps.  A process killed while
+    spinning leaves the count one too high: one eager spinner fewer from then on, never a hang.
     """
 
     __slots__ = ("_a",)
