@@ -1069,7 +1069,8 @@ native_core_to_core_ns(PyObject *Py_UNUSED(mod), PyObject *args)
                           &timeout))
         return NULL;
     if (cpu_a < 0 || cpu_b < 0 || cpu_a >= CPU_SETSIZE || cpu_b >= CPU_SETSIZE || cpu_a == cpu_b) {
-        PyErr_Format(PyExc_ValueError, "core_to_core_ns: need two different CPUs in [0, %d), got %d and %d",
+        PyErr_Format(PyExc_ValueError,
+                     "core_to_core_ns: need two different CPUs in [0, %d), got %d and %d",
                      CPU_SETSIZE, cpu_a, cpu_b);
         return NULL;
     }
@@ -1078,6 +1079,8 @@ native_core_to_core_ns(PyObject *Py_UNUSED(mod), PyObject *args)
                         "core_to_core_ns: need batches >= 1, rounds >= batches and timeout > 0");
         return NULL;
     }
+    if (timeout > 3600.0)
+        timeout = 3600.0; /* a deadline in range of the clock's nanoseconds */
     double *means = PyMem_Calloc((size_t)batches, sizeof(double));
     PingPong *pp = NULL;
     if (means == NULL || posix_memalign((void **)&pp, 64, sizeof *pp) != 0) {
