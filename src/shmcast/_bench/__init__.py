@@ -108,8 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="run the whole plan N times, interleaved (default 1); the tables and ratios give "
-        "each metric's median over the rounds, the JSON every round",
+        help="run the whole plan N times, one round after the other (default 1); the tables "
+        "and ratios give each metric's median over the rounds, the JSON every round",
     )
     parser.add_argument(
         "--order",
@@ -305,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
         )
         selectors = [s for item in (args.workload or []) for s in _csv(item)]
         cases = plan_cases(selectors or None, options)
+        if args.rounds < 1:
+            raise ValueError(f"--rounds must be at least 1, not {args.rounds}")
     except (ValueError, ImportError, AttributeError) as exc:
         print(f"shmcast bench: {exc}", file=sys.stderr)
         return 2
@@ -322,9 +324,6 @@ def run(args: argparse.Namespace) -> int:
             _progress(f"{cls.name}: not installed ({reason})")
         else:
             runnable[cls.name] = (spec_name, cls)
-    if args.rounds < 1:
-        print(f"shmcast bench: --rounds must be at least 1, not {args.rounds}", file=sys.stderr)
-        return 2
     if args.order == "case":  # each case for every implementation in turn
         one_round = [(spec, name) for spec in cases for name in runnable]
     else:
