@@ -122,13 +122,17 @@ class HangingAdapter(ShmcastAdapter):
 # -- helpers ----------------------------------------------------------------------------------
 
 
+def bench_args(*argv: str) -> argparse.Namespace:
+    """``shmcast bench ARGV`` parsed as the command line does."""
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
 def run_bench(tmp_path: Path, *argv: str) -> tuple[int, dict[str, Any]]:
     """Run ``shmcast bench ARGV --out tmp_path`` in this process; return its exit code and the
     JSON document it wrote."""
-    parser = argparse.ArgumentParser()
-    _bench.add_arguments(parser)
-    args = parser.parse_args([*argv, "--out", str(tmp_path), "--no-plots"])
-    code = _bench.run(args)
+    code = _bench.run(bench_args(*argv, "--out", str(tmp_path), "--no-plots"))
     files = sorted(tmp_path.glob("bench-*.json"))
     assert len(files) == 1, files
     return code, json.loads(files[0].read_text())
@@ -319,9 +323,7 @@ def test_rounds_run_the_plan_again_and_report_medians(
     ratio = next(r for r in doc["ratios"] if r["metric"] == "msgs_per_s_per_reader")
     values = sorted(c["metrics"]["msgs_per_s_per_reader"] for c in cases_of(doc, "shmcast-futex"))
     assert ratio["value"] == pytest.approx(sum(values) / 2)
-    parser = argparse.ArgumentParser()
-    _bench.add_arguments(parser)
-    assert _bench.run(parser.parse_args(["--quick", "--rounds", "0"])) == 2
+    assert _bench.run(bench_args("--quick", "--rounds", "0")) == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
 
 

@@ -609,7 +609,8 @@ Cursor_flush(CursorObject *self, PyObject *Py_UNUSED(ignored))
  * `publish` is false (then it is held back until flush()).  Declines (False,
  * nothing written) if the message would wrap around the end of the ring, if
  * the cached gate does not cover it (I1), if it is large and the writer is at
- * or past `early`, or if there are more than MAX_PARTS parts.  The caller checks the size against the capacity first.
+ * or past `early`, or if there are more than MAX_PARTS parts.  The caller
+ * checks the size against the capacity first.
  */
 static PyObject *
 Cursor_put(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)

@@ -222,13 +222,10 @@ def _package_version() -> str:
 
 def _memcpy_references(cases: list[Any]) -> dict[str, dict[str, float]]:
     """This machine's single-threaded memcpy MB/s for each throughput size of at least
-    ``report.MEMCPY_MIN_SIZE`` in the plan (``memcpy.memcpy_bandwidth``), keyed by the size."""
-    from . import report
-    from .memcpy import memcpy_bandwidth
+    ``memcpy.MIN_SIZE`` in the plan (``memcpy.memcpy_bandwidth``), keyed by the size."""
+    from .memcpy import MIN_SIZE, memcpy_bandwidth
 
-    sizes = sorted(
-        {c.size for c in cases if c.workload == "throughput" and c.size >= report.MEMCPY_MIN_SIZE}
-    )
+    sizes = sorted({c.size for c in cases if c.workload == "throughput" and c.size >= MIN_SIZE})
     if sizes:
         _progress(f"memcpy reference: {', '.join(f'{s >> 20} MiB' for s in sizes)}")
     return {str(size): memcpy_bandwidth(size) for size in sizes}

@@ -18,6 +18,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+#: throughput cases of at least this size are compared with memcpy (smaller copies measure
+#: the call, not the memory)
+MIN_SIZE = 1 << 20
 #: the source of the ``from_memory`` figure: larger than any cache of a usual machine
 SOURCE_BYTES = 256 << 20
 #: bytes copied in one pass (at least one message)

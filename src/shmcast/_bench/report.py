@@ -52,11 +52,6 @@ def case_label(case: dict[str, Any]) -> str:
     return f"{case['workload']} {case['variant']} r{case['readers']}"
 
 
-#: throughput cases of at least this size are compared with memcpy (smaller copies measure
-#: the call, not the memory)
-MEMCPY_MIN_SIZE = 1 << 20
-
-
 # -- CPU placement -----------------------------------------------------------------------------
 
 #: a case whose core-to-core round trip exceeds this many times the run's fastest one ran with
@@ -339,7 +334,7 @@ def format_tables(doc: dict[str, Any]) -> str:
         for name, info in unavailable.items():
             out.append(f"{name:<16} {info['status']}: {info.get('reason', '')}")
         out.append("")
-    out.extend(_memcpy_table(doc))
+    out.extend(_memcpy_table(merged, doc.get("memcpy_mb_per_s") or {}, fastest))
     ratios = [r for r in doc.get("ratios", []) if r["impl"] == "shmcast-futex"]
     if ratios:
         out.append(
@@ -367,13 +362,14 @@ def format_tables(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _memcpy_table(doc: dict[str, Any]) -> list[str]:
-    """shmcast-futex's large-message throughput as a share of this machine's single-threaded
-    memcpy, measured in the same run (see ``memcpy.py``), from memory and in cache."""
-    memcpy = doc.get("memcpy_mb_per_s") or {}
-    fastest = fastest_core_to_core(doc["cases"])
+def _memcpy_table(
+    merged: list[dict[str, Any]], memcpy: dict[str, dict[str, float]], fastest: float | None
+) -> list[str]:
+    """shmcast-futex's large-message throughput (``merged``: the cases, medians over the
+    rounds) as a share of this machine's single-threaded memcpy, measured in the same run
+    (``memcpy``, keyed by size; see ``memcpy.py``), from memory and in cache."""
     rows = []
-    for c in merge_rounds(doc["cases"]):
+    for c in merged:
         reference = memcpy.get(str(c.get("size")))
         if c["impl"] != "shmcast-futex" or c["status"] != "ok" or c["workload"] != "throughput":
             continue
