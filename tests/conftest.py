@@ -37,6 +37,15 @@ from shmcast._segment import PREFIX, SHM_DIR
 CHILD_GRACE = 3.0  # seconds children get to finish exiting after a test before they are leaks
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-iterations",
+        type=int,
+        default=240,
+        help="seeded iterations of the corruption fuzzer (test_corruption.py; default 240)",
+    )
+
+
 # -- record every child the tests start -------------------------------------------------------
 
 

@@ -505,12 +505,12 @@ def test_foreign_and_other_version_files_are_reported_and_left_alone(own_segment
     truncated = f"shmcast-truncated-{os.getpid()}"
     own_segments += [foreign, other, empty, truncated]
     header = bytearray(L.HEADER.size)
-    L.HEADER.pack_into(header, 0, L.MAGIC, 99, L.KIND_BROADCAST, *[0] * 10)
+    L.HEADER.pack_into(header, 0, L.MAGIC, 99, L.KIND_BROADCAST, *[0] * 12)
     geometry = L.Geometry(L.KIND_BROADCAST, 1, 4, 64)
     good = bytearray(L.HEADER.size)
     L.HEADER.pack_into(
         good, 0, L.MAGIC, L.LAYOUT_VERSION, L.KIND_BROADCAST, 1, geometry.total_size, 1, 4, 64,
-        1, 1, 1, geometry.desc_off, geometry.data_off,
+        1, 1, 1, geometry.desc_off, geometry.data_off, 0, 0,
     )  # fmt: skip
     contents = {
         foreign: os.urandom(3000),

@@ -9,6 +9,7 @@ import math
 import mmap
 import os
 import platform
+import random
 import secrets
 import signal
 import struct
@@ -266,7 +267,7 @@ SLEEPERS, DATA_FUTEX, W_SLEEPING, SPACE_FUTEX = 256, 384, 512, 640
 DESC_OFF, DATA_OFF, N_SLOTS, SLOT = 1024, 2048, 4, 256
 FIRST, CONT, PAD, CONTIG = 1, 2, 4, 8
 RAW, OBJECT = 1, 2
-DESC = struct.Struct("<QIIQQ")  # total, check, flags, msg_no, seq
+DESC = struct.Struct("<QIIQQI28x")  # total, check, flags, msg_no, seq, crc; a 64-byte line
 KEY = 0x5EED_C0FFEE  # the ring's nonce, which keys the descriptors' check words
 
 
@@ -282,13 +283,13 @@ class Ring:
         self.reader = _native.Cursor(self.a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF, R_SEQ, R_MSGS,
                                      W_SEQ, W_SLEEPING, SPACE_FUTEX, 1, key=KEY)  # fmt: skip
 
-    def desc(self, index: int) -> tuple[int, int, int, int, int]:
-        """(total, check, flags, msg_no, seq) of slot ``index``."""
+    def desc(self, index: int) -> tuple[int, ...]:
+        """(total, check, flags, msg_no, seq, crc) of slot ``index``."""
         return DESC.unpack_from(self.mapping, DESC_OFF + DESC.size * index)
 
     def fields(self, index: int) -> tuple[int, int, int, int]:
-        """(total, flags, msg_no, seq) of slot ``index``: the descriptor without its check."""
-        total, _check, flags, msg_no, seq = self.desc(index)
+        """(total, flags, msg_no, seq) of slot ``index``: the descriptor without its checks."""
+        total, _check, flags, msg_no, seq, _crc = self.desc(index)
         return total, flags, msg_no, seq
 
     def set_desc(self, seq: int, total: int, flags: int, msg_no: int = 0) -> None:
@@ -296,7 +297,8 @@ class Ring:
         self.writer.write_desc(seq, total, flags, msg_no)
 
     def poke_desc(self, index: int, *fields: int) -> None:
-        """Raw bytes into slot ``index``'s descriptor: (total, check, flags, msg_no, seq)."""
+        """Raw values into slot ``index``'s descriptor: (total, check, flags, msg_no, seq,
+        crc)."""
         DESC.pack_into(self.mapping, DESC_OFF + DESC.size * index, *fields)
 
     def data(self, index: int, nbytes: int) -> bytes:
@@ -325,8 +327,8 @@ def test_cursor_put_stores_descriptor_and_data_then_publishes(ring: Ring) -> Non
     assert ring.writer.put((b"x" * 300,), RAW, True)
     assert ring.fields(1) == (300, FIRST | CONTIG | RAW << 8, 1, 1)
     assert ring.a.load64(W_SEQ) == 3 and ring.writer.msgs == 2
-    assert ring.reader.read_desc(0) == (9, FIRST | CONTIG | OBJECT << 8, 0)
-    assert ring.reader.read_desc(1) == (300, FIRST | CONTIG | RAW << 8, 1)
+    assert ring.reader.read_desc(0) == (9, FIRST | CONTIG | OBJECT << 8, 0, 0)
+    assert ring.reader.read_desc(1) == (300, FIRST | CONTIG | RAW << 8, 1, 0)  # no checksums
 
 
 def test_cursor_put_of_nothing_takes_one_slot(ring: Ring) -> None:
@@ -346,7 +348,7 @@ def test_cursor_put_declines_past_the_gate_and_writes_nothing(ring: Ring) -> Non
     ring.writer.bound = 1
     assert ring.writer.put((b"x" * 300,), RAW, True) is False  # needs slots 0 and 1
     assert ring.a.load64(W_SEQ) == 0 and ring.writer.pos == 0 and ring.writer.msgs == 0
-    assert ring.desc(0) == (0, 0, 0, 0, 0) and ring.data(0, 4) == bytes(4)
+    assert ring.desc(0) == (0,) * 6 and ring.data(0, 4) == bytes(4)
 
 
 def test_cursor_put_declines_a_message_that_would_wrap(ring: Ring) -> None:
@@ -986,3 +988,68 @@ def test_core_to_core_errors() -> None:
     outside = max(ALLOWED_CPUS) + 1  # a CPU this process may not run on
     with pytest.raises(OSError, match=f"CPU {ALLOWED_CPUS[0]} or {outside}"):
         _native.core_to_core_ns(ALLOWED_CPUS[0], outside, 100, 1, 1.0)
+
+
+# -- CRC-32C and payload checksums -----------------------------------------------------------
+
+
+def _crc32c_reference(data: bytes, crc: int = 0) -> int:
+    """CRC-32C bit by bit, as the definition has it."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_matches_the_definition_with_both_kernels() -> None:
+    assert _native.crc32c(b"123456789") == 0xE3069283  # the standard check value
+    assert _native.crc32c(b"") == 0
+    rng = random.Random(7)
+    for n in (1, 7, 8, 9, 63, 64, 65, 1000, 4099):
+        data = rng.randbytes(n)
+        expected = _crc32c_reference(data)
+        assert _native.crc32c(data) == expected, n
+        assert _native.crc32c(data, portable=True) == expected, n
+        assert _native.crc32c(memoryview(data)[1:]) == _crc32c_reference(data[1:])  # unaligned
+        head, tail = data[: n // 3], data[n // 3 :]
+        assert _native.crc32c(tail, _native.crc32c(head)) == expected  # continued
+    assert _native.CRC32C_HARDWARE in (0, 1)
+
+
+def test_checksummed_ring_seals_and_checks_payloads() -> None:
+    mapping = mmap.mmap(-1, SIZE)
+    a = _native.Atomics(mapping)
+    try:
+        args = (a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF)
+        writer = _native.Cursor(*args, W_SEQ, W_MSGS, W_SEQ, SLEEPERS, DATA_FUTEX, 0, key=KEY,
+                                checksum=True)  # fmt: skip
+        writer.bound = N_SLOTS
+        reader = _native.Cursor(*args, R_SEQ, R_MSGS, W_SEQ, W_SLEEPING, SPACE_FUTEX, 1,
+                                key=KEY, checksum=True)  # fmt: skip
+        assert writer.checksum == reader.checksum == 1
+        payload = random.Random(3).randbytes(300)
+        assert writer.put((payload,), RAW, True)
+        assert reader.read_desc(0)[3] == _native.crc32c(payload)
+        mapping[DATA_OFF + 299] ^= 0xFF  # another process writes into the data
+        with pytest.raises(SegmentError, match="fail their checksum"):
+            reader.next()
+        with pytest.raises(SegmentError, match="fail their checksum"):
+            reader.take_bytes(RAW)
+        mapping[DATA_OFF + 299] ^= 0xFF
+        assert reader.take_bytes(RAW) == payload
+        # The slow path: descriptor first, then the data, then the seal, then the publish.
+        writer.write_desc(2, 5, FIRST | CONTIG | RAW << 8, 1)
+        mapping[DATA_OFF + 2 * SLOT : DATA_OFF + 2 * SLOT + 5] = b"hello"
+        writer.seal(2, 5)
+        writer.count_message()
+        writer.publish(1, True)
+        assert reader.read_desc(2)[3] == _native.crc32c(b"hello")
+        assert reader.take_bytes(RAW) == b"hello"
+        with pytest.raises(ValueError, match="past the end"):
+            writer.seal(3, 2 * SLOT)
+    finally:
+        with contextlib.suppress(BufferError):
+            a.release()
+        mapping.close()

@@ -167,10 +167,11 @@ class Endpoint:
     _guard: Guard
     _finalizer: weakref.finalize
 
-    def _setup(self, seg: Segment, geometry: L.Geometry, handle: Handle, serializer: Serializer,
+    def _setup(self, seg: Segment, header: L.Header, handle: Handle, serializer: Serializer,
                policy: WaitPolicy, what: str) -> None:  # fmt: skip
         self._seg = seg
-        self._geometry = geometry
+        self._geometry = header.geometry
+        self._checksum = header.checksum
         self._handle = handle
         self._serializer = serializer
         #: Parts from the default serializer are known good; others are checked.
@@ -226,6 +227,11 @@ class Endpoint:
         """The largest message that can be reserved or viewed in place (``n_slots*slot_size``);
         larger messages are streamed through the ring."""
         return self._geometry.capacity
+
+    @property
+    def checksum(self) -> bool:
+        """Whether messages carry a CRC-32C that readers check (set by the creator)."""
+        return self._checksum
 
     @property
     def closed(self) -> bool:
@@ -351,7 +357,7 @@ class Endpoint:
                     pos += len(v)
             finally:
                 release_quietly(region)
-            writer.commit_contiguous(k, publish)
+            writer.commit_contiguous(k, total, publish)
         else:
             writer.write_streamed([memoryview(v) for v in views], total, kind, deadline, timeout)
         self._activity()
@@ -379,7 +385,7 @@ class Endpoint:
                 yield region
             finally:
                 release_quietly(region)
-            writer.commit_contiguous(k)
+            writer.commit_contiguous(k, nbytes)
             self._activity()
 
     # -- receiving ----------------------------------------------------------------------------

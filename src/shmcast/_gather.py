@@ -100,8 +100,8 @@ class GatherQueue(Endpoint):
 
     Messages from one writer arrive in the order it sent them; taking from any writer is fair
     (round robin over the writers that have something).  Geometry, wait policies, serializer,
-    timeouts, zero-copy blocks and errors are as for :class:`~shmcast.BroadcastQueue`; the
-    geometry is per writer's ring.
+    timeouts, zero-copy blocks, checksums and errors are as for
+    :class:`~shmcast.BroadcastQueue`; the geometry is per writer's ring.
 
     Liveness: a writer blocked by a dead reader raises QueueBroken; the reader, once it has
     read everything a dead writer published, raises QueueBroken naming it.  Closing: the
@@ -118,14 +118,15 @@ class GatherQueue(Endpoint):
         slot_size: int = DEFAULT_SLOT_SIZE,
         wait: str | WaitPolicy | None = None,
         serializer: Serializer | None = None,
+        checksum: bool = False,
     ) -> None:
         policy = resolve_policy(wait)
         serializer = check_serializer(serializer)
-        seg, header, handle = create_segment(L.KIND_GATHER, n_writers, n_slots, slot_size)
+        seg, header, handle = create_segment(L.KIND_GATHER, n_writers, n_slots, slot_size, checksum)
         g = header.geometry
-        self._setup(seg, g, handle, serializer, policy, f"GatherQueue reader of {seg.name}")
+        self._setup(seg, header, handle, serializer, policy, f"GatherQueue reader of {seg.name}")
         self._rings = [
-            RingReader(seg, g.ring(j), 0, policy, key=header.nonce) for j in range(n_writers)
+            RingReader(seg, g.ring(j), 0, policy, header=header) for j in range(n_writers)
         ]
         for j, ring in enumerate(self._rings):
             ring.label = f"{seg.name} (reader, from writer {j})"
@@ -161,7 +162,7 @@ class GatherQueue(Endpoint):
             index = check_index(writer, g.n_peers, "writer")
             line = g.peer_line(index)
             claim_line(seg.atomics, line, f"writer index {index}")
-            ring = RingWriter(seg, g.ring(index), policy, key=header.nonce)
+            ring = RingWriter(seg, g.ring(index), policy, header=header)
             ring.reader_required = True
             ring.label = f"{seg.name} (writer {index})"
             seg.atomics.store32(line + L.STATE, L.ATTACHED)
@@ -171,7 +172,7 @@ class GatherQueue(Endpoint):
             raise
         self = cls.__new__(cls)
         what = f"GatherQueue writer {index} of {seg.name}"
-        self._setup(seg, g, handle, serializer, policy, what)
+        self._setup(seg, header, handle, serializer, policy, what)
         self._rings = []
         self._writer = ring
         self._index = index

@@ -32,17 +32,20 @@ DEFAULT_SLOT_SIZE = 256 * 1024
 
 
 def create_segment(
-    kind: int, n_peers: int, n_slots: int, slot_size: int
+    kind: int, n_peers: int, n_slots: int, slot_size: int, checksum: bool = False
 ) -> tuple[Segment, L.Header, Handle]:
     """A new, initialised segment for a queue of ``kind``, already without a name in /dev/shm
     (creator only; see _segment), and the handle its peers attach with."""
     geometry = L.Geometry.checked(kind, n_peers, n_slots, slot_size)
+    if not isinstance(checksum, bool):
+        raise TypeError(f"checksum must be a bool, not {type(checksum).__name__}")
     seg = Segment.create(geometry.total_size)
     try:
         pid, start = identity()
         header = L.Header(
             version=L.LAYOUT_VERSION, nonce=secrets.randbits(63), geometry=geometry,
             creator_pid=pid, creator_start=start, created_ns=time.time_ns(),
+            options=L.OPT_CHECKSUM if checksum else 0,
         )  # fmt: skip
         initialize(seg, header)
     finally:
@@ -111,6 +114,10 @@ class BroadcastQueue(Endpoint):
             out-of-band buffers).  Readers must use a compatible one.
         on_dead_reader: ``"raise"`` (default): a writer blocked by a dead reader raises
             QueueBroken naming it; ``"drop"``: it drops that reader and goes on.
+        checksum: if True, every message carries a CRC-32C of its bytes, which readers check
+            when they take it (SegmentError if another process changed them).  Costs a pass
+            over each message on both sides (about 8 GiB/s where the processor has a CRC-32C
+            instruction); off by default.
 
     Closing: the writer's :meth:`close` marks the queue closed (readers get QueueClosed once
     they have read everything); a reader's detaches it (the writer stops waiting for it and the
@@ -132,20 +139,21 @@ class BroadcastQueue(Endpoint):
         wait: str | WaitPolicy | None = None,
         serializer: Serializer | None = None,
         on_dead_reader: str = "raise",
+        checksum: bool = False,
     ) -> None:
         policy = resolve_policy(wait)
         serializer = check_serializer(serializer)
-        seg, header, handle = create_segment(L.KIND_BROADCAST, n_readers, n_slots, slot_size)
+        seg, header, handle = create_segment(
+            L.KIND_BROADCAST, n_readers, n_slots, slot_size, checksum
+        )
         try:
-            writer = RingWriter(
-                seg, header.geometry.ring(), policy, on_dead_reader, key=header.nonce
-            )
+            writer = RingWriter(seg, header.geometry.ring(), policy, on_dead_reader, header=header)
             writer.label = f"{seg.name} (writer)"
         except BaseException:
             seg.close()
             raise
         what = f"BroadcastQueue writer of {seg.name}"
-        self._setup(seg, header.geometry, handle, serializer, policy, what)
+        self._setup(seg, header, handle, serializer, policy, what)
         self._writer: RingWriter | None = writer
         self._reader: RingReader | None = None
         self._finalizer = weakref.finalize(self, close_side, seg, [writer.close], os.getpid())
@@ -173,7 +181,7 @@ class BroadcastQueue(Endpoint):
         try:
             g = header.geometry
             index = check_index(reader, g.n_peers, "reader")
-            ring = RingReader(seg, g.ring(), index, policy, key=header.nonce)
+            ring = RingReader(seg, g.ring(), index, policy, header=header)
             ring.label = f"{seg.name} (reader {index})"
             line = g.peer_line(index)
             if claim_line(seg.atomics, line, f"reader index {index}") == L.EXPECTED:
@@ -186,7 +194,7 @@ class BroadcastQueue(Endpoint):
             raise
         self = cls.__new__(cls)
         what = f"BroadcastQueue reader {index} of {seg.name}"
-        self._setup(seg, g, handle, serializer, policy, what)
+        self._setup(seg, header, handle, serializer, policy, what)
         self._writer = None
         self._reader = self._fast = ring
         self._finalizer = weakref.finalize(self, close_side, seg, [ring.detach], os.getpid())

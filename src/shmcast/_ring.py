@@ -49,7 +49,7 @@ from ._errors import (
     QueueTimeout,
     SegmentError,
 )
-from ._native import EARLY_WRAP_MIN, Cursor
+from ._native import EARLY_WRAP_MIN, Cursor, crc32c
 from ._participants import announce, read_participant
 from ._segment import Segment
 from ._wait import WaitPolicy
@@ -81,7 +81,7 @@ class RingWriter:
         policy: WaitPolicy,
         on_dead_reader: str = "raise",
         *,
-        key: int,
+        header: L.Header,
     ) -> None:
         if on_dead_reader not in ("raise", "drop"):
             raise ValueError(f"on_dead_reader must be 'raise' or 'drop', not {on_dead_reader!r}")
@@ -98,7 +98,8 @@ class RingWriter:
         self.cursor = Cursor(
             self._a, ring.n_slots, ring.slot_size, ring.data_off, ring.desc_off,
             ring.writer + L.SEQ, ring.writer + L.MSGS, ring.writer + L.SEQ,
-            ring.sleepers, ring.data_futex, _WAKE_ALL, count_off=ring.announced, key=key,
+            ring.sleepers, ring.data_futex, _WAKE_ALL, count_off=ring.announced,
+            key=header.nonce, checksum=header.checksum,
         )  # fmt: skip
         # Large messages stay within the first HOT_BYTES of the ring while the readers keep
         # up (see begin_contiguous); cursor.early is where the next look at that is due.
@@ -285,10 +286,12 @@ class RingWriter:
         c.early = lap_end + self._hot
         return n - idx
 
-    def commit_contiguous(self, k: int, publish: bool = True) -> None:
-        """Publish the message begun by :meth:`begin_contiguous`; with ``publish=False`` hold it
-        back until :meth:`flush` (or the next publish, or a wait for space) to batch."""
+    def commit_contiguous(self, k: int, total: int, publish: bool = True) -> None:
+        """Publish the message of ``total`` bytes begun by :meth:`begin_contiguous`; with
+        ``publish=False`` hold it back until :meth:`flush` (or the next publish, or a wait for
+        space) to batch."""
         c = self.cursor
+        c.seal(c.pos, total)  # its checksum, if the queue has them
         c.count_message()  # the number its descriptor carries; an interruption here spends it
         c.publish(k, publish)
 
@@ -321,6 +324,8 @@ class RingWriter:
                 flags = L.FLAG_CONT | (kind << L.KIND_SHIFT)
             off = self._ring.data_at(idx)
             source.copy_into(self._buf[off : off + nbytes])
+            for j in range(b):
+                c.seal(c.pos + j, min(slot, nbytes - j * slot))
             done += nbytes
             self.publish(b)
 
@@ -440,8 +445,9 @@ class RingReader:
     """A reader's side of one ring: wait for published slots, read them, release them."""
 
     def __init__(
-        self, seg: Segment, ring: L.RingLayout, index: int, policy: WaitPolicy, *, key: int
-    ) -> None:
+        self, seg: Segment, ring: L.RingLayout, index: int, policy: WaitPolicy, *,
+        header: L.Header,
+    ) -> None:  # fmt: skip
         self._a = seg.atomics
         self._buf = seg.buf
         self._ring = ring
@@ -459,7 +465,8 @@ class RingReader:
         self.cursor = c = Cursor(
             self._a, ring.n_slots, ring.slot_size, ring.data_off, ring.desc_off,
             self._seq_off, self._line + L.MSGS, self._wseq_off,
-            ring.writer + L.SLEEPING, ring.space_futex, 1, key=key,
+            ring.writer + L.SLEEPING, ring.space_futex, 1,
+            key=header.nonce, checksum=header.checksum,
         )  # fmt: skip
         c.bound = c.pos
         self._target = 0
@@ -663,7 +670,7 @@ class RingReader:
         for _ in range(n + 1):
             if c.pos >= c.bound and c.observe() <= c.pos:
                 return None
-            total, flags, msg_no = c.read_desc(c.pos)
+            total, flags, msg_no, _crc = c.read_desc(c.pos)
             bits = flags & _FLAG_BITS
             if bits == L.FLAG_PAD:
                 if not 0 < total <= n - c.pos % n:
@@ -705,12 +712,14 @@ class RingReader:
             # Look at the published slots up to the ring's end and the message's last slot.
             avail = min(c.bound - c.pos, n - idx, -(-(total - filled) // slot))
             run = 0
+            crcs = []
             for j in range(avail):
                 seq = c.pos + j
-                t, flags, msg_no = c.read_desc(seq)
+                t, flags, msg_no, crc = c.read_desc(seq)
                 want = L.FLAG_FIRST | (p.kind << L.KIND_SHIFT) if seq == p.first else cont
                 if flags == want and msg_no == p.msg_no and t == total:
                     run += 1
+                    crcs.append(crc)
                 elif seq != p.first and flags & (L.FLAG_FIRST | L.FLAG_PAD):
                     break  # the writer abandoned this message; the next one starts here
                 else:
@@ -721,6 +730,8 @@ class RingReader:
             if run:
                 off = ring.data_at(idx)
                 p.data += buf[off : off + min(run * slot, total - filled)]
+                if c.checksum:
+                    self._check_payloads(p.data, filled, c.pos, crcs)
                 c.release(run)  # checked again, then handed back (P2)
             if run < avail:
                 self._partial = None
@@ -733,6 +744,18 @@ class RingReader:
                 raise timeout_error("get", timeout)  # the part copied so far is kept
         self._partial = None
         return p.kind, memoryview(p.data), 0
+
+    def _check_payloads(self, data: bytearray, start: int, seq: int, crcs: list[int]) -> None:
+        """The slots copied into ``data`` from ``start`` on, one CRC-32C each (checksums)."""
+        slot = self._slot
+        with memoryview(data) as view:
+            for j, crc in enumerate(crcs):
+                piece = view[start + j * slot : start + (j + 1) * slot]
+                if crc32c(piece) != crc:
+                    raise SegmentError(
+                        f"corrupted message at sequence {seq + j}: its {len(piece)} bytes fail "
+                        "their checksum (another process wrote into the ring)"
+                    )
 
     @property
     def read_seq(self) -> int:

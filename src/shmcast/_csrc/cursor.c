@@ -19,6 +19,8 @@
  *     with the queue's nonce (`key`), so that random bytes or a descriptor of
  *     another queue are refused;
  *   - lengths must fit the ring and the message's own slots;
+ *   - with checksums on (a queue option), a payload must match the CRC-32C its
+ *     descriptor carries, checked when the message is taken from the ring;
  *   - after a reader has read a message (or a run of slots), it looks at the
  *     descriptors again before it releases them (`finish`, `release`): the
  *     writer stores a slot's descriptor before its data, so a reader whose
@@ -41,7 +43,9 @@
  *                          (P3); with it, the writer wakes only if, besides
  *                          flag_off being non-zero, the count moved since its
  *                          last wake (cursor_flush says why);
- *   key                    the queue's nonce, which keys the descriptor check.
+ *   key                    the queue's nonce, which keys the descriptor check;
+ *   checksum               whether payloads carry a CRC-32C (the writer seals
+ *                          each descriptor with it, readers check it).
  * State (members, read and written by the Python slow path too):
  *   pos      slots filled (writer) or consumed (reader);
  *   stored   the value last stored at seq_off (pos - stored slots are held back);
@@ -63,7 +67,7 @@
 #error "the shmcast segment layout is little-endian"
 #endif
 
-#define DESC_SIZE 32
+#define DESC_SIZE 64
 #define FLAG_FIRST 1u
 #define FLAG_CONT 2u
 #define FLAG_PAD 4u
@@ -84,7 +88,11 @@ typedef struct {
     uint32_t flags;     /* FLAG_* bits, and the message kind in bits 8..15 */
     uint64_t msg_no;    /* message number, the same in every slot of a message */
     uint64_t seq;       /* the sequence of the slot this descriptor describes */
+    uint32_t crc;       /* CRC-32C of the payload it describes (checksums on), else 0 */
+    uint32_t unused[7]; /* zero: a descriptor fills a cache line of its own */
 } Desc;
+
+_Static_assert(sizeof(Desc) == DESC_SIZE, "a descriptor is one 64-byte line");
 
 typedef struct {
     PyObject_HEAD
@@ -95,6 +103,7 @@ typedef struct {
     Py_ssize_t count_off;   /* writer: the announcement count (-1: use flag_off) */
     uint64_t woken_at;      /* writer: the count as loaded before the last wake */
     uint64_t key;           /* the queue's nonce */
+    int checksum;           /* payloads carry a CRC-32C */
     unsigned long long pos, stored, msgs, bound, early;
     PyObject *last;         /* reader: the bytes take_bytes() returned last (or NULL) */
 } CursorObject;
@@ -104,11 +113,12 @@ typedef struct {
  * does not pass at all (another key).  Not a defence against a process that
  * knows the nonce; that process can write the ring anyway. */
 static inline uint32_t
-desc_check(uint64_t key, uint64_t total, uint32_t flags, uint64_t msg_no, uint64_t seq)
+desc_check(uint64_t key, const Desc *d)
 {
-    uint64_t h = key ^ (total * 0x9E3779B97F4A7C15ull);
-    h ^= (msg_no + 0x632BE59BD9B4E019ull) * 0xC2B2AE3D27D4EB4Full;
-    h ^= (seq ^ ((uint64_t)flags << 40)) * 0x165667B19E3779F9ull;
+    uint64_t h = key ^ (d->total * 0x9E3779B97F4A7C15ull);
+    h ^= (d->msg_no + 0x632BE59BD9B4E019ull) * 0xC2B2AE3D27D4EB4Full;
+    h ^= (d->seq ^ ((uint64_t)d->flags << 40)) * 0x165667B19E3779F9ull;
+    h ^= ((uint64_t)d->crc + 0x27D4EB2F165667C5ull) * 0x94D049BB133111EBull;
     h ^= h >> 29;
     h *= 0xBF58476D1CE4E5B9ull;
     h ^= h >> 32;
@@ -139,9 +149,53 @@ write_desc(CursorObject *self, char *base, uint64_t seq, uint64_t total, uint32_
     d->flags = flags;
     d->msg_no = msg_no;
     d->seq = seq;
-    d->check = desc_check(self->key, total, flags, msg_no, seq);
+    d->crc = 0;
+    d->check = desc_check(self->key, d);
     /* The descriptor before the data it describes (the seqlock order above). */
     __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+/* CRC-32C of n bytes at p, with the GIL released for a large one. */
+static uint32_t
+payload_crc(CursorObject *self, const char *p, uint64_t n)
+{
+    uint32_t crc;
+    if (n < BIG_COPY)
+        return shmcast_crc32c(0, p, (size_t)n);
+    self->atomics->waiters++;   /* the mapping cannot be released meanwhile */
+    Py_BEGIN_ALLOW_THREADS
+    crc = shmcast_crc32c(0, p, (size_t)n);
+    Py_END_ALLOW_THREADS
+    self->atomics->waiters--;
+    return crc;
+}
+
+/* With checksums on: put the CRC-32C of the `nbytes` of data stored in the slot
+ * at `seq` (and on) into its descriptor, after those stores and before the
+ * publish that follows (P1 orders them for readers). */
+static void
+seal(CursorObject *self, char *base, uint64_t seq, uint64_t nbytes)
+{
+    if (!self->checksum)
+        return;
+    Desc *d = desc_at(self, base, seq);
+    const char *data = base + self->data_off + (seq % (uint64_t)self->n_slots) * self->slot_size;
+    d->crc = payload_crc(self, data, nbytes);
+    d->check = desc_check(self->key, d);
+}
+
+/* With checksums on: does the payload at p (n bytes) match the CRC-32C of the
+ * descriptor of `seq`?  SegmentError (and -1) if not. */
+static int
+verify_payload(CursorObject *self, const Desc *d, uint64_t seq, const char *p, uint64_t n)
+{
+    if (!self->checksum || payload_crc(self, p, n) == d->crc)
+        return 0;
+    PyErr_Format(shmcast_SegmentError,
+                 "corrupted message at sequence %llu: its %llu bytes fail their checksum "
+                 "(another process wrote into the ring)",
+                 (unsigned long long)seq, (unsigned long long)n);
+    return -1;
 }
 
 /* A copy of the descriptor at `seq`, if it is the one the writer stored for
@@ -151,11 +205,10 @@ read_desc(CursorObject *self, char *base, uint64_t seq, Desc *out)
 {
     const Desc *d = desc_at(self, base, seq);
     memcpy(out, d, sizeof *out);
-    if (out->seq == seq && out->check == desc_check(self->key, out->total, out->flags,
-                                                      out->msg_no, out->seq))
+    int valid = out->check == desc_check(self->key, out);
+    if (out->seq == seq && valid)
         return 0;
-    if (out->seq != seq && out->check == desc_check(self->key, out->total, out->flags,
-                                                      out->msg_no, out->seq))
+    if (out->seq != seq && valid)
         PyErr_Format(shmcast_SegmentError,
                      "corrupted slot at sequence %llu: it holds the descriptor of sequence "
                      "%llu (a sequence word was moved, or the ring was overwritten)",
@@ -182,8 +235,7 @@ recheck(CursorObject *self, char *base, uint64_t seq)
     const Desc *d = desc_at(self, base, seq);
     Desc now;
     memcpy(&now, d, sizeof now);
-    if (now.seq == seq &&
-        now.check == desc_check(self->key, now.total, now.flags, now.msg_no, now.seq))
+    if (now.seq == seq && now.check == desc_check(self->key, &now))
         return 0;
     PyErr_Format(shmcast_SegmentError,
                  "the slot at sequence %llu changed while it was read: another process wrote "
@@ -293,10 +345,11 @@ Cursor_flush(CursorObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 /*
- * read_desc(seq) -> (total, flags, msg_no)
+ * read_desc(seq) -> (total, flags, msg_no, crc)
  *
  * The descriptor of the slot at sequence `seq`, checked (SegmentError if it is
- * not the one the writer stored for that slot).  For the reader's slow path.
+ * not the one the writer stored for that slot).  For the reader's slow path;
+ * `crc` is the payload's CRC-32C where checksums are on (the caller checks it).
  */
 static PyObject *
 Cursor_read_desc(CursorObject *self, PyObject *arg)
@@ -310,8 +363,8 @@ Cursor_read_desc(CursorObject *self, PyObject *arg)
     Desc d;
     if (read_desc(self, base, seq, &d) < 0)
         return NULL;
-    return Py_BuildValue("(KkK)", (unsigned long long)d.total, (unsigned long)d.flags,
-                         (unsigned long long)d.msg_no);
+    return Py_BuildValue("(KkKk)", (unsigned long long)d.total, (unsigned long)d.flags,
+                         (unsigned long long)d.msg_no, (unsigned long)d.crc);
 }
 
 /* ---- writer ---------------------------------------------------------------- */
@@ -334,6 +387,32 @@ Cursor_write_desc(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
         parse_u64(args[2], &flags) < 0 || parse_u64(args[3], &msg_no) < 0)
         return NULL;
     write_desc(self, base, seq, total, (uint32_t)flags, msg_no);
+    Py_RETURN_NONE;
+}
+
+/*
+ * seal(seq, nbytes)   (writer)
+ *
+ * With checksums on, store the CRC-32C of the `nbytes` of data in the slot at
+ * `seq` (and on) in its descriptor; call it after the data stores, before the
+ * publish.  Without checksums, nothing.
+ */
+static PyObject *
+Cursor_seal(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGC(2, "seal");
+    char *base = cursor_base(self);
+    if (base == NULL)
+        return NULL;
+    uint64_t seq, nbytes;
+    if (parse_u64(args[0], &seq) < 0 || parse_u64(args[1], &nbytes) < 0)
+        return NULL;
+    uint64_t idx = seq % (uint64_t)self->n_slots;
+    if (nbytes > (uint64_t)(self->n_slots - idx) * (uint64_t)self->slot_size) {
+        PyErr_SetString(PyExc_ValueError, "seal: the bytes run past the end of the ring");
+        return NULL;
+    }
+    seal(self, base, seq, nbytes);
     Py_RETURN_NONE;
 }
 
@@ -436,6 +515,7 @@ Cursor_put(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
         copy_bytes(self->atomics, dst, views[i].buf, views[i].len);
         dst += views[i].len;
     }
+    seal(self, base, self->pos, (uint64_t)total);
     self->msgs++;
     __atomic_store_n((uint64_t *)(base + self->msgs_off), (uint64_t)self->msgs, __ATOMIC_RELEASE);
     self->pos += k;
@@ -553,6 +633,9 @@ Cursor_next(CursorObject *self, PyObject *Py_UNUSED(ignored))
     if (found <= 0)
         return found < 0 ? NULL : Py_NewRef(Py_None);
     uint64_t idx = self->pos % (uint64_t)self->n_slots;
+    const char *data = base + self->data_off + idx * (uint64_t)self->slot_size;
+    if (verify_payload(self, &d, self->pos, data, d.total) < 0)
+        return NULL;
     return Py_BuildValue("(kKKK)", (unsigned long)(d.flags >> KIND_SHIFT),
                          (unsigned long long)(self->data_off + idx * (uint64_t)self->slot_size),
                          (unsigned long long)d.total, (unsigned long long)k);
@@ -660,7 +743,8 @@ Cursor_take_bytes(CursorObject *self, PyObject *arg)
         return NULL;
     copy_bytes(self->atomics, PyBytes_AS_STRING(out),
                base + self->data_off + idx * (uint64_t)self->slot_size, (Py_ssize_t)d.total);
-    if (cursor_finish(self, base, k, 0) < 0) {
+    if (verify_payload(self, &d, self->pos, PyBytes_AS_STRING(out), d.total) < 0 ||
+        cursor_finish(self, base, k, 0) < 0) {
         Py_DECREF(out);
         return NULL;
     }
@@ -675,16 +759,18 @@ Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"atomics", "n_slots", "slot_size", "data_off", "desc_off",
                              "seq_off", "msgs_off", "peer_seq_off", "flag_off", "futex_off",
-                             "wake_n", "count_off", "key", NULL};
+                             "wake_n", "count_off", "key", "checksum", NULL};
     PyObject *atomics;
     int wake_n;
     unsigned long long key = 0;
     self->count_off = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnnnnnnnni|$nK:Cursor", kwlist,
+    self->checksum = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnnnnnnnni|$nKp:Cursor", kwlist,
                                      &AtomicsType, &atomics, &self->n_slots, &self->slot_size,
                                      &self->data_off, &self->desc_off, &self->seq_off,
                                      &self->msgs_off, &self->peer_seq_off, &self->flag_off,
-                                     &self->futex_off, &wake_n, &self->count_off, &key))
+                                     &self->futex_off, &wake_n, &self->count_off, &key,
+                                     &self->checksum))
         return -1;
     AtomicsObject *a = (AtomicsObject *)atomics;
     if (a->base == NULL) {
@@ -730,6 +816,8 @@ static PyMethodDef Cursor_methods[] = {
      "put(parts, kind, publish) -> bool: store and publish a contiguous message, or decline."},
     {"write_desc", (PyCFunction)(void (*)(void))Cursor_write_desc, METH_FASTCALL,
      "write_desc(seq, total, flags, msg_no): store a slot's descriptor (writer)."},
+    {"seal", (PyCFunction)(void (*)(void))Cursor_seal, METH_FASTCALL,
+     "seal(seq, nbytes): with checksums on, put the payload's CRC-32C in its descriptor."},
     {"count_message", (PyCFunction)Cursor_count_message, METH_NOARGS,
      "count_message() -> int: spend the next message number (writer)."},
     {"publish", (PyCFunction)(void (*)(void))Cursor_publish, METH_FASTCALL,
@@ -743,7 +831,7 @@ static PyMethodDef Cursor_methods[] = {
     {"release", (PyCFunction)Cursor_release, METH_O,
      "release(slots): hand slots read by the slow path back to the writer (reader)."},
     {"read_desc", (PyCFunction)Cursor_read_desc, METH_O,
-     "read_desc(seq) -> (total, flags, msg_no): a slot's descriptor, checked."},
+     "read_desc(seq) -> (total, flags, msg_no, crc): a slot's descriptor, checked."},
     {"take_bytes", (PyCFunction)Cursor_take_bytes, METH_O,
      "take_bytes(kind) -> bytes | None: next(), copy and finish() in one call."},
     {"flush", (PyCFunction)Cursor_flush, METH_NOARGS,
@@ -759,6 +847,8 @@ static PyMemberDef Cursor_members[] = {
      "Writer: the cached gate; reader: write_seq as last seen."},
     {"early", T_ULONGLONG, offsetof(CursorObject, early), 0,
      "Writer: from this position on, put() declines messages of EARLY_WRAP_MIN bytes or more."},
+    {"checksum", T_INT, offsetof(CursorObject, checksum), READONLY,
+     "Whether payloads carry a CRC-32C."},
     {"last", T_OBJECT, offsetof(CursorObject, last), 0,
      "Reader: what take_bytes() returned last, until the caller sets it to None."},
     {NULL, 0, 0, 0, NULL},

@@ -9,6 +9,9 @@
  *     message (publish or take one contiguous message, hand slots over), so
  *     that the common case costs one call into C; measured, a 64-byte put or
  *     get costs a quarter to a third of the same steps written in Python;
+ *   - guard.c: the Guard type, the call guard of an endpoint (one call at a
+ *     time, refused after close and in a forked child);
+ *   - crc32c.c: CRC-32C for the optional payload checksums;
  *   - probe.c: `core_to_core_ns`, a diagnostic for benchmarks, the round trip
  *     of one cache line between two CPUs (too fast to see from Python);
  *   - this file: shm_open / shm_unlink, which the standard library does not
@@ -83,6 +86,8 @@ native_shm_unlink(PyObject *Py_UNUSED(mod), PyObject *args)
 }
 
 static PyMethodDef module_methods[] = {
+    {"crc32c", (PyCFunction)(void (*)(void))shmcast_crc32c_py, METH_VARARGS | METH_KEYWORDS,
+     "crc32c(data, value=0, portable=False) -> int: CRC-32C (Castagnoli) of a buffer."},
     {"set_errors", native_set_errors, METH_VARARGS,
      "set_errors(segment_error, closed_error, inherited_error): the classes the native code raises."},
     {"scan", (PyCFunction)(void (*)(void))shmcast_scan, METH_FASTCALL,
@@ -113,6 +118,7 @@ PyInit__native(void)
     for (int i = 0; i < 3; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
+    shmcast_crc32c_init();
     if (shmcast_guard_init() < 0) {
         PyErr_SetString(PyExc_OSError, "shmcast._native: pthread_atfork failed");
         return NULL;
@@ -129,7 +135,8 @@ PyInit__native(void)
         if (PyModule_AddObjectRef(m, names[i], (PyObject *)types[i]) < 0)
             goto fail;
     if (PyModule_AddIntConstant(m, "HAVE_FUTEX", SHMCAST_HAVE_FUTEX) < 0 ||
-        PyModule_AddIntConstant(m, "EARLY_WRAP_MIN", SHMCAST_EARLY_WRAP_MIN) < 0)
+        PyModule_AddIntConstant(m, "EARLY_WRAP_MIN", SHMCAST_EARLY_WRAP_MIN) < 0 ||
+        PyModule_AddIntConstant(m, "CRC32C_HARDWARE", shmcast_crc32c_hardware()) < 0)
         goto fail;
     return m;
 fail:

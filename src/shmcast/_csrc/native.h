@@ -93,6 +93,12 @@ long shmcast_wake_word(AtomicsObject *self, Py_ssize_t off, int n);
 #define SHMCAST_EARLY_WRAP_MIN (64 * 1024)
 PyObject *shmcast_scan(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 
+/* crc32c.c: CRC-32C of n bytes, continuing from crc (0 to start). */
+void shmcast_crc32c_init(void);
+uint32_t shmcast_crc32c(uint32_t crc, const void *data, size_t n);
+int shmcast_crc32c_hardware(void);
+PyObject *shmcast_crc32c_py(PyObject *mod, PyObject *args, PyObject *kwds);
+
 /* guard.c: count forks in the child, from module initialisation on. */
 int shmcast_guard_init(void);
 
