@@ -664,7 +664,10 @@ class _Expect:
             self.wrong(f"{where}: got message {got_seq} of {got_source}")
             return
         if got_seq < self.next:
-            self.report.duplicates.append(f"{where}: message {got_seq} again")
+            if self.report.region == "data" and not self.report.checksum:
+                self.wrong(f"{where}: message {got_seq} again (its header bytes changed?)")
+            else:
+                self.report.duplicates.append(f"{where}: message {got_seq} again")
             return
         if got_seq > self.next and not self.gap_allowed:
             self.wrong(f"{where}: expected {self.next}, got {got_seq}")

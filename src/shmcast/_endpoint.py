@@ -40,9 +40,10 @@ from ._errors import (
     QueueBroken,
     QueueClosed,
     QueueTimeout,
+    SegmentError,
     SerializationError,
 )
-from ._native import Guard
+from ._native import Guard, Hold, crc32c
 from ._ring import RingReader, RingWriter, _kind_mismatch
 from ._segment import Segment
 from ._serialize import PickleSerializer, Serializer
@@ -350,14 +351,17 @@ class Endpoint:
         total = sum(len(v) for v in views)
         if total <= self._geometry.capacity:
             k, region = writer.begin_contiguous(total, kind, deadline, timeout)
+            crc = 0 if self._checksum else None  # of the source bytes, as copied
             try:
                 pos = 0
                 for v in views:
                     region[pos : pos + len(v)] = v
                     pos += len(v)
+                    if crc is not None:
+                        crc = crc32c(v, crc)
             finally:
                 release_quietly(region)
-            writer.commit_contiguous(k, total, publish)
+            writer.commit_contiguous(k, total, publish, crc)
         else:
             writer.write_streamed([memoryview(v) for v in views], total, kind, deadline, timeout)
         self._activity()
@@ -420,6 +424,8 @@ class Endpoint:
                 # is found by one native call, without the general machinery of _receive; raw
                 # bytes are even copied out and released by that same call.
                 fast = self._fast
+                if fast is not None and fast.streaming:
+                    fast = None  # a streamed message comes first
                 if fast is not None and want_kind == L.MSG_RAW:
                     cursor = fast.cursor
                     taken = cursor.msgs
@@ -442,7 +448,7 @@ class Endpoint:
                     )
                 cursor = ring.cursor
                 try:
-                    value = bytes(data) if kind == L.MSG_RAW else self._decode(data, slots != 0)
+                    value = self._owned(ring, kind, data, slots)
                 except SerializationError:
                     cursor.finish(slots, False)  # consumed, as documented
                     raise
@@ -488,9 +494,7 @@ class Endpoint:
                         rings.add(ring)
                         cursor = ring.cursor
                         try:
-                            value = bytes(data) if kind == L.MSG_RAW else self._decode(
-                                data, slots != 0
-                            )  # fmt: skip
+                            value = self._owned(ring, kind, data, slots)
                         except SerializationError as exc:
                             cursor.finish(slots, True)
                             if not out:
@@ -514,24 +518,53 @@ class Endpoint:
             self._undelivered[:0] = taken_out
             raise
 
-    @contextmanager
-    def _view(self, timeout: float | None, source: int | None) -> Iterator[Any]:
-        with self._guard:
+    def _view(self, timeout: float | None, source: int | None) -> Hold:
+        """The message for a ``view()`` block: a native :class:`~shmcast._native.Hold` that
+        holds this endpoint's guard until the block exits.  Until the block is entered,
+        nothing is consumed: an exception here, or before the ``with`` enters it, leaves the
+        message in the queue (and gives the guard back when the Hold is dropped)."""
+        hold = self._guard.hold()
+        try:
             if self._undelivered:
-                yield self._take_undelivered(None)[1]
-                return
+                entry = self._undelivered[0]
+                self._last = entry[2]
+                hold.set(entry[1], stash=self._undelivered)  # taken from there when entered
+                return hold
             self._raise_deferred()
             ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, None, source)
             # Read-only, so that no reader can change what the others receive: the raw view,
             # and every buffer a decoded object is built on (numpy arrays come out read-only).
             given = data.toreadonly()
             try:
-                yield given if kind == L.MSG_RAW else self._decode(given, False)
-            finally:
+                value = given if kind == L.MSG_RAW else self._decode(given, False)
+            except SerializationError:
                 release_quietly(given)
                 release_quietly(data)
-                ring.finish_message(slots)
-                self._activity()
+                ring.cursor.finish(slots, False)  # consumed, as documented
+                raise
+            hold.set(value, cursor=ring.cursor, slots=slots, views=(given, data))
+            self._activity()
+            return hold
+        except BaseException:
+            hold.release()  # now, not when the traceback that holds this frame goes
+            raise
+
+    def _owned(self, ring: RingReader, kind: int, data: memoryview, slots: int) -> Any:
+        """The value of a received message as the caller owns it: bytes for a raw message,
+        else the decoded object with its buffers copied out of the ring.  With checksums,
+        the message is copied out first and the copy is checked against its CRC-32C, so
+        that what was checked is what is decoded, whatever is written into the ring
+        meanwhile.  (A streamed message, ``slots == 0``, is private and checked already.)"""
+        if not (self._checksum and slots):
+            return bytes(data) if kind == L.MSG_RAW else self._decode(data, slots != 0)
+        copy = bytes(data) if kind == L.MSG_RAW else bytearray(data)
+        cursor = ring.cursor
+        if crc32c(copy) != cursor.read_desc(cursor.pos)[3]:
+            raise SegmentError(
+                f"corrupted message at sequence {cursor.pos}: its {len(copy)} bytes fail their "
+                "checksum (another process wrote into the ring)"
+            )
+        return copy if kind == L.MSG_RAW else self._decode(memoryview(copy), False)
 
     def _decode(self, data: memoryview, copy: bool) -> Any:
         try:

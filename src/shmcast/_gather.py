@@ -12,8 +12,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 from . import _layout as L
@@ -274,8 +273,14 @@ class GatherQueue(Endpoint):
                     self._last = j
                     return (ring, *ring.next_message(deadline, timeout, want_kind))
                 start = j + 1
-            # Nothing to read.  Writer states before ring sequences (P6): a writer that puts
-            # and then closes between the two looks is then seen with its message.
+            # Nothing published to read; a streamed message may be complete, though, and not
+            # delivered yet (the call that completed it was interrupted): that comes first.
+            for j, ring in enumerate(rings):
+                if ring.streaming and ring.poll():
+                    self._last = j
+                    return (ring, *ring.next_message(deadline, timeout, want_kind))
+            # Writer states before ring sequences (P6): a writer that puts and then closes
+            # between the two looks is then seen with its message.
             all_closed = self._all_writers_closed()
             if scan(cursors, self._next) >= 0:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -283,6 +288,8 @@ class GatherQueue(Endpoint):
                 continue  # slots were published meanwhile (each pass consumes some)
             if all_closed:
                 raise QueueClosed("every writer closed the gather queue and all was read")
+            for cursor in cursors:  # the writers may wait for slots we hold back (get_many)
+                cursor.flush()
             self._any.slow.start()
             if not self._policy.wait(self._any, deadline):
                 raise timeout_error("get", timeout)
@@ -311,11 +318,11 @@ class GatherQueue(Endpoint):
         """Receive a raw-bytes message (MessageKindError if it is an object; it stays)."""
         return self._get(timeout, writer, L.MSG_RAW)
 
-    @contextmanager
-    def view(self, timeout: float | None = None, writer: int | None = None) -> Iterator[Any]:
-        """Zero-copy receive, as :meth:`BroadcastQueue.view`."""
-        with self._view(timeout, writer) as value:
-            yield value
+    def view(
+        self, timeout: float | None = None, writer: int | None = None
+    ) -> AbstractContextManager[Any]:
+        """Zero-copy receive, as :meth:`BroadcastQueue.view`, from ``writer`` or any."""
+        return self._view(timeout, writer)
 
 
 __all__ = ["GatherQueue"]

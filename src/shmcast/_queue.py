@@ -6,8 +6,7 @@ import os
 import secrets
 import time
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 from . import _layout as L
@@ -282,17 +281,18 @@ class BroadcastQueue(Endpoint):
         MessageKindError is raised and the message stays queued.  Blocks as :meth:`get`."""
         return self._get(timeout, None, L.MSG_RAW)
 
-    @contextmanager
-    def view(self, timeout: float | None = None) -> Iterator[Any]:
-        """Zero-copy receive: like :meth:`get`, without copying out of the ring.
+    def view(self, timeout: float | None = None) -> AbstractContextManager[Any]:
+        """Zero-copy receive: like :meth:`get`, without copying out of the ring.  Use as
+        ``with queue.view() as msg:``.
 
-        Yields a read-only ``memoryview`` for a raw message, or the decoded object whose
-        out-of-band buffers (numpy arrays, ...) lie in the ring.  The message's slots are held
-        until the block exits (also when it raises); do not keep what it yields past the block.
-        A message larger than :attr:`capacity` is assembled privately (a copy, then).
+        The block gets a read-only ``memoryview`` for a raw message, or the decoded object
+        whose out-of-band buffers (numpy arrays, ...) lie in the ring, read-only.  The
+        message's slots are held until the block exits (also when it raises), and the message
+        is consumed then; do not keep what it gives past the block.  A message larger than
+        :attr:`capacity` is assembled privately (a copy, then).  Waits and raises as
+        :meth:`get` does, when called (before the block).
         """
-        with self._view(timeout, None) as value:
-            yield value
+        return self._view(timeout, None)
 
 
 __all__ = ["BroadcastQueue"]

@@ -286,14 +286,16 @@ class RingWriter:
         c.early = lap_end + self._hot
         return n - idx
 
-    def commit_contiguous(self, k: int, total: int, publish: bool = True) -> None:
+    def commit_contiguous(
+        self, k: int, total: int, publish: bool = True, crc: int | None = None
+    ) -> None:
         """Publish the message of ``total`` bytes begun by :meth:`begin_contiguous`; with
         ``publish=False`` hold it back until :meth:`flush` (or the next publish, or a wait for
-        space) to batch."""
+        space) to batch.  ``crc``: the message's CRC-32C as computed from its source, where
+        the queue has checksums (None: computed from what is in the ring, for reserve())."""
         c = self.cursor
-        c.seal(c.pos, total)  # its checksum, if the queue has them
-        c.count_message()  # the number its descriptor carries; an interruption here spends it
-        c.publish(k, publish)
+        c.seal(c.pos, total, crc)
+        c.commit(k, publish)  # counted and published in one call: both, or neither
 
     def write_streamed(
         self,
@@ -323,9 +325,13 @@ class RingWriter:
                 c.write_desc(c.pos + j, total, flags, msg_no)
                 flags = L.FLAG_CONT | (kind << L.KIND_SHIFT)
             off = self._ring.data_at(idx)
-            source.copy_into(self._buf[off : off + nbytes])
-            for j in range(b):
-                c.seal(c.pos + j, min(slot, nbytes - j * slot))
+            if c.checksum:  # slot by slot, each sealed with the CRC of its source bytes
+                for j in range(b):
+                    size = min(slot, nbytes - j * slot)
+                    at = off + j * slot
+                    c.seal(c.pos + j, size, source.copy_into(self._buf[at : at + size], True))
+            else:
+                source.copy_into(self._buf[off : off + nbytes])
             done += nbytes
             self.publish(b)
 
@@ -408,17 +414,23 @@ class _Source:
         self._i = 0
         self._pos = 0
 
-    def copy_into(self, dest: memoryview) -> None:
-        filled, want = 0, len(dest)
+    def copy_into(self, dest: memoryview, checksum: bool = False) -> int:
+        """Fill ``dest`` with the next bytes; with ``checksum``, return their CRC-32C (of the
+        source bytes, not of what landed in ``dest``), else 0."""
+        filled, want, crc = 0, len(dest), 0
         while filled < want:
             part = self._parts[self._i]
             take = min(len(part) - self._pos, want - filled)
-            dest[filled : filled + take] = part[self._pos : self._pos + take]
+            piece = part[self._pos : self._pos + take]
+            dest[filled : filled + take] = piece
+            if checksum:
+                crc = crc32c(piece, crc)
             filled += take
             self._pos += take
             if self._pos == len(part):
                 self._i += 1
                 self._pos = 0
+        return crc
 
 
 class _Partial:
@@ -427,11 +439,13 @@ class _Partial:
     Its progress is not stored: the bytes copied so far are ``(cursor.pos - first) *
     slot_size`` (every slot of a streamed message but its last is full), so a call interrupted
     between a copy and the release that follows it leaves nothing inconsistent; ``data`` is cut
-    back to that length before each copy.  ``data`` grows with the slots as they arrive, so
-    memory follows what the writer actually sent, never the length its first slot claims.
+    back to that length before each copy.  Until it is complete and delivered, the reader's
+    fast path stays off (the slots after it belong to later messages).  ``data`` grows with
+    the slots as they arrive, so memory follows what the writer actually sent, never the length
+    its first slot claims.
     """
 
-    __slots__ = ("data", "first", "kind", "msg_no", "total")
+    __slots__ = ("data", "delivered_unless", "first", "kind", "msg_no", "total")
 
     def __init__(self, msg_no: int, kind: int, total: int, first: int) -> None:
         self.msg_no = msg_no
@@ -439,6 +453,10 @@ class _Partial:
         self.total = total
         self.first = first
         self.data = bytearray()
+        #: Once complete: the reader's message count then.  The message stays here until the
+        #: count moves (the caller's finish counts it as delivered), so that a call
+        #: interrupted between the last copy and that finish delivers it on the next call.
+        self.delivered_unless: int | None = None
 
 
 class RingReader:
@@ -687,10 +705,21 @@ class RingReader:
                 raise self._corrupt(f"flags {flags:#x}")
         return None
 
+    @property
+    def streaming(self) -> bool:
+        """A streamed message is in progress (or complete and not yet delivered): the next
+        message comes from :meth:`next_message`, not from the cursor's fast path."""
+        return self._partial is not None
+
     def poll(self) -> bool:
         """True when a message can be started now without blocking (its first slot, or the
         next slot of a message in progress, is published).  Never blocks."""
-        if self._partial is not None:
+        p = self._partial
+        if p is not None and p.delivered_unless is not None:
+            if self.cursor.msgs == p.delivered_unless:
+                return True  # complete, still to be delivered
+            self._partial = p = None  # delivered: the stream goes on after it
+        if p is not None:
             return self.cursor.pos < self.cursor.bound or self.has_data()
         return self.cursor.next() is not None or self._head() is not None
 
@@ -701,6 +730,11 @@ class RingReader:
         assert p is not None
         n, slot, buf, ring, c = self._n, self._slot, self._buf, self._ring, self.cursor
         total = p.total
+        if p.delivered_unless is not None:  # complete: delivered by now, or still to deliver
+            if c.msgs != p.delivered_unless:
+                self._partial = None
+                return None
+            return p.kind, memoryview(p.data), 0
         cont = L.FLAG_CONT | (p.kind << L.KIND_SHIFT)
         while True:
             filled = (c.pos - p.first) * slot
@@ -742,7 +776,7 @@ class RingReader:
                 and c.pos < p.first + (-(-total // slot))
             ):
                 raise timeout_error("get", timeout)  # the part copied so far is kept
-        self._partial = None
+        p.delivered_unless = c.msgs  # kept until the caller's finish counts it
         return p.kind, memoryview(p.data), 0
 
     def _check_payloads(self, data: bytearray, start: int, seq: int, crcs: list[int]) -> None:

@@ -170,17 +170,16 @@ payload_crc(CursorObject *self, const char *p, uint64_t n)
     return crc;
 }
 
-/* With checksums on: put the CRC-32C of the `nbytes` of data stored in the slot
- * at `seq` (and on) into its descriptor, after those stores and before the
- * publish that follows (P1 orders them for readers). */
+/* With checksums on: put `crc`, the CRC-32C of the payload of the slot at `seq`
+ * (computed from the writer's own source, not read back from the ring, so that
+ * bytes a stray process writes into the ring meanwhile are not sealed in), into
+ * its descriptor, after the data stores and before the publish that follows
+ * (P1 orders them for readers). */
 static void
-seal(CursorObject *self, char *base, uint64_t seq, uint64_t nbytes)
+seal_crc(CursorObject *self, char *base, uint64_t seq, uint32_t crc)
 {
-    if (!self->checksum)
-        return;
     Desc *d = desc_at(self, base, seq);
-    const char *data = base + self->data_off + (seq % (uint64_t)self->n_slots) * self->slot_size;
-    d->crc = payload_crc(self, data, nbytes);
+    d->crc = crc;
     d->check = desc_check(self->key, d);
 }
 
@@ -391,28 +390,40 @@ Cursor_write_desc(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /*
- * seal(seq, nbytes)   (writer)
+ * seal(seq, nbytes, crc=None)   (writer)
  *
- * With checksums on, store the CRC-32C of the `nbytes` of data in the slot at
- * `seq` (and on) in its descriptor; call it after the data stores, before the
- * publish.  Without checksums, nothing.
+ * With checksums on, store the CRC-32C of the payload of the slot at `seq` in
+ * its descriptor: `crc` as computed from the source, or (None, for data the
+ * caller wrote into the ring itself: reserve()) of the `nbytes` in the ring.
+ * Call it after the data stores, before the publish.  Without checksums,
+ * nothing.
  */
 static PyObject *
 Cursor_seal(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    ARGC(2, "seal");
+    if (nargs != 2 && nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "seal() takes 2 or 3 arguments");
+        return NULL;
+    }
     char *base = cursor_base(self);
     if (base == NULL)
         return NULL;
-    uint64_t seq, nbytes;
+    uint64_t seq, nbytes, crc = 0;
     if (parse_u64(args[0], &seq) < 0 || parse_u64(args[1], &nbytes) < 0)
+        return NULL;
+    int given = nargs == 3 && args[2] != Py_None;
+    if (given && parse_u64(args[2], &crc) < 0)
         return NULL;
     uint64_t idx = seq % (uint64_t)self->n_slots;
     if (nbytes > (uint64_t)(self->n_slots - idx) * (uint64_t)self->slot_size) {
         PyErr_SetString(PyExc_ValueError, "seal: the bytes run past the end of the ring");
         return NULL;
     }
-    seal(self, base, seq, nbytes);
+    if (!self->checksum)
+        Py_RETURN_NONE;
+    if (!given)
+        crc = payload_crc(self, base + self->data_off + idx * (uint64_t)self->slot_size, nbytes);
+    seal_crc(self, base, seq, (uint32_t)crc);
     Py_RETURN_NONE;
 }
 
@@ -429,6 +440,34 @@ Cursor_count_message(CursorObject *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     uint64_t msg_no = self->msgs++;
     __atomic_store_n((uint64_t *)(base + self->msgs_off), (uint64_t)self->msgs, __ATOMIC_RELEASE);
+    return PyLong_FromUnsignedLongLong(msg_no);
+}
+
+/*
+ * commit(slots, flush) -> int   (writer)
+ *
+ * count_message() and publish(slots, flush) in one call, for a message whose
+ * descriptor carries the count before this one: either the message is counted
+ * and its slots added to the position, or neither.  Returns its number.
+ */
+static PyObject *
+Cursor_commit(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGC(2, "commit");
+    char *base = cursor_base(self);
+    if (base == NULL)
+        return NULL;
+    uint64_t k;
+    if (parse_u64(args[0], &k) < 0)
+        return NULL;
+    int flush = PyObject_IsTrue(args[1]);
+    if (flush < 0)
+        return NULL;
+    uint64_t msg_no = self->msgs++;
+    __atomic_store_n((uint64_t *)(base + self->msgs_off), (uint64_t)self->msgs, __ATOMIC_RELEASE);
+    self->pos += k;
+    if (flush)
+        cursor_flush(self, base);
     return PyLong_FromUnsignedLongLong(msg_no);
 }
 
@@ -511,11 +550,15 @@ Cursor_put(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
     write_desc(self, base, self->pos, (uint64_t)total,
                FLAG_FIRST | FLAG_CONTIG | ((uint32_t)kind << KIND_SHIFT), self->msgs);
     char *dst = base + self->data_off + idx * slot;
+    uint32_t crc = 0;
     for (Py_ssize_t i = 0; i < n_parts; i++) {
         copy_bytes(self->atomics, dst, views[i].buf, views[i].len);
+        if (self->checksum)
+            crc = shmcast_crc32c(crc, views[i].buf, (size_t)views[i].len);
         dst += views[i].len;
     }
-    seal(self, base, self->pos, (uint64_t)total);
+    if (self->checksum)
+        seal_crc(self, base, self->pos, crc);
     self->msgs++;
     __atomic_store_n((uint64_t *)(base + self->msgs_off), (uint64_t)self->msgs, __ATOMIC_RELEASE);
     self->pos += k;
@@ -655,6 +698,20 @@ cursor_finish(CursorObject *self, char *base, uint64_t k, int defer)
     if (!defer)
         cursor_flush(self, base);   /* P2: after the caller's loads of the message */
     return 0;
+}
+
+int
+shmcast_cursor_finish(PyObject *cursor, uint64_t k)
+{
+    if (!PyObject_TypeCheck(cursor, &CursorType)) {
+        PyErr_SetString(PyExc_TypeError, "a Cursor is needed");
+        return -1;
+    }
+    CursorObject *self = (CursorObject *)cursor;
+    char *base = cursor_base(self);
+    if (base == NULL)
+        return -1;
+    return cursor_finish(self, base, k, 0);
 }
 
 /*
@@ -817,7 +874,9 @@ static PyMethodDef Cursor_methods[] = {
     {"write_desc", (PyCFunction)(void (*)(void))Cursor_write_desc, METH_FASTCALL,
      "write_desc(seq, total, flags, msg_no): store a slot's descriptor (writer)."},
     {"seal", (PyCFunction)(void (*)(void))Cursor_seal, METH_FASTCALL,
-     "seal(seq, nbytes): with checksums on, put the payload's CRC-32C in its descriptor."},
+     "seal(seq, nbytes, crc=None): with checksums on, put the payload's CRC-32C in its descriptor."},
+    {"commit", (PyCFunction)(void (*)(void))Cursor_commit, METH_FASTCALL,
+     "commit(slots, flush) -> int: count a message and add its slots, publishing unless held."},
     {"count_message", (PyCFunction)Cursor_count_message, METH_NOARGS,
      "count_message() -> int: spend the next message number (writer)."},
     {"publish", (PyCFunction)(void (*)(void))Cursor_publish, METH_FASTCALL,

@@ -113,9 +113,9 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    PyTypeObject *types[] = {&AtomicsType, &CursorType, &GuardType};
-    const char *names[] = {"Atomics", "Cursor", "Guard"};
-    for (int i = 0; i < 3; i++)
+    PyTypeObject *types[] = {&AtomicsType, &CursorType, &GuardType, &HoldType};
+    const char *names[] = {"Atomics", "Cursor", "Guard", "Hold"};
+    for (int i = 0; i < 4; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
     shmcast_crc32c_init();
@@ -131,7 +131,7 @@ PyInit__native(void)
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         if (PyModule_AddObjectRef(m, names[i], (PyObject *)types[i]) < 0)
             goto fail;
     if (PyModule_AddIntConstant(m, "HAVE_FUTEX", SHMCAST_HAVE_FUTEX) < 0 ||

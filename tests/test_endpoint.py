@@ -1,0 +1,400 @@
+"""What every endpoint guarantees whatever happens around a call: an endpoint refuses to work
+in a forked child (and the parent's stream is untouched), an exception raised by a signal
+handler at any point leaves the endpoint usable and the message delivered or still there, and
+what view() hands out cannot be written."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+from _faults import make_message, message_error, message_source_and_seq
+from _procs import START_METHODS, process_group
+
+from shmcast import (
+    BroadcastQueue,
+    GatherQueue,
+    InheritedEndpoint,
+    QueueClosed,
+    QueueTimeout,
+    RoleError,
+)
+
+TIMEOUT = 10.0
+
+
+# -- forked children --------------------------------------------------------------------------
+
+
+def _every_call(queue: Any) -> dict[str, Callable[[], Any]]:
+    """Every call of an endpoint that uses its stream, as zero-argument functions."""
+
+    def entered(cm: Any) -> None:
+        with cm:
+            pass
+
+    return {
+        "put": lambda: queue.put("x", timeout=0),
+        "put_bytes": lambda: queue.put_bytes(b"x", timeout=0),
+        "put_many": lambda: queue.put_many(["x"], timeout=0),
+        "reserve": lambda: entered(queue.reserve(1, timeout=0)),
+        "get": lambda: queue.get(timeout=0),
+        "get_bytes": lambda: queue.get_bytes(timeout=0),
+        "get_many": lambda: queue.get_many(4, timeout=0),
+        "view": lambda: entered(queue.view(timeout=0)),
+        "wait_until_ready": lambda: queue.wait_until_ready(timeout=0),
+    }
+
+
+def child_uses_inherited(writer: BroadcastQueue, reader: BroadcastQueue, gw: Any, gr: Any,
+                         handle: Any) -> dict[str, str]:  # fmt: skip
+    """In a forked child: every call on every inherited endpoint; then close them, attach an
+    index of its own and read through it.  Returns what each call raised."""
+    seen = {}
+    for label, queue in (("writer", writer), ("reader", reader), ("gather writer", gw),
+                         ("gather reader", gr)):  # fmt: skip
+        for name, call in _every_call(queue).items():
+            try:
+                call()
+                seen[f"{label}.{name}"] = "returned"
+            except Exception as exc:
+                seen[f"{label}.{name}"] = f"{type(exc).__name__}: {exc}"
+        queue.close()  # forgets the endpoint here; the parent's is unaffected
+    with BroadcastQueue.attach(handle, 1) as own:
+        seen["own index"] = repr(own.get(timeout=TIMEOUT))
+    return seen
+
+
+@pytest.mark.timeout(60)
+def test_a_forked_child_cannot_use_its_parents_endpoints() -> None:
+    with (
+        BroadcastQueue(2, n_slots=8, slot_size=256) as writer,
+        BroadcastQueue.attach(writer.handle, 0) as reader,
+        GatherQueue(1, n_slots=8, slot_size=256) as gr,
+        GatherQueue.attach(gr.handle, 0) as gw,
+        process_group("fork") as group,
+    ):
+        writer.put("before the fork", timeout=TIMEOUT)
+        gw.put("reply before the fork", timeout=TIMEOUT)
+        child = group.start(child_uses_inherited, writer, reader, gw, gr, writer.handle)
+        seen = group.result(child)
+        for call, what in seen.items():
+            if call != "own index":
+                assert what.startswith("InheritedEndpoint:"), (call, what)
+                assert f"process {os.getpid()}" in what and "attach" in what, what
+        assert seen["own index"] == "'before the fork'"
+        # The parent's endpoints and stream are untouched: nothing taken, nothing sent.
+        assert reader.get(timeout=TIMEOUT) == "before the fork"
+        assert gr.get(timeout=TIMEOUT) == "reply before the fork"
+        writer.put("after", timeout=TIMEOUT)
+        assert reader.get(timeout=TIMEOUT) == "after"
+        with pytest.raises(QueueTimeout):
+            reader.get(timeout=0)
+        assert isinstance(InheritedEndpoint("x"), RuntimeError)
+
+
+def child_forks_and_uses(handle: Any) -> str:
+    """Attach, fork, and in the grandchild try the inherited endpoint (under any start
+    method, the fork inside the child is a fork)."""
+    with BroadcastQueue.attach(handle, 0) as reader:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                reader.get(timeout=0)
+                code = 1
+            except InheritedEndpoint:
+                code = 0
+            except BaseException:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return f"grandchild {os.waitstatus_to_exitcode(status)}, then {reader.get(timeout=TIMEOUT)}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_inherited_endpoints_refuse_under_every_start_method(method: str) -> None:
+    with BroadcastQueue(1, n_slots=8, slot_size=256) as writer, process_group(method) as group:
+        child = group.start(child_forks_and_uses, writer.handle)
+        writer.wait_until_ready(timeout=TIMEOUT)
+        writer.put("for the child", timeout=TIMEOUT)
+        assert group.result(child) == "grandchild 0, then for the child"
+
+
+# -- exceptions from signal handlers, at any point --------------------------------------------
+
+
+class _Interrupter:
+    """SIGALRM at random intervals (a one-shot real-time timer, re-armed by the handler); the
+    handler raises KeyboardInterrupt while ``armed``.
+
+    The loops below arm it around one call of the queue, and disarm it with a plain attribute
+    store (no call) as soon as the call returns or raises, so that an interrupt lands inside
+    the queue's call and never in the test's own bookkeeping.  The tests that use it run
+    pytest-timeout's thread method, which leaves SIGALRM alone.
+    """
+
+    def __init__(self, seed: int, low_us: int = 10, high_us: int = 200) -> None:
+        self.rng = random.Random(seed)
+        self.low, self.high = low_us, high_us
+        self.armed = False
+        self.raised = 0
+        self._running = False
+
+    def _arm_timer(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, self.rng.randint(self.low, self.high) / 1e6)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if not self._running:
+            return  # a signal delivered just before the timer was stopped: re-arm nothing
+        self._arm_timer()
+        if self.armed:
+            self.armed = False
+            self.raised += 1
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def running(self) -> Iterator[_Interrupter]:
+        previous = signal.signal(signal.SIGALRM, self._handler)
+        self._running = True
+        self._arm_timer()
+        try:
+            yield self
+        finally:
+            self.armed = self._running = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def writer_sends_numbered(handle: Any, count: int, capacity: int, seed: int) -> int:
+    """Attach as writer 0 of a gather queue, or (for a broadcast handle) this is never used."""
+    rng = random.Random(seed)
+    with GatherQueue.attach(handle, 0) as queue:
+        for seq in range(count):
+            queue.put_bytes(make_message(0, seq, rng.randint(16, 3 * capacity), rng), timeout=30)
+    return count
+
+
+def broadcast_sender(writer: BroadcastQueue, count: int, seed: int, errors: list) -> None:
+    rng = random.Random(seed)
+    try:
+        for seq in range(count):
+            size = rng.choice([16, 100, 300, writer.capacity, 3 * writer.capacity])
+            writer.put_bytes(make_message(0, seq, size, rng), timeout=30)
+    except BaseException as exc:  # reported by the test
+        errors.append(exc)
+
+
+RECEIVES = ("get", "get_bytes", "get_many", "view")
+
+
+def _receive(queue: Any, how: str, interrupter: _Interrupter) -> list[bytes]:
+    """One receive call; a view's block disarms the interrupter first (from there on the
+    message is the block's, delivered: what the block does with it is the test's)."""
+    if how == "get":
+        return [queue.get(timeout=TIMEOUT)]
+    if how == "get_bytes":
+        return [queue.get_bytes(timeout=TIMEOUT)]
+    if how == "get_many":
+        return queue.get_many(3, timeout=TIMEOUT)
+    with queue.view(timeout=TIMEOUT) as view:
+        interrupter.armed = False
+        return [bytes(view)]
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_interrupted_gets_deliver_every_message_once_and_in_order() -> None:
+    count = 1500
+    writer = BroadcastQueue(1, n_slots=8, slot_size=512)
+    reader = BroadcastQueue.attach(writer.handle, 0)
+    errors: list[BaseException] = []
+    sender = threading.Thread(target=broadcast_sender, args=(writer, count, 1, errors))
+    interrupter = _Interrupter(seed=2)
+    received: list[bytes] = []
+    rng = random.Random(3)
+    try:
+        sender.start()
+        with interrupter.running():
+            while len(received) < count:
+                how = rng.choice(RECEIVES)
+                interrupter.armed = True
+                try:
+                    got = _receive(reader, how, interrupter)
+                except KeyboardInterrupt:
+                    continue  # the handler disarmed itself
+                interrupter.armed = False
+                received += got
+    finally:
+        sender.join(60)
+        reader.close()
+        writer.close()
+    assert not errors, errors
+    assert interrupter.raised >= 100, f"only {interrupter.raised} interrupts landed"
+    seqs = [message_source_and_seq(m)[1] for m in received]
+    assert seqs == list(range(count)), "a message was lost, doubled or reordered"
+    problems = [message_error(m, 0, i) for i, m in enumerate(received)]
+    assert problems == [None] * count
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_interrupted_gather_gets_deliver_every_message_once_and_in_order() -> None:
+    count = 800
+    with GatherQueue(1, n_slots=8, slot_size=512) as queue, process_group("fork") as group:
+        child = group.start(writer_sends_numbered, queue.handle, count, queue.capacity, 4)
+        interrupter = _Interrupter(seed=5)
+        received: list[bytes] = []
+        rng = random.Random(6)
+        with interrupter.running():
+            while len(received) < count:
+                how = rng.choice(RECEIVES)
+                interrupter.armed = True
+                try:
+                    got = _receive(queue, how, interrupter)
+                except KeyboardInterrupt:
+                    continue
+                interrupter.armed = False
+                received += got
+        assert group.result(child) == count
+    assert interrupter.raised >= 50, f"only {interrupter.raised} interrupts landed"
+    assert [message_source_and_seq(m)[1] for m in received] == list(range(count))
+    assert [message_error(m, 0, i) for i, m in enumerate(received)] == [None] * count
+
+
+def reader_collects(handle: Any, index: int, until: int) -> list[int]:
+    """Read (checking each message) until message number ``until`` or the writer closes."""
+    seqs = []
+    with BroadcastQueue.attach(handle, index) as queue:
+        while True:
+            try:
+                data = queue.get(timeout=30)  # the bytes, whether sent raw or as an object
+            except QueueClosed:
+                return seqs
+            _source, seq = message_source_and_seq(data)
+            assert message_error(data, 0, seq) is None, message_error(data, 0, seq)
+            seqs.append(seq)
+            if seq == until:
+                return seqs
+
+
+SENDS = ("put_bytes", "put", "put_many", "reserve")
+
+
+def _send(queue: BroadcastQueue, how: str, message: bytes) -> None:
+    if how == "put_bytes":
+        queue.put_bytes(message, timeout=TIMEOUT)
+    elif how == "put":
+        queue.put(message, timeout=TIMEOUT)
+    elif how == "put_many":
+        queue.put_many([message], timeout=TIMEOUT)
+    else:
+        with queue.reserve(len(message), timeout=TIMEOUT) as region:
+            region[:] = message
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_interrupted_puts_send_whole_messages_or_nothing() -> None:
+    count = 1500
+    rng = random.Random(7)
+    interrupted: set[int] = set()
+    with (
+        BroadcastQueue(1, n_slots=8, slot_size=512) as writer,
+        process_group("fork") as group,
+    ):
+        child = group.start(reader_collects, writer.handle, 0, count - 1)
+        writer.wait_until_ready(timeout=TIMEOUT)
+        interrupter = _Interrupter(seed=8)
+        with interrupter.running():
+            seq = 0
+            while seq < count:
+                size = rng.choice([16, 100, 300, writer.capacity, 3 * writer.capacity])
+                message = make_message(0, seq, size, rng)
+                how = rng.choice(SENDS[:3] if size > writer.capacity else SENDS)
+                interrupter.armed = True
+                try:
+                    _send(writer, how, message)
+                except KeyboardInterrupt:
+                    interrupted.add(seq)  # sent or not: the reader tells; never half
+                interrupter.armed = False
+                seq += 1
+        if count - 1 in interrupted:
+            writer.put_bytes(make_message(0, count - 1, 16, rng), timeout=TIMEOUT)
+        got = group.result(child)
+    assert interrupter.raised >= 100, f"only {interrupter.raised} interrupts landed"
+    assert got == sorted(set(got)), "a message arrived twice or out of order"
+    missing = set(range(count)) - set(got)
+    assert missing <= interrupted, f"lost without an interrupt: {sorted(missing - interrupted)}"
+
+
+# -- views are read-only ----------------------------------------------------------------------
+
+
+def test_everything_view_hands_out_is_read_only() -> None:
+    with (
+        BroadcastQueue(2, n_slots=8, slot_size=4096) as writer,
+        BroadcastQueue.attach(writer.handle, 0) as first,
+        BroadcastQueue.attach(writer.handle, 1) as second,
+    ):
+        array = np.arange(1000, dtype=np.float64)
+        writer.put({"array": array, "raw": pickle.PickleBuffer(bytearray(b"abc"))}, timeout=TIMEOUT)
+        writer.put_bytes(b"raw message", timeout=TIMEOUT)
+        with first.view(timeout=TIMEOUT) as obj:
+            assert not obj["array"].flags.writeable
+            with pytest.raises(ValueError, match="read-only"):
+                obj["array"][0] = -1.0
+            raw = memoryview(obj["raw"])  # any out-of-band buffer
+            assert raw.readonly and bytes(raw) == b"abc"
+            with pytest.raises(TypeError):
+                raw[0] = 0
+            raw.release()
+        with first.view(timeout=TIMEOUT) as raw:
+            assert raw.readonly
+            with pytest.raises(TypeError):
+                raw[0] = 0
+        # The other reader gets the original, and get() gives objects the caller owns.
+        got = second.get(timeout=TIMEOUT)
+        np.testing.assert_array_equal(got["array"], array)
+        got["array"][0] = -1.0  # its own copy
+        assert second.get_bytes(timeout=TIMEOUT) == b"raw message"
+
+
+def streamed_sender(writer: BroadcastQueue, obj: Any) -> None:
+    writer.put(obj, timeout=30)
+
+
+def test_a_streamed_message_in_view_is_read_only_too() -> None:
+    with (
+        BroadcastQueue(1, n_slots=4, slot_size=1024) as writer,
+        BroadcastQueue.attach(writer.handle, 0) as reader,
+    ):
+        array = np.arange(4 * writer.capacity // 8, dtype=np.int64)  # larger than the ring
+        sender = threading.Thread(target=streamed_sender, args=(writer, array))
+        sender.start()
+        try:
+            with reader.view(timeout=30) as got:
+                np.testing.assert_array_equal(got, array)
+                with pytest.raises(ValueError, match="read-only"):
+                    got[0] = 1
+        finally:
+            sender.join(30)
+
+
+def test_calls_on_the_wrong_role_say_so_and_leave_the_guard_free() -> None:
+    with (
+        BroadcastQueue(1, n_slots=4, slot_size=64) as writer,
+        BroadcastQueue.attach(writer.handle, 0) as reader,
+    ):
+        for _ in range(3):
+            with pytest.raises(RoleError):
+                writer.get(timeout=0)
+            with pytest.raises(RoleError):
+                reader.put("x", timeout=0)
+        writer.put("fine", timeout=0)
+        assert reader.get(timeout=0) == "fine"
