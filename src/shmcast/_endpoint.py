@@ -75,6 +75,15 @@ def as_bytes_view(part: Any) -> memoryview:
     return view
 
 
+def materialize(part: Any) -> Any:
+    """A buffer with the bytes of ``part``: the part itself, or what a DeferredPart writes."""
+    if type(part) is bytes or not hasattr(part, "write_into"):
+        return part
+    data = bytearray(len(part))
+    part.write_into(memoryview(data))
+    return data
+
+
 def release_quietly(view: memoryview) -> None:
     # BufferError: something made from the view is still alive; it goes when it is collected.
     with contextlib.suppress(BufferError):
@@ -317,18 +326,25 @@ class Endpoint:
             pass
         if deadline is None:
             deadline = deadline_of(timeout)
-        # bytes need no wrapping: a slice of the ring takes them as they are.
-        views = [p if type(p) is bytes else as_bytes_view(p) for p in parts]
+        # bytes need no wrapping: a slice of the ring takes them as they are.  A part with
+        # write_into (a DeferredPart) writes itself into its place.
+        views = [p if type(p) is bytes or hasattr(p, "write_into") else as_bytes_view(p)
+                 for p in parts]  # fmt: skip
         total = sum(len(v) for v in views)
         if total <= self._geometry.capacity:
             k, region = writer.begin_contiguous(total, deadline, timeout)
             pos = 0
             for v in views:
-                region[pos : pos + len(v)] = v
-                pos += len(v)
+                n = len(v)
+                if type(v) is bytes or not hasattr(v, "write_into"):
+                    region[pos : pos + n] = v
+                else:
+                    v.write_into(region[pos : pos + n])
+                pos += n
             writer.commit_contiguous(k, total, kind, publish)
         else:
-            writer.write_streamed([memoryview(v) for v in views], total, kind, deadline, timeout)
+            streamed = [memoryview(materialize(v)) for v in views]
+            writer.write_streamed(streamed, total, kind, deadline, timeout)
         self._activity()
 
     @contextmanager
