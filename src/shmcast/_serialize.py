@@ -69,6 +69,8 @@ class DeferredPart(Protocol):
 def frame_parts(stream: Buffer, raws: Sequence[Any]) -> list[Any]:
     """The parts of a pickle frame (see the module docstring) for a pickle ``stream`` and its
     out-of-band buffers ``raws``: flat byte views, or :class:`DeferredPart` objects."""
+    if not raws:
+        return [_HEAD.pack(0, 0, len(stream)), stream]
     lengths = [r.nbytes if isinstance(r, memoryview) else len(r) for r in raws]
     head = _HEAD.pack(len(raws), 0, len(stream)) + struct.pack(f"<{len(raws)}Q", *lengths)
     # head | pad | stream | pad | buf0 | pad | buf1 ...
@@ -101,8 +103,7 @@ class PickleSerializer:
         try:
             raws = [b.raw() for b in buffers]
         except BufferError:  # a non-contiguous buffer: send everything in-band
-            stream = pickle.dumps(obj, protocol=self.protocol)
-            return (_HEAD.pack(0, 0, len(stream)), stream)
+            return frame_parts(pickle.dumps(obj, protocol=self.protocol), [])
         return frame_parts(stream, raws)
 
     def loads(self, data: memoryview, *, copy: bool) -> Any:

@@ -31,6 +31,7 @@ import ctypes
 import io
 import pickle
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,41 +92,104 @@ def _lendable(torch: Any, t: Any) -> bool:
     )
 
 
-class _Dump:
-    """The state of one ``dumps`` call: the reducer for tensors and what it lent."""
+class _Dumping(threading.local):
+    """What the ``dumps`` under way in this thread collects: the strided tensors' placeholders
+    (their buffer callback swaps each for its deferred part) and the pickle protocol."""
 
-    __slots__ = ("deferred", "protocol", "torch")
+    deferred: dict[int, tuple[pickle.PickleBuffer, _StridedTensor]] | None = None
+    protocol: int = 5
 
-    def __init__(self, torch: Any, protocol: int) -> None:
-        self.torch = torch
-        self.protocol = protocol
-        self.deferred: dict[int, tuple[pickle.PickleBuffer, _StridedTensor]] = {}
 
-    def reduce(self, t: Any) -> Any:
-        torch = self.torch
-        try:
-            if _lendable(torch, t):
-                shape = tuple(t.shape)
-                name = str(t.dtype).removeprefix("torch.")
-                return rebuild_tensor, (self._buffer(t), shape, name)
-        except (AttributeError, RuntimeError, TypeError, ValueError):
-            pass  # an exotic tensor this path does not know: torch's own pickling below
-        return t.__reduce_ex__(self.protocol)
+_dumping = _Dumping()
 
-    def _buffer(self, t: Any) -> pickle.PickleBuffer:
-        nbytes = t.numel() * t.element_size()
-        if nbytes == 0:
-            return pickle.PickleBuffer(bytearray())
-        if t.is_contiguous():
-            # The tensor's own memory, as a flat byte buffer (any dtype, numpy or not).
-            memory = (ctypes.c_ubyte * nbytes).from_address(t.data_ptr())
-            memory.tensor = t  # the buffer keeps the tensor (and so its memory) alive
-            return pickle.PickleBuffer(memory)
-        # A placeholder the buffer callback recognizes; the part writes the elements itself.
-        # (Writable, so that pickle does not mark the buffer read-only.)
-        placeholder = pickle.PickleBuffer(bytearray())
-        self.deferred[id(placeholder)] = (placeholder, _StridedTensor(t))
-        return placeholder
+
+def reduce_tensor(t: Any) -> Any:
+    """The pickler's reducer for plain torch tensors (see the module docstring)."""
+    torch = sys.modules["torch"]
+    try:
+        if _lendable(torch, t) and _dumping.deferred is not None:
+            name = str(t.dtype).removeprefix("torch.")
+            return rebuild_tensor, (_lend(t), tuple(t.shape), name)
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        pass  # an exotic tensor this path does not know: torch's own pickling below
+    return t.__reduce_ex__(_dumping.protocol)
+
+
+def _lend(t: Any) -> pickle.PickleBuffer:
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return pickle.PickleBuffer(bytearray())
+    if t.is_contiguous():
+        # The tensor's own memory, as a flat byte buffer (any dtype, numpy or not).
+        memory = (ctypes.c_ubyte * nbytes).from_address(t.data_ptr())
+        memory.tensor = t  # the buffer keeps the tensor (and so its memory) alive
+        return pickle.PickleBuffer(memory)
+    # A placeholder the buffer callback recognizes; the part writes the elements itself.
+    # (Writable, so that pickle does not mark the buffer read-only.)
+    placeholder = pickle.PickleBuffer(bytearray())
+    assert _dumping.deferred is not None
+    _dumping.deferred[id(placeholder)] = (placeholder, _StridedTensor(t))
+    return placeholder
+
+
+class _DispatchTable(dict):
+    """The reducer for plain tensors, then whatever ``copyreg`` has (looked up at each use,
+    so that reducers registered there later count too)."""
+
+    def __missing__(self, cls: type) -> Any:
+        return copyreg.dispatch_table[cls]
+
+
+_tables: dict[type, _DispatchTable] = {}  # torch.Tensor -> its table
+
+
+def _table(tensor_type: type) -> _DispatchTable:
+    table = _tables.get(tensor_type)
+    if table is None:
+        table = _tables[tensor_type] = _DispatchTable({tensor_type: reduce_tensor})
+    return table
+
+
+#: A pickle stream up to this size is copied out of the pickler's buffer, which is then kept
+#: for the thread's next ``dumps``; a larger one is handed out without a copy, and the next
+#: ``dumps`` starts with a fresh pickler.
+SMALL_STREAM = 64 * 1024
+
+
+class _Picklers(threading.local):
+    """Each thread's idle pickler (with its buffer), by protocol and dispatch table: making
+    one costs more than pickling a small object."""
+
+    def __init__(self) -> None:
+        self.idle: dict[tuple[int, int], tuple[io.BytesIO, pickle.Pickler, list[Any]]] = {}
+
+
+_picklers = _Picklers()
+
+
+def _pickle(obj: Any, protocol: int, table: _DispatchTable) -> tuple[Any, list[Any]]:
+    """``(stream, out-of-band buffers)`` of ``obj``, pickled with ``table``."""
+    key = (protocol, id(table))
+    idle = _picklers.idle
+    tools = idle.pop(key, None)  # taken: a dumps nested in this one makes its own
+    if tools is None:
+        bio = io.BytesIO()
+        buffers: list[Any] = []
+        pickler = pickle.Pickler(bio, protocol, buffer_callback=buffers.append)
+        pickler.dispatch_table = table
+    else:
+        bio, pickler, buffers = tools
+    pickler.dump(obj)  # on an error these tools are dropped: their state is unknown
+    found = list(buffers)
+    if bio.tell() > SMALL_STREAM:
+        return bio.getbuffer(), found  # no copy; the view keeps the buffer alive
+    stream = bio.getvalue()
+    bio.seek(0)
+    bio.truncate()
+    pickler.clear_memo()  # the next stream must not refer to this one's objects
+    buffers.clear()
+    idle[key] = (bio, pickler, buffers)
+    return stream, found
 
 
 class TensorSerializer(PickleSerializer):
@@ -140,24 +204,19 @@ class TensorSerializer(PickleSerializer):
 
     def dumps(self, obj: Any) -> Sequence[Buffer]:
         torch = sys.modules.get("torch")
-        if torch is None or not hasattr(torch, "Tensor"):
+        tensor_type = getattr(torch, "Tensor", None)
+        if tensor_type is None:
             return super().dumps(obj)
-        dump = _Dump(torch, self.protocol)
-        buffers: list[pickle.PickleBuffer] = []
-        with io.BytesIO() as bio:
-            pickler = pickle.Pickler(bio, protocol=self.protocol, buffer_callback=buffers.append)
-            # Keep the reducers registered with copyreg; add the one for plain tensors
-            # (a subclass is not looked up here, so it keeps its own pickling).
-            table = dict(copyreg.dispatch_table)
-            table[torch.Tensor] = dump.reduce
-            pickler.dispatch_table = table
-            pickler.dump(obj)
-            stream = bio.getvalue()
-        if not buffers:
-            return frame_parts(stream, [])
+        deferred: dict[int, tuple[pickle.PickleBuffer, _StridedTensor]] = {}
+        outer = _dumping.deferred, _dumping.protocol  # a dumps inside a reducer's dumps
+        _dumping.deferred, _dumping.protocol = deferred, self.protocol
+        try:
+            stream, buffers = _pickle(obj, self.protocol, _table(tensor_type))
+        finally:
+            _dumping.deferred, _dumping.protocol = outer
         raws: list[Any] = []
         for b in buffers:
-            entry = dump.deferred.get(id(b))
+            entry = deferred.get(id(b))
             if entry is not None and entry[0] is b:
                 raws.append(entry[1])
                 continue

@@ -269,16 +269,20 @@ class MessageQueue:
 
     # -- sending and receiving ------------------------------------------------------------------
 
+    def _cancelled(self) -> RuntimeError:
+        return RuntimeError(f"cancelled: {self!r} was shut down")
+
     @contextmanager
     def _calls(self) -> Iterator[None]:
-        """Map the end of a call by :meth:`shutdown` to the original's RuntimeError."""
+        """Map the end of a call by :meth:`shutdown` to the original's RuntimeError.  (The
+        per-message calls do the same inline: a context manager costs more than the call.)"""
         if self.shutting_down:
-            raise RuntimeError(f"cancelled: {self!r} was shut down")
+            raise self._cancelled()
         try:
             yield
         except QueueClosed as exc:
             if self.shutting_down:
-                raise RuntimeError(f"cancelled: {self!r} was shut down") from exc
+                raise self._cancelled() from exc
             raise
 
     def enqueue(self, obj: Any, timeout: float | None = None) -> None:
@@ -292,7 +296,9 @@ class MessageQueue:
         """
         if not self._is_writer:
             raise RoleError("only the writer can enqueue; this MessageQueue is a reader")
-        with self._calls():
+        if self.shutting_down:
+            raise self._cancelled()
+        try:
             if self._queue is not None:
                 self._queue.put(obj, timeout)
             elif self._remote is None:
@@ -304,6 +310,10 @@ class MessageQueue:
                     ) from exc
             if self._remote is not None:
                 self._remote.put(obj, timeout)
+        except QueueClosed as exc:
+            if self.shutting_down:
+                raise self._cancelled() from exc
+            raise
 
     def dequeue(self, timeout: float | None = None, indefinite: bool = False) -> Any:
         """Receive the next object (reader).
@@ -315,12 +325,17 @@ class MessageQueue:
         everything it sent was read); QueueClosed (the writer shut down and everything it
         sent was read); SerializationError (could not be decoded; consumed).
         """
-        if self._is_local_reader:
-            with self._calls():
+        if self.shutting_down:
+            raise self._cancelled()
+        try:
+            if self._is_local_reader:
                 return self._get(timeout, indefinite)
-        if self._is_remote_reader:
-            with self._calls():
+            if self._is_remote_reader:
                 return self._remote.get(timeout)
+        except QueueClosed as exc:
+            if self.shutting_down:
+                raise self._cancelled() from exc
+            raise
         raise RuntimeError("only readers can dequeue; this MessageQueue is the writer")
 
     def _get(self, timeout: float | None, indefinite: bool) -> Any:
