@@ -603,7 +603,7 @@ def executor_worker(impl: str, handle: Any, rank: int,
     served = 0
     try:
         while True:
-            method, args, kwargs, output_rank = requests.dequeue(indefinite=True)
+            method, args, _kwargs, output_rank = requests.dequeue(indefinite=True)
             if method == "shutdown":
                 return served
             served += 1
