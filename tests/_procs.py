@@ -710,6 +710,11 @@ def group_member(kind: str, where: str, rank: int, world_size: int, writer_rank:
               "handles": len(handles)}  # fmt: skip
     queue.shutdown()
     single.shutdown()
+    if kind == "stateless":  # rank 0 serves the group's store: it leaves last
+        if rank:
+            group.store.set(f"shmcast-done-{rank}", "1")
+        else:
+            group.store.wait([f"shmcast-done-{r}" for r in range(1, world_size)])
     if kind == "torch":
         import torch.distributed as dist
 
