@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(VENV)/bin/shmcast demo $(ARGS)
 
 test: $(STAMP) spin
-	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff check src tests tests_vllm examples
 	$(PY) -m pytest $(ARGS)
 
 # vLLM's own queue tests (from its source distribution, fetched at test time) against
@@ -46,12 +46,12 @@ test-vllm: $(VLLM_STAMP)
 	$(VENV_VLLM)/bin/python -m pytest tests/compat $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples
-	$(VENV)/bin/ruff format --check src tests examples
+	$(VENV)/bin/ruff check src tests tests_vllm examples
+	$(VENV)/bin/ruff format --check src tests tests_vllm examples
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format src tests examples
-	$(VENV)/bin/ruff check --fix src tests examples
+	$(VENV)/bin/ruff format src tests tests_vllm examples
+	$(VENV)/bin/ruff check --fix src tests tests_vllm examples
 
 venv: $(STAMP)
 

@@ -144,11 +144,16 @@ def report(results: dict[str, str], expected: dict[str, tuple[str, str]], agains
     failed = [node for node, outcome in results.items() if outcome in ("failed", "error")]
     internal = sum(1 for node in failed if expected.get(node, ("",))[0] == "internal")
     remote = sum(1 for node in failed if expected.get(node, ("",))[0] == "remote")
-    print(f"\n{counts['passed']} passed, {counts['failed'] + counts['error']} failed, "
-          f"{counts['skipped']} skipped")  # fmt: skip
+    failures = counts["failed"] + counts["error"]
+    print(
+        f"\nvLLM {VLLM_VERSION}'s queue tests against {against}'s MessageQueue: "
+        f"{counts['passed']} passed, {counts['skipped']} skipped, {failures} not passed"
+    )
     if against == "shmcast":
-        print(f"(failed: {internal} read vLLM internals, {remote} need remote readers, "
-              f"{surprises} unexpected)")  # fmt: skip
+        print(
+            f"of those not passed: {internal} read vLLM internals, {remote} need remote "
+            f"readers (both listed in expected_failures.txt), {surprises} unexpected"
+        )
     return surprises
 
 
