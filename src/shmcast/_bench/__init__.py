@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--readers", type=_int_list, metavar="N,N",
-        help="reader counts for every workload but the engine "
+        help="reader counts for every workload but the engine and the executor loop "
         "(default: latency 1,4,8; throughput 1,4; wakeup 1; idle_cpu 1,4)",
     )  # fmt: skip
     numbers = [
