@@ -100,6 +100,13 @@ def same_host_as(group: _TorchGroup | _StatelessGroup, source_rank: int) -> list
             probe.close()
 
 
+def _survey(pg: Any, what: str, source: int) -> tuple[_TorchGroup | _StatelessGroup, list[int]]:
+    """The wrapped group, and the ranks that do not share ``source``'s host (collective)."""
+    group = group_of(pg)
+    _check_rank(what, source, group.world_size)
+    return group, [r for r, here in enumerate(same_host_as(group, source)) if not here]
+
+
 def _remote_error(ranks: list[int]) -> NotImplementedError:
     from ._remote import MISSING
 
@@ -125,10 +132,7 @@ def create_from_process_group(
     joins it.  With ``blocking``, every rank then waits until all have joined.  Readers on
     another host than the writer need the remote half: NotImplementedError on every rank.
     """
-    group = group_of(pg)
-    _check_rank("writer_rank", writer_rank, group.world_size)
-    local = same_host_as(group, writer_rank)
-    remote = [r for r, here in enumerate(local) if not here]
+    group, remote = _survey(pg, "writer_rank", writer_rank)
     if group.rank == writer_rank:
         if external_writer_handle is not None:
             queue = cls.create_from_handle(external_writer_handle, group.rank)
@@ -168,10 +172,7 @@ def create_from_process_group_single_reader(
     reader has joined its queue (the reader must join them all for that).  A rank on another
     host than the reader needs the remote half: NotImplementedError on every rank.
     """
-    group = group_of(pg)
-    _check_rank("reader_rank", reader_rank, group.world_size)
-    local = same_host_as(group, reader_rank)
-    remote = [r for r, here in enumerate(local) if not here]
+    group, remote = _survey(pg, "reader_rank", reader_rank)
     if remote:
         raise _remote_error(remote)  # every rank sees the same list: none waits
     queue = cls(
