@@ -73,7 +73,7 @@ VLLM_STAMP := $(VENV_VLLM)/.installed
 TORCH := torch==2.13.0
 VLLM := vllm==0.33.0
 venv-vllm: $(VLLM_STAMP)
-$(VLLM_STAMP): pyproject.toml setup.py src/shmcast/_native.c
+$(VLLM_STAMP): pyproject.toml setup.py $(wildcard src/shmcast/_csrc/*.[ch])
 	@$(MAKE) --no-print-directory system-deps
 	$(PYTHON) -m venv $(VENV_VLLM)
 	$(VENV_VLLM)/bin/python -m pip install --quiet $(TORCH)
