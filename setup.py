@@ -3,7 +3,7 @@
 from setuptools import Extension, setup
 
 #: The parts of the native core, one idea each (src/shmcast/_csrc/module.c says which).
-SOURCES = ("module", "atomics", "cursor", "probe")
+SOURCES = ("module", "atomics", "cursor", "guard", "probe")
 
 setup(
     ext_modules=[

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from _procs import segment_users
+
 import shmcast
 from shmcast import (
     BackoffWait,
@@ -44,6 +46,7 @@ from shmcast import (
     SpinWait,
     WaitPolicy,
 )
+from shmcast._segment import SHM_DIR
 
 #: source (writer index, 0 for a broadcast writer), sequence number, total length, CRC-32 of
 #: the body.  A message is this header followed by its body.
@@ -135,13 +138,18 @@ def policy_named(name: str, slice_: float) -> WaitPolicy:
     raise ValueError(name)
 
 
-def unlink_segment(name: str) -> bool:
-    """Remove the segment ``name`` (left behind by a killed creator); True if it was there."""
+def segment_left(name: str) -> str | None:
+    """What is left of the segment ``name`` once every process of its queue has ended: None
+    if nothing (no name in /dev/shm, and no process maps it or holds it open, so the kernel
+    has freed it), else what is left (a name found is removed)."""
     try:
         shmcast._native.shm_unlink("/" + name)
     except FileNotFoundError:
-        return False
-    return True
+        pass
+    else:
+        return f"its name was left in {SHM_DIR}"
+    users = segment_users(name)
+    return f"processes {sorted(users)} still use it" if users else None
 
 
 # -- a checking reader ------------------------------------------------------------------------

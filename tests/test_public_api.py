@@ -19,6 +19,7 @@ EXPECTED_ALL = {
     "GatherQueue",
     "Handle",
     "IdleWait",
+    "InheritedEndpoint",
     "MessageKindError",
     "MessageTooLarge",
     "PickleSerializer",
@@ -30,6 +31,7 @@ EXPECTED_ALL = {
     "SegmentError",
     "SerializationError",
     "Serializer",
+    "SharedMemoryFull",
     "ShmcastError",
     "SpinWait",
     "WaitPolicy",
@@ -50,6 +52,7 @@ COMPAT_VLLM_ALL = {
 
 ERRORS = [
     "AttachError",
+    "InheritedEndpoint",
     "MessageKindError",
     "MessageTooLarge",
     "QueueBroken",
@@ -58,6 +61,7 @@ ERRORS = [
     "RoleError",
     "SegmentError",
     "SerializationError",
+    "SharedMemoryFull",
 ]
 
 
@@ -133,6 +137,8 @@ def test_exceptions_hierarchy() -> None:
     assert issubclass(shmcast.AttachError, ValueError)
     assert issubclass(shmcast.MessageTooLarge, ValueError)
     assert issubclass(shmcast.MessageKindError, TypeError)
+    assert issubclass(shmcast.InheritedEndpoint, RuntimeError)  # as a busy endpoint's error
+    assert issubclass(shmcast.SharedMemoryFull, OSError)
     # The others are plain ShmcastErrors, not also built-in categories they are not.
     for name in ("QueueClosed", "QueueBroken", "SegmentError", "RoleError", "SerializationError"):
         assert not issubclass(getattr(shmcast, name), (ValueError, TypeError, TimeoutError)), name

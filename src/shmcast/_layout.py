@@ -52,11 +52,17 @@ neighbours) is written on the fast path by one process only.  Sequences are 64-b
 
 Slot descriptor (slot *j* of a ring at ``desc_off + 32 * j``)::
 
-    +0   u64  total            message length (FIRST), or slots in the run (PAD)
-    +8   u32  nbytes           payload bytes in this slot
+    +0   u64  total            message length (FIRST, CONT), or slots in the run (PAD)
+    +8   u32  check            a hash of the other four fields keyed by the nonce
     +12  u32  flags            FLAG_* bits, and the message kind in bits 8..15
     +16  u64  msg_no           message number, the same in every slot of a message
-    +24  u64  reserved
+    +24  u64  seq              the sequence of the slot it describes (not its index)
+
+A slot carries ``min(slot_size, bytes left)`` of its message: all of it for a contiguous message
+(the first slot's descriptor covers the run), ``slot_size`` for every slot of a streamed message
+but its last.  ``seq`` and ``check`` let a reader refuse a descriptor left from an earlier lap,
+moved there by a stray process or copied from another queue (docs/protocol.md, "Trust").
+Only the first slot of a contiguous message or of a padding run has a descriptor of its own.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ from dataclasses import dataclass
 from ._errors import SegmentError
 
 MAGIC = b"SHMCAST\x00"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 KIND_BROADCAST = 1
 KIND_GATHER = 2
 KIND_NAMES = {KIND_BROADCAST: "broadcast", KIND_GATHER: "gather"}
@@ -104,6 +110,7 @@ ATTACHED = 2
 DETACHED = 4  # left cleanly (a writer: closed); the index may be taken again
 DROPPED = 8  # found dead and dropped by its peer
 GATING = EXPECTED | ATTACHED
+STATES = EXPECTED | ATTACHED | DETACHED | DROPPED  #: a state word holds exactly one of these
 STATE_NAMES = {EXPECTED: "expected", ATTACHED: "attached", DETACHED: "detached", DROPPED: "dropped"}
 
 # Descriptor flags.
@@ -252,8 +259,10 @@ class Header:
         )  # fmt: skip
 
     @classmethod
-    def read(cls, buf: memoryview, name: str) -> Header:
-        """Parse and validate a header; SegmentError says what is wrong with it."""
+    def read(cls, buf: memoryview | bytes, name: str, size: int | None = None) -> Header:
+        """Parse and validate a header; SegmentError says what is wrong with it.  ``size`` is
+        the segment's size (default: ``len(buf)``, for a mapping of all of it)."""
+        size = len(buf) if size is None else size
         if len(buf) < HEADER.size:
             raise SegmentError(f"segment {name!r} is too small to be a shmcast queue")
         (magic, version, kind, nonce, total, n_peers, n_slots, slot_size, pid, start, created,
@@ -274,8 +283,8 @@ class Header:
         expected = (geometry.desc_off, geometry.data_off, geometry.total_size)
         if expected != (desc_off, data_off, total):
             raise SegmentError(f"segment {name!r} has a corrupted header (inconsistent offsets)")
-        if total > len(buf):
+        if total > size:
             raise SegmentError(
-                f"segment {name!r} is truncated: its header says {total} bytes, found {len(buf)}"
+                f"segment {name!r} is truncated: its header says {total} bytes, found {size}"
             )
         return cls(version, nonce, geometry, pid, start, created)

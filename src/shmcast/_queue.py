@@ -19,17 +19,10 @@ from ._endpoint import (
     close_side,
     deadline_of,
 )
-from ._errors import QueueClosed, QueueTimeout, RoleError, SegmentError
+from ._errors import QueueTimeout, RoleError, SegmentError
 from ._liveness import identity
-from ._ring import (
-    RingReader,
-    RingWriter,
-    announce,
-    check_index,
-    claim_line,
-    event_wait,
-    initialize,
-)
+from ._participants import announce, check_index, claim_line, event_wait, initialize
+from ._ring import RingReader, RingWriter
 from ._segment import Segment
 from ._serialize import Serializer
 from ._wait import WaitPolicy, resolve_policy
@@ -40,8 +33,9 @@ DEFAULT_SLOT_SIZE = 256 * 1024
 
 def create_segment(
     kind: int, n_peers: int, n_slots: int, slot_size: int
-) -> tuple[Segment, L.Header]:
-    """A new, initialised segment for a queue of ``kind`` (creator only)."""
+) -> tuple[Segment, L.Header, Handle]:
+    """A new, initialised segment for a queue of ``kind``, already without a name in /dev/shm
+    (creator only; see _segment), and the handle its peers attach with."""
     geometry = L.Geometry.checked(kind, n_peers, n_slots, slot_size)
     seg = Segment.create(geometry.total_size)
     try:
@@ -51,11 +45,9 @@ def create_segment(
             creator_pid=pid, creator_start=start, created_ns=time.time_ns(),
         )  # fmt: skip
         initialize(seg, header)
-    except BaseException:
-        seg.unlink()
-        seg.close()
-        raise
-    return seg, header
+    finally:
+        seg.unlink()  # from here on the segment lives exactly as long as its processes
+    return seg, header, Handle(seg.name, header.nonce, pid, seg.fd)
 
 
 def open_segment(handle: Handle, kind: int, queue: str) -> tuple[Segment, L.Header]:
@@ -64,7 +56,9 @@ def open_segment(handle: Handle, kind: int, queue: str) -> tuple[Segment, L.Head
         raise TypeError(
             f"attach() needs the queue's handle (queue.handle), not {type(handle).__name__}"
         )
-    seg = Segment.open(handle.name)
+    if not isinstance(handle.nonce, int):
+        raise SegmentError(f"invalid handle: nonce {handle.nonce!r}")
+    seg = Segment.attach(handle.name, handle.pid, handle.fd)
     try:
         header = L.Header.read(seg.buf, handle.name)
         if header.nonce != handle.nonce:
@@ -109,8 +103,8 @@ class BroadcastQueue(Endpoint):
         n_readers: how many reader indices the queue has.
         n_slots, slot_size: the ring's geometry.  A message takes ``ceil(size / slot_size)``
             slots (at least one); ``n_slots * slot_size`` bytes is the :attr:`capacity`, the
-            largest message that can be reserved or viewed in place.  Pages of shared memory
-            are only used once touched.
+            largest message that can be reserved or viewed in place.  The memory is reserved
+            at creation (SharedMemoryFull if /dev/shm lacks room).
         wait: a wait policy or its name: ``"futex"`` (default), ``"spin"``, ``"backoff"``,
             ``"idle"`` (see :class:`~shmcast.WaitPolicy`).
         serializer: encodes objects for :meth:`put` (default: pickle protocol 5 with
@@ -119,8 +113,10 @@ class BroadcastQueue(Endpoint):
             QueueBroken naming it; ``"drop"``: it drops that reader and goes on.
 
     Closing: the writer's :meth:`close` marks the queue closed (readers get QueueClosed once
-    they have read everything) and removes the segment's name; a reader's detaches it (the
-    writer stops waiting for it and the index may be attached again).
+    they have read everything); a reader's detaches it (the writer stops waiting for it and the
+    index may be attached again).  The segment has no name in /dev/shm once created: the
+    kernel frees it when the last process that maps it is gone, however it ends.  Readers
+    attach while the writer has the queue open.
 
     Threads: an endpoint serves one call at a time; a concurrent call (or one inside its own
     ``reserve``/``view`` block) raises RuntimeError instead of corrupting state.  Processes:
@@ -139,18 +135,20 @@ class BroadcastQueue(Endpoint):
     ) -> None:
         policy = resolve_policy(wait)
         serializer = check_serializer(serializer)
-        seg, header = create_segment(L.KIND_BROADCAST, n_readers, n_slots, slot_size)
+        seg, header, handle = create_segment(L.KIND_BROADCAST, n_readers, n_slots, slot_size)
         try:
-            writer = RingWriter(seg, header.geometry.ring(), policy, on_dead_reader)
+            writer = RingWriter(
+                seg, header.geometry.ring(), policy, on_dead_reader, key=header.nonce
+            )
             writer.label = f"{seg.name} (writer)"
         except BaseException:
-            seg.unlink()
             seg.close()
             raise
-        self._setup(seg, header.geometry, Handle(seg.name, header.nonce), serializer, policy)
+        what = f"BroadcastQueue writer of {seg.name}"
+        self._setup(seg, header.geometry, handle, serializer, policy, what)
         self._writer: RingWriter | None = writer
         self._reader: RingReader | None = None
-        self._finalizer = weakref.finalize(self, close_side, seg, [writer.close], os.getpid(), True)
+        self._finalizer = weakref.finalize(self, close_side, seg, [writer.close], os.getpid())
 
     @classmethod
     def attach(
@@ -175,7 +173,7 @@ class BroadcastQueue(Endpoint):
         try:
             g = header.geometry
             index = check_index(reader, g.n_peers, "reader")
-            ring = RingReader(seg, g.ring(), index, policy)
+            ring = RingReader(seg, g.ring(), index, policy, key=header.nonce)
             ring.label = f"{seg.name} (reader {index})"
             line = g.peer_line(index)
             if claim_line(seg.atomics, line, f"reader index {index}") == L.EXPECTED:
@@ -187,10 +185,11 @@ class BroadcastQueue(Endpoint):
             seg.close()
             raise
         self = cls.__new__(cls)
-        self._setup(seg, g, handle, serializer, policy)
+        what = f"BroadcastQueue reader {index} of {seg.name}"
+        self._setup(seg, g, handle, serializer, policy, what)
         self._writer = None
         self._reader = self._fast = ring
-        self._finalizer = weakref.finalize(self, close_side, seg, [ring.detach], os.getpid(), False)
+        self._finalizer = weakref.finalize(self, close_side, seg, [ring.detach], os.getpid())
         return self
 
     # -- properties ---------------------------------------------------------------------------
@@ -213,7 +212,7 @@ class BroadcastQueue(Endpoint):
         return (
             f"<BroadcastQueue {role} name={self.name!r} readers={self.n_readers} "
             f"slots={self.n_slots}x{self.slot_size} wait={self._policy.name!r} "
-            f"{'closed' if self._closed else 'open'}>"
+            f"{'closed' if self.closed else 'open'}>"
         )
 
     def stats(self) -> QueueStats:
@@ -234,8 +233,7 @@ class BroadcastQueue(Endpoint):
         happen in time; a reader whose writer died raises QueueBroken.
         """
         deadline = deadline_of(timeout)
-        if self._closed:
-            raise QueueClosed(f"{self!r} is closed")
+        self._guard.check()
         tick = None if self._reader is None else self._reader.tick
         wait_all_attached(self._seg, self._geometry, deadline, self._policy.slice, tick)
 

@@ -232,25 +232,43 @@ Atomics_wake32(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /*
- * min_seq(first_off, stride, count, state_rel, mask) -> int or None
+ * min_seq(first_off, stride, count, state_rel, mask, lo, hi, valid) -> int or None
  *
  * The gating sequence: the minimum of the 64-bit sequence at
  * first_off + i*stride (acquire loads) over the entries whose 32-bit state at
  * first_off + i*stride + state_rel has a bit in `mask`.  None if no entry
  * qualifies.  One call instead of a Python loop over readers.
+ *
+ * Nothing read is trusted: a state that is not one bit of `valid`, or a
+ * qualifying sequence outside [lo, hi] (the range the caller can prove for
+ * it), raises SegmentError naming the entry.
  */
 static PyObject *
 Atomics_min_seq(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t first, stride, count, state_rel, mask;
-    ARGC(5, "min_seq");
+    Py_ssize_t first, stride, count, state_rel, mask, valid;
+    uint64_t lo, hi;
+    ARGC(8, "min_seq");
     if (parse_off(args, 0, &first) < 0 || parse_off(args, 1, &stride) < 0 ||
         parse_off(args, 2, &count) < 0 || parse_off(args, 3, &state_rel) < 0 ||
-        parse_off(args, 4, &mask) < 0)
+        parse_off(args, 4, &mask) < 0 || parse_u64(args[5], &lo) < 0 ||
+        parse_u64(args[6], &hi) < 0 || parse_off(args, 7, &valid) < 0)
         return NULL;
     if (count < 0 || stride < 0) {
         PyErr_SetString(PyExc_ValueError, "min_seq: negative count or stride");
         return NULL;
+    }
+    /* Every entry lies in the buffer (checked before any is read, so that a bad count is an
+     * IndexError, not the state of the first line past the end). */
+    if (count > 0) {
+        if (first < 0 || (stride > 0 && count - 1 > (self->len - first) / stride)) {
+            PyErr_Format(PyExc_IndexError,
+                         "min_seq: %zd entries from offset %zd run past the buffer", count, first);
+            return NULL;
+        }
+        Py_ssize_t last = first + (count - 1) * stride;
+        if (check_word(self, last, 8) < 0 || check_word(self, last + state_rel, 4) < 0)
+            return NULL;
     }
     uint64_t best = UINT64_MAX;
     int found = 0;
@@ -259,9 +277,23 @@ Atomics_min_seq(AtomicsObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (check_word(self, off, 8) < 0 || check_word(self, off + state_rel, 4) < 0)
             return NULL;
         uint32_t st = __atomic_load_n(WORD32(self, off + state_rel), __ATOMIC_ACQUIRE);
+        if (st == 0 || (st & (st - 1)) != 0 || (st & ~(uint32_t)valid) != 0) {
+            PyErr_Format(shmcast_SegmentError,
+                         "corrupted queue: participant %zd has an unknown state %u", i,
+                         (unsigned)st);
+            return NULL;
+        }
         if (!((uint32_t)mask & st))
             continue;
         uint64_t v = __atomic_load_n(WORD64(self, off), __ATOMIC_ACQUIRE);
+        if (v < lo || v > hi) {
+            PyErr_Format(shmcast_SegmentError,
+                         "corrupted queue: participant %zd is at sequence %llu, outside the "
+                         "possible range %llu..%llu",
+                         i, (unsigned long long)v, (unsigned long long)lo,
+                         (unsigned long long)hi);
+            return NULL;
+        }
         if (v < best)
             best = v;
         found = 1;
@@ -346,7 +378,7 @@ static PyMethodDef Atomics_methods[] = {
      "wait32(off, expected, timeout) -> bool: sleep while the word equals expected; False on timeout."},
     {"wake32", (PyCFunction)(void (*)(void))Atomics_wake32, METH_FASTCALL, "wake32(off, n) -> int: wake up to n waiters."},
     {"min_seq", (PyCFunction)(void (*)(void))Atomics_min_seq, METH_FASTCALL,
-     "min_seq(first_off, stride, count, state_rel, mask) -> int | None."},
+     "min_seq(first_off, stride, count, state_rel, mask, lo, hi, valid) -> int | None."},
     {"release", (PyCFunction)Atomics_release, METH_NOARGS, "release(): drop the buffer; later calls raise."},
     {NULL, NULL, 0, NULL},
 };

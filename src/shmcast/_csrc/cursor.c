@@ -1,17 +1,32 @@
-#include "native.h"
-
-#include <string.h>
-#include <structmember.h>
-
 /*
- * A Cursor is one endpoint's position in one ring, and the code that runs once
- * per message: publish a contiguous message (writer), take one (reader), and
- * hand slots over (both).  It is the protocol of docs/protocol.md, the same
- * steps the Python slow path takes, done in one call so that a small message
- * costs one crossing into C instead of a dozen.  Anything out of the ordinary
- * (a wrap, a full ring, padding, a streamed or corrupted message) makes the
- * fast path decline (False / None) and the caller takes the Python path, which
- * reads and writes the same state through the members below.
+ * The Cursor type: one endpoint's position in one ring, and the code that runs
+ * once per message: publish a contiguous message (writer), take one (reader),
+ * and hand slots over (both).  It is the protocol of docs/protocol.md, done in
+ * one call so that a small message costs one crossing into C instead of a
+ * dozen.  Anything out of the ordinary that is still legitimate (a wrap, a full
+ * ring, padding, a streamed message) makes the fast path decline (False /
+ * None) and the caller takes the Python path, which reads and writes the same
+ * state through the members and the slow-path methods below.
+ *
+ * Nothing read from the segment is trusted.  Any process that can map the
+ * segment can write anything into it, so every value a Cursor reads is checked
+ * before it is used, and an impossible one raises SegmentError at once:
+ *   - the peer's sequence (reader: write_seq) must lie in [pos, pos + n_slots]:
+ *     a writer never publishes more than a ring ahead of a gating reader (I1),
+ *     and never takes a slot back;
+ *   - a descriptor must carry the sequence of the slot it is read at (a stale
+ *     or replayed one carries another) and a check word that hashes its fields
+ *     with the queue's nonce (`key`), so that random bytes or a descriptor of
+ *     another queue are refused;
+ *   - lengths must fit the ring and the message's own slots;
+ *   - after a reader has read a message (or a run of slots), it looks at the
+ *     descriptors again before it releases them (`finish`, `release`): the
+ *     writer stores a slot's descriptor before its data, so a reader whose
+ *     slot was overwritten while it read (because a stray process moved its
+ *     read_seq forward) sees the new descriptor and raises, instead of
+ *     delivering a torn message.  This is a seqlock's reader side: the loads of
+ *     the data are ordered before the second look by an acquire fence, and the
+ *     writer's descriptor stores before its data stores by a release fence.
  *
  * Geometry (byte offsets into the Atomics buffer, checked once at creation):
  *   data_off, desc_off     slot data and descriptors of this ring;
@@ -25,7 +40,8 @@
  *   count_off              writer (optional): the readers' announcement count
  *                          (P3); with it, the writer wakes only if, besides
  *                          flag_off being non-zero, the count moved since its
- *                          last wake (cursor_flush says why).
+ *                          last wake (cursor_flush says why);
+ *   key                    the queue's nonce, which keys the descriptor check.
  * State (members, read and written by the Python slow path too):
  *   pos      slots filled (writer) or consumed (reader);
  *   stored   the value last stored at seq_off (pos - stored slots are held back);
@@ -38,6 +54,10 @@
  *
  * Descriptors are little-endian (checked below), laid out as _layout.DESC.
  */
+#include "native.h"
+
+#include <string.h>
+#include <structmember.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the shmcast segment layout is little-endian"
@@ -45,20 +65,25 @@
 
 #define DESC_SIZE 32
 #define FLAG_FIRST 1u
-#define FLAG_CONTIG 8u
+#define FLAG_CONT 2u
 #define FLAG_PAD 4u
+#define FLAG_CONTIG 8u
+#define FLAG_BITS 0xFu
 #define KIND_SHIFT 8
+#define KIND_MASK (0xFFu << KIND_SHIFT)
+#define MSG_RAW 1u
+#define MSG_OBJECT 2u
 #define MAX_PARTS 8
 /* Copies at least this large release the GIL. */
 #define BIG_COPY (256 * 1024)
 #define EARLY_WRAP_MIN SHMCAST_EARLY_WRAP_MIN
 
 typedef struct {
-    uint64_t total;
-    uint32_t nbytes;
-    uint32_t flags;
-    uint64_t msg_no;
-    uint64_t reserved;
+    uint64_t total;     /* message length (FIRST, CONT), or slots in the run (PAD) */
+    uint32_t check;     /* desc_check() of the other fields, keyed by the nonce */
+    uint32_t flags;     /* FLAG_* bits, and the message kind in bits 8..15 */
+    uint64_t msg_no;    /* message number, the same in every slot of a message */
+    uint64_t seq;       /* the sequence of the slot this descriptor describes */
 } Desc;
 
 typedef struct {
@@ -69,8 +94,26 @@ typedef struct {
     int wake_n;
     Py_ssize_t count_off;   /* writer: the announcement count (-1: use flag_off) */
     uint64_t woken_at;      /* writer: the count as loaded before the last wake */
+    uint64_t key;           /* the queue's nonce */
     unsigned long long pos, stored, msgs, bound, early;
+    PyObject *last;         /* reader: the bytes take_bytes() returned last (or NULL) */
 } CursorObject;
+
+/* A 32-bit hash of a descriptor's fields and the queue's key: random bytes
+ * pass with probability 2**-32, and a descriptor copied from another queue
+ * does not pass at all (another key).  Not a defence against a process that
+ * knows the nonce; that process can write the ring anyway. */
+static inline uint32_t
+desc_check(uint64_t key, uint64_t total, uint32_t flags, uint64_t msg_no, uint64_t seq)
+{
+    uint64_t h = key ^ (total * 0x9E3779B97F4A7C15ull);
+    h ^= (msg_no + 0x632BE59BD9B4E019ull) * 0xC2B2AE3D27D4EB4Full;
+    h ^= (seq ^ ((uint64_t)flags << 40)) * 0x165667B19E3779F9ull;
+    h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 32;
+    return (uint32_t)h;
+}
 
 static char *
 cursor_base(CursorObject *self)
@@ -79,6 +122,100 @@ cursor_base(CursorObject *self)
     if (base == NULL)
         PyErr_SetString(PyExc_ValueError, "operation on a released segment");
     return base;
+}
+
+static Desc *
+desc_at(CursorObject *self, char *base, uint64_t seq)
+{
+    return (Desc *)(base + self->desc_off + (seq % (uint64_t)self->n_slots) * DESC_SIZE);
+}
+
+static void
+write_desc(CursorObject *self, char *base, uint64_t seq, uint64_t total, uint32_t flags,
+           uint64_t msg_no)
+{
+    Desc *d = desc_at(self, base, seq);
+    d->total = total;
+    d->flags = flags;
+    d->msg_no = msg_no;
+    d->seq = seq;
+    d->check = desc_check(self->key, total, flags, msg_no, seq);
+    /* The descriptor before the data it describes (the seqlock order above). */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+/* A copy of the descriptor at `seq`, if it is the one the writer stored for
+ * that very slot; else SegmentError, and -1. */
+static int
+read_desc(CursorObject *self, char *base, uint64_t seq, Desc *out)
+{
+    const Desc *d = desc_at(self, base, seq);
+    memcpy(out, d, sizeof *out);
+    if (out->seq == seq && out->check == desc_check(self->key, out->total, out->flags,
+                                                      out->msg_no, out->seq))
+        return 0;
+    if (out->seq != seq && out->check == desc_check(self->key, out->total, out->flags,
+                                                      out->msg_no, out->seq))
+        PyErr_Format(shmcast_SegmentError,
+                     "corrupted slot at sequence %llu: it holds the descriptor of sequence "
+                     "%llu (a sequence word was moved, or the ring was overwritten)",
+                     (unsigned long long)seq, (unsigned long long)out->seq);
+    else
+        PyErr_Format(shmcast_SegmentError,
+                     "corrupted slot at sequence %llu: its descriptor fails its check "
+                     "(overwritten by another process, or not of this queue)",
+                     (unsigned long long)seq);
+    return -1;
+}
+
+/* After a reader's loads of the slots from `seq` on: is the descriptor at
+ * `seq` still the one read before?  SegmentError (and -1) if not: the writer
+ * has begun to reuse the slot, which it can only do if a stray process moved
+ * this reader's sequence forward, or something else wrote into the ring.  One
+ * descriptor tells for the whole run: the writer fills slots in sequence
+ * order, the first of the run first, and stores each descriptor before the
+ * data (write_desc). */
+static int
+recheck(CursorObject *self, char *base, uint64_t seq)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);   /* the data loads before these loads */
+    const Desc *d = desc_at(self, base, seq);
+    Desc now;
+    memcpy(&now, d, sizeof now);
+    if (now.seq == seq &&
+        now.check == desc_check(self->key, now.total, now.flags, now.msg_no, now.seq))
+        return 0;
+    PyErr_Format(shmcast_SegmentError,
+                 "the slot at sequence %llu changed while it was read: another process wrote "
+                 "into the ring, or moved this reader's sequence and the writer reused it",
+                 (unsigned long long)seq);
+    return -1;
+}
+
+/* The peer's sequence (reader: write_seq), by an acquire load (P1), checked
+ * against what the writer can have published: never behind this reader,
+ * never more than a ring ahead (I1).  Returns 0 and sets *w, or -1 with
+ * SegmentError. */
+static int
+observe(CursorObject *self, char *base, uint64_t *w)
+{
+    uint64_t v = __atomic_load_n((uint64_t *)(base + self->peer_seq_off), __ATOMIC_ACQUIRE);
+    if (v < self->pos) {
+        PyErr_Format(shmcast_SegmentError,
+                     "corrupted queue: the writer's sequence %llu is behind this reader's "
+                     "position %llu (sequences never go back)",
+                     (unsigned long long)v, (unsigned long long)self->pos);
+        return -1;
+    }
+    if (v - self->pos > (uint64_t)self->n_slots) {
+        PyErr_Format(shmcast_SegmentError,
+                     "corrupted queue: the writer's sequence %llu is more than the ring's %zd "
+                     "slots ahead of this reader's position %llu",
+                     (unsigned long long)v, self->n_slots, (unsigned long long)self->pos);
+        return -1;
+    }
+    *w = v;
+    return 0;
 }
 
 /*
@@ -137,6 +274,14 @@ copy_bytes(AtomicsObject *atomics, char *dst, const char *src, Py_ssize_t n)
     atomics->waiters--;
 }
 
+static uint64_t
+slots_for(uint64_t total, uint64_t slot)
+{
+    return total == 0 ? 1 : (total - 1) / slot + 1;
+}
+
+/* ---- both sides ------------------------------------------------------------ */
+
 static PyObject *
 Cursor_flush(CursorObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -148,15 +293,103 @@ Cursor_flush(CursorObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 /*
+ * read_desc(seq) -> (total, flags, msg_no)
+ *
+ * The descriptor of the slot at sequence `seq`, checked (SegmentError if it is
+ * not the one the writer stored for that slot).  For the reader's slow path.
+ */
+static PyObject *
+Cursor_read_desc(CursorObject *self, PyObject *arg)
+{
+    char *base = cursor_base(self);
+    if (base == NULL)
+        return NULL;
+    uint64_t seq;
+    if (parse_u64(arg, &seq) < 0)
+        return NULL;
+    Desc d;
+    if (read_desc(self, base, seq, &d) < 0)
+        return NULL;
+    return Py_BuildValue("(KkK)", (unsigned long long)d.total, (unsigned long)d.flags,
+                         (unsigned long long)d.msg_no);
+}
+
+/* ---- writer ---------------------------------------------------------------- */
+
+/*
+ * write_desc(seq, total, flags, msg_no)   (writer)
+ *
+ * Store the descriptor of the slot at `seq` (with its check word), ordered
+ * before the data stores that follow.  The slot must be claimed (free, I1).
+ */
+static PyObject *
+Cursor_write_desc(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGC(4, "write_desc");
+    char *base = cursor_base(self);
+    if (base == NULL)
+        return NULL;
+    uint64_t seq, total, flags, msg_no;
+    if (parse_u64(args[0], &seq) < 0 || parse_u64(args[1], &total) < 0 ||
+        parse_u64(args[2], &flags) < 0 || parse_u64(args[3], &msg_no) < 0)
+        return NULL;
+    write_desc(self, base, seq, total, (uint32_t)flags, msg_no);
+    Py_RETURN_NONE;
+}
+
+/*
+ * count_message() -> int   (writer)
+ *
+ * Spend the next message number: return it, and store the count.
+ */
+static PyObject *
+Cursor_count_message(CursorObject *self, PyObject *Py_UNUSED(ignored))
+{
+    char *base = cursor_base(self);
+    if (base == NULL)
+        return NULL;
+    uint64_t msg_no = self->msgs++;
+    __atomic_store_n((uint64_t *)(base + self->msgs_off), (uint64_t)self->msgs, __ATOMIC_RELEASE);
+    return PyLong_FromUnsignedLongLong(msg_no);
+}
+
+/*
+ * publish(slots, flush) -> None   (writer)
+ *
+ * Add `slots` filled slots to the position, and with `flush` true make them
+ * and any held back visible (P1) and wake sleeping readers (P3).  One call, so
+ * that an exception raised between two Python statements can never leave the
+ * position and the published sequence out of step.
+ */
+static PyObject *
+Cursor_publish(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ARGC(2, "publish");
+    char *base = cursor_base(self);
+    if (base == NULL)
+        return NULL;
+    uint64_t k;
+    if (parse_u64(args[0], &k) < 0)
+        return NULL;
+    int flush = PyObject_IsTrue(args[1]);
+    if (flush < 0)
+        return NULL;
+    self->pos += k;
+    if (flush)
+        cursor_flush(self, base);
+    Py_RETURN_NONE;
+}
+
+/*
  * put(parts, kind, publish) -> bool   (writer)
  *
- * Store a message, the concatenation of `parts` (bytes-like), contiguously at
- * the writer's position and publish it (P1, then the P3 wake) unless
- * `publish` is false (then it is held back until flush()).  Declines (False,
- * nothing written) if the message would wrap around the end of the ring, if
- * the cached gate does not cover it (I1), if it is large and the writer is at
- * or past `early`, or if there are more than MAX_PARTS parts.  The caller
- * checks the size against the capacity first.
+ * Store a message, the concatenation of `parts` (contiguous buffers, C or
+ * Fortran order), contiguously at the writer's position and publish it (P1,
+ * then the P3 wake) unless `publish` is false (then it is held back until
+ * flush()).  Declines (False, nothing written) if the message would wrap
+ * around the end of the ring, if the cached gate does not cover it (I1), if it
+ * is large and the writer is at or past `early`, or if there are more than
+ * MAX_PARTS parts.  The caller checks the size against the capacity first.
  */
 static PyObject *
 Cursor_put(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -184,29 +417,25 @@ Cursor_put(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t got = 0, total = 0;
     PyObject *result = NULL;
     for (; got < n_parts; got++) {
-        if (PyObject_GetBuffer(items[got], &views[got], PyBUF_C_CONTIGUOUS) < 0)
+        if (PyObject_GetBuffer(items[got], &views[got], PyBUF_ANY_CONTIGUOUS) < 0)
             goto done;
         total += views[got].len;
     }
     uint64_t slot = (uint64_t)self->slot_size, n = (uint64_t)self->n_slots;
-    uint64_t k = total == 0 ? 1 : ((uint64_t)total + slot - 1) / slot;
+    uint64_t k = slots_for((uint64_t)total, slot);
     uint64_t idx = self->pos % n;
     if (k > n - idx || self->pos + k > self->bound ||
         (self->pos >= self->early && total >= EARLY_WRAP_MIN)) {
         result = Py_False;
         goto done;
     }
+    write_desc(self, base, self->pos, (uint64_t)total,
+               FLAG_FIRST | FLAG_CONTIG | ((uint32_t)kind << KIND_SHIFT), self->msgs);
     char *dst = base + self->data_off + idx * slot;
     for (Py_ssize_t i = 0; i < n_parts; i++) {
         copy_bytes(self->atomics, dst, views[i].buf, views[i].len);
         dst += views[i].len;
     }
-    Desc *d = (Desc *)(base + self->desc_off + idx * DESC_SIZE);
-    d->total = (uint64_t)total;
-    d->nbytes = (uint32_t)((uint64_t)total < slot ? (uint64_t)total : slot);
-    d->flags = FLAG_FIRST | FLAG_CONTIG | ((uint32_t)kind << KIND_SHIFT);
-    d->msg_no = self->msgs;
-    d->reserved = 0;
     self->msgs++;
     __atomic_store_n((uint64_t *)(base + self->msgs_off), (uint64_t)self->msgs, __ATOMIC_RELEASE);
     self->pos += k;
@@ -221,29 +450,85 @@ done:
     return result;
 }
 
-/* The contiguous message at the reader's position, or NULL (no error set) to decline. */
-static const Desc *
-cursor_head(CursorObject *self, char *base, uint64_t *k_out)
+/* ---- reader ---------------------------------------------------------------- */
+
+/*
+ * The contiguous message at the reader's position: 1 and *k_out, *d_out set;
+ * 0 if nothing is published there or the slot needs the Python path (padding,
+ * a streamed message, a continuation); -1 with SegmentError if what is there
+ * is impossible.
+ */
+static int
+cursor_head(CursorObject *self, char *base, uint64_t *k_out, Desc *d_out)
 {
     if (self->pos >= self->bound) {
-        /* P1: acquire load; the descriptor and data loads below come after it. */
-        uint64_t w = __atomic_load_n((uint64_t *)(base + self->peer_seq_off), __ATOMIC_ACQUIRE);
-        if (w <= self->pos)
-            return NULL;
+        uint64_t w;
+        if (observe(self, base, &w) < 0)   /* P1: acquire; the loads below come after */
+            return -1;
+        if (w == self->pos)
+            return 0;
         self->bound = w;
+    }
+    Desc d;
+    if (read_desc(self, base, self->pos, &d) < 0)
+        return -1;
+    if ((d.flags & FLAG_BITS) != (FLAG_FIRST | FLAG_CONTIG))
+        return 0;   /* padding, a streamed message or a continuation: the Python path */
+    if ((d.flags & (FLAG_BITS | KIND_MASK)) != d.flags ||
+        ((d.flags & KIND_MASK) >> KIND_SHIFT) - 1u > 1u) {   /* kind must be RAW or OBJECT */
+        PyErr_Format(shmcast_SegmentError, "corrupted slot at sequence %llu: flags 0x%x",
+                     (unsigned long long)self->pos, (unsigned)d.flags);
+        return -1;
     }
     uint64_t slot = (uint64_t)self->slot_size, n = (uint64_t)self->n_slots;
     uint64_t idx = self->pos % n;
-    const Desc *d = (const Desc *)(base + self->desc_off + idx * DESC_SIZE);
-    uint32_t flags = d->flags;
-    if ((flags & (FLAG_FIRST | FLAG_CONTIG | FLAG_PAD)) != (FLAG_FIRST | FLAG_CONTIG))
-        return NULL;   /* padding, a streamed message or a continuation: the Python path */
-    uint64_t total = d->total;
-    uint64_t k = total == 0 ? 1 : (total + slot - 1) / slot;
-    if (total > n * slot || k > n - idx || self->pos + k > self->bound)
-        return NULL;   /* corrupted: the Python path reports it */
+    uint64_t k = d.total > n * slot ? n + 1 : slots_for(d.total, slot);
+    if (k > n - idx) {
+        PyErr_Format(shmcast_SegmentError,
+                     "corrupted slot at sequence %llu: a contiguous message of %llu bytes "
+                     "cannot start at slot %llu of %llu slots of %llu bytes",
+                     (unsigned long long)self->pos, (unsigned long long)d.total,
+                     (unsigned long long)idx, (unsigned long long)n, (unsigned long long)slot);
+        return -1;
+    }
+    if (self->pos + k > self->bound) {
+        /* Published with one store (P1): all of it is visible once any is. */
+        uint64_t w;
+        if (observe(self, base, &w) < 0)
+            return -1;
+        self->bound = w;
+        if (self->pos + k > w) {
+            PyErr_Format(shmcast_SegmentError,
+                         "corrupted slot at sequence %llu: a contiguous message of %llu slots "
+                         "is only partly published (write sequence %llu)",
+                         (unsigned long long)self->pos, (unsigned long long)k,
+                         (unsigned long long)w);
+            return -1;
+        }
+    }
     *k_out = k;
-    return d;
+    *d_out = d;
+    return 1;
+}
+
+/*
+ * observe() -> int   (reader)
+ *
+ * The writer's published sequence, by an acquire load (P1), checked
+ * (SegmentError if impossible); raises `bound` to it.
+ */
+static PyObject *
+Cursor_observe(CursorObject *self, PyObject *Py_UNUSED(ignored))
+{
+    char *base = cursor_base(self);
+    if (base == NULL)
+        return NULL;
+    uint64_t w;
+    if (observe(self, base, &w) < 0)
+        return NULL;
+    if (w > self->bound)
+        self->bound = w;
+    return PyLong_FromUnsignedLongLong(w);
 }
 
 /*
@@ -252,8 +537,9 @@ cursor_head(CursorObject *self, char *base, uint64_t *k_out)
  * The contiguous message at the reader's position, if one is published (I2),
  * as its kind, the offset of its bytes in the buffer, its size and the slots
  * it takes; the caller reads it, then calls finish(slots).  None (declined)
- * when nothing is published, or the next slot is padding, part of a streamed
- * message or corrupted.  Never blocks.
+ * when nothing is published, or the next slot is padding or part of a
+ * streamed message.  SegmentError when what is there is impossible.  Never
+ * blocks.
  */
 static PyObject *
 Cursor_next(CursorObject *self, PyObject *Py_UNUSED(ignored))
@@ -262,30 +548,38 @@ Cursor_next(CursorObject *self, PyObject *Py_UNUSED(ignored))
     if (base == NULL)
         return NULL;
     uint64_t k;
-    const Desc *d = cursor_head(self, base, &k);
-    if (d == NULL)
-        Py_RETURN_NONE;
+    Desc d;
+    int found = cursor_head(self, base, &k, &d);
+    if (found <= 0)
+        return found < 0 ? NULL : Py_NewRef(Py_None);
     uint64_t idx = self->pos % (uint64_t)self->n_slots;
-    return Py_BuildValue("(kKKK)", (unsigned long)(d->flags >> KIND_SHIFT),
+    return Py_BuildValue("(kKKK)", (unsigned long)(d.flags >> KIND_SHIFT),
                          (unsigned long long)(self->data_off + idx * (uint64_t)self->slot_size),
-                         (unsigned long long)d->total, (unsigned long long)k);
+                         (unsigned long long)d.total, (unsigned long long)k);
 }
 
-static void
+/* Count a delivered message and release its k slots, after checking that the
+ * message's first descriptor is still the one read (k == 0: a message
+ * assembled privately, nothing to check or release). */
+static int
 cursor_finish(CursorObject *self, char *base, uint64_t k, int defer)
 {
+    if (k > 0 && recheck(self, base, self->pos) < 0)
+        return -1;
     self->msgs++;
     __atomic_store_n((uint64_t *)(base + self->msgs_off), (uint64_t)self->msgs, __ATOMIC_RELEASE);
     self->pos += k;
     if (!defer)
         cursor_flush(self, base);   /* P2: after the caller's loads of the message */
+    return 0;
 }
 
 /*
  * finish(slots, defer) -> None   (reader)
  *
  * Count a delivered message and release its slots (P2, then the P4 wake); with
- * `defer` true, hold the release back until flush().
+ * `defer` true, hold the release back until flush().  SegmentError (nothing
+ * released) if the message's slot was reused while it was read.
  */
 static PyObject *
 Cursor_finish(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -300,7 +594,36 @@ Cursor_finish(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
     int defer = PyObject_IsTrue(args[1]);
     if (defer < 0)
         return NULL;
-    cursor_finish(self, base, k, defer);
+    if (cursor_finish(self, base, k, defer) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/*
+ * release(slots) -> None   (reader)
+ *
+ * Hand `slots` slots read (or skipped) by the slow path back to the writer
+ * (P2, then the P4 wake), after checking that their descriptors are still the
+ * ones read (SegmentError otherwise, nothing released).
+ */
+static PyObject *
+Cursor_release(CursorObject *self, PyObject *arg)
+{
+    char *base = cursor_base(self);
+    if (base == NULL)
+        return NULL;
+    uint64_t k;
+    if (parse_u64(arg, &k) < 0)
+        return NULL;
+    if (k > (uint64_t)self->n_slots || self->pos + k > self->bound) {
+        PyErr_Format(PyExc_ValueError, "release: %llu slots are not all published",
+                     (unsigned long long)k);
+        return NULL;
+    }
+    if (k > 0 && recheck(self, base, self->pos) < 0)
+        return NULL;
+    self->pos += k;
+    cursor_flush(self, base);
     Py_RETURN_NONE;
 }
 
@@ -309,7 +632,11 @@ Cursor_finish(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
  *
  * next(), a copy into a new bytes object and finish() in one call, for a
  * contiguous message of the given kind.  None (nothing taken) where next()
- * declines or the message is of another kind.
+ * declines or the message is of another kind; SegmentError as next() and
+ * finish() raise it.  The bytes are also kept in `last` until the caller
+ * clears it: an exception raised as the call returns (a signal handler's)
+ * would drop the result, and the message with it, so the caller takes it from
+ * there instead (the endpoint's "delivered or still there").
  */
 static PyObject *
 Cursor_take_bytes(CursorObject *self, PyObject *arg)
@@ -321,34 +648,43 @@ Cursor_take_bytes(CursorObject *self, PyObject *arg)
     if (kind == -1 && PyErr_Occurred())
         return NULL;
     uint64_t k;
-    const Desc *d = cursor_head(self, base, &k);
-    if (d == NULL || (long)(d->flags >> KIND_SHIFT) != kind)
+    Desc d;
+    int found = cursor_head(self, base, &k, &d);
+    if (found < 0)
+        return NULL;
+    if (found == 0 || (long)(d.flags >> KIND_SHIFT) != kind)
         Py_RETURN_NONE;
-    Py_ssize_t total = (Py_ssize_t)d->total;
     uint64_t idx = self->pos % (uint64_t)self->n_slots;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)d.total);
     if (out == NULL)
         return NULL;
     copy_bytes(self->atomics, PyBytes_AS_STRING(out),
-               base + self->data_off + idx * (uint64_t)self->slot_size, total);
-    cursor_finish(self, base, k, 0);
+               base + self->data_off + idx * (uint64_t)self->slot_size, (Py_ssize_t)d.total);
+    if (cursor_finish(self, base, k, 0) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_XSETREF(self->last, Py_NewRef(out));
     return out;
 }
+
+/* ---- construction ---------------------------------------------------------- */
 
 static int
 Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"atomics", "n_slots", "slot_size", "data_off", "desc_off",
                              "seq_off", "msgs_off", "peer_seq_off", "flag_off", "futex_off",
-                             "wake_n", "count_off", NULL};
+                             "wake_n", "count_off", "key", NULL};
     PyObject *atomics;
     int wake_n;
+    unsigned long long key = 0;
     self->count_off = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnnnnnnnni|$n:Cursor", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnnnnnnnni|$nK:Cursor", kwlist,
                                      &AtomicsType, &atomics, &self->n_slots, &self->slot_size,
                                      &self->data_off, &self->desc_off, &self->seq_off,
                                      &self->msgs_off, &self->peer_seq_off, &self->flag_off,
-                                     &self->futex_off, &wake_n, &self->count_off))
+                                     &self->futex_off, &wake_n, &self->count_off, &key))
         return -1;
     AtomicsObject *a = (AtomicsObject *)atomics;
     if (a->base == NULL) {
@@ -371,6 +707,7 @@ Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
      * have announced before this writer attached). */
     self->woken_at = ~(uint64_t)0;
     self->wake_n = wake_n < 1 ? INT32_MAX : wake_n;
+    self->key = (uint64_t)key;
     Py_INCREF(atomics);
     Py_XSETREF(self->atomics, a);
     self->pos = self->stored = __atomic_load_n(WORD64(a, self->seq_off), __ATOMIC_ACQUIRE);
@@ -383,6 +720,7 @@ Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
 static void
 Cursor_dealloc(CursorObject *self)
 {
+    Py_CLEAR(self->last);
     Py_XDECREF(self->atomics);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -390,10 +728,22 @@ Cursor_dealloc(CursorObject *self)
 static PyMethodDef Cursor_methods[] = {
     {"put", (PyCFunction)(void (*)(void))Cursor_put, METH_FASTCALL,
      "put(parts, kind, publish) -> bool: store and publish a contiguous message, or decline."},
+    {"write_desc", (PyCFunction)(void (*)(void))Cursor_write_desc, METH_FASTCALL,
+     "write_desc(seq, total, flags, msg_no): store a slot's descriptor (writer)."},
+    {"count_message", (PyCFunction)Cursor_count_message, METH_NOARGS,
+     "count_message() -> int: spend the next message number (writer)."},
+    {"publish", (PyCFunction)(void (*)(void))Cursor_publish, METH_FASTCALL,
+     "publish(slots, flush): advance by slots filled, and publish unless held back (writer)."},
+    {"observe", (PyCFunction)Cursor_observe, METH_NOARGS,
+     "observe() -> int: the writer's sequence, checked (reader)."},
     {"next", (PyCFunction)Cursor_next, METH_NOARGS,
      "next() -> (kind, offset, nbytes, slots) | None: the published contiguous message, if any."},
     {"finish", (PyCFunction)(void (*)(void))Cursor_finish, METH_FASTCALL,
      "finish(slots, defer): count a message and release its slots (unless deferred)."},
+    {"release", (PyCFunction)Cursor_release, METH_O,
+     "release(slots): hand slots read by the slow path back to the writer (reader)."},
+    {"read_desc", (PyCFunction)Cursor_read_desc, METH_O,
+     "read_desc(seq) -> (total, flags, msg_no): a slot's descriptor, checked."},
     {"take_bytes", (PyCFunction)Cursor_take_bytes, METH_O,
      "take_bytes(kind) -> bytes | None: next(), copy and finish() in one call."},
     {"flush", (PyCFunction)Cursor_flush, METH_NOARGS,
@@ -409,6 +759,8 @@ static PyMemberDef Cursor_members[] = {
      "Writer: the cached gate; reader: write_seq as last seen."},
     {"early", T_ULONGLONG, offsetof(CursorObject, early), 0,
      "Writer: from this position on, put() declines messages of EARLY_WRAP_MIN bytes or more."},
+    {"last", T_OBJECT, offsetof(CursorObject, last), 0,
+     "Reader: what take_bytes() returned last, until the caller sets it to None."},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -430,8 +782,9 @@ PyTypeObject CursorType = {
  *
  * The index of the first reader cursor, in round-robin order from `start`,
  * with a published slot at its position (I2: an acquire load of its peer's
- * sequence, which also refreshes the cursor's `bound`); -1 if none has one.
- * A gather reader's look at all its rings in one call.
+ * sequence, checked as observe() checks it, which also refreshes the cursor's
+ * `bound`); -1 if none has one.  A gather reader's look at all its rings in
+ * one call.  SegmentError if a ring's sequence is impossible.
  */
 PyObject *
 shmcast_scan(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
@@ -458,7 +811,9 @@ shmcast_scan(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         if (c->pos < c->bound)
             return PyLong_FromSsize_t(j);
-        uint64_t w = __atomic_load_n((uint64_t *)(base + c->peer_seq_off), __ATOMIC_ACQUIRE);
+        uint64_t w;
+        if (observe(c, base, &w) < 0)
+            return NULL;
         if (w > c->pos) {
             c->bound = w;
             return PyLong_FromSsize_t(j);

@@ -26,6 +26,30 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 
+/* ---- the exception classes the native code raises ---------------------- */
+
+PyObject *shmcast_SegmentError;
+PyObject *shmcast_ClosedError;
+PyObject *shmcast_InheritedError;
+
+static PyObject *
+native_set_errors(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+    PyObject *segment, *closed, *inherited;
+    if (!PyArg_ParseTuple(args, "OOO:set_errors", &segment, &closed, &inherited))
+        return NULL;
+    PyObject *given[] = {segment, closed, inherited};
+    for (int i = 0; i < 3; i++)
+        if (!PyExceptionClass_Check(given[i])) {
+            PyErr_SetString(PyExc_TypeError, "set_errors: exception classes expected");
+            return NULL;
+        }
+    Py_XSETREF(shmcast_SegmentError, Py_NewRef(segment));
+    Py_XSETREF(shmcast_ClosedError, Py_NewRef(closed));
+    Py_XSETREF(shmcast_InheritedError, Py_NewRef(inherited));
+    Py_RETURN_NONE;
+}
+
 /* ---- POSIX shared memory names ---------------------------------------- */
 
 static PyObject *
@@ -59,6 +83,8 @@ native_shm_unlink(PyObject *Py_UNUSED(mod), PyObject *args)
 }
 
 static PyMethodDef module_methods[] = {
+    {"set_errors", native_set_errors, METH_VARARGS,
+     "set_errors(segment_error, closed_error, inherited_error): the classes the native code raises."},
     {"scan", (PyCFunction)(void (*)(void))shmcast_scan, METH_FASTCALL,
      "scan(cursors, start) -> int: the first reader cursor (round robin) with a published slot, or -1."},
     {"shm_open", native_shm_open, METH_VARARGS, "shm_open(name, flags, mode) -> fd (close-on-exec)."},
@@ -82,28 +108,31 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    if (PyType_Ready(&AtomicsType) < 0 || PyType_Ready(&CursorType) < 0)
+    PyTypeObject *types[] = {&AtomicsType, &CursorType, &GuardType};
+    const char *names[] = {"Atomics", "Cursor", "Guard"};
+    for (int i = 0; i < 3; i++)
+        if (PyType_Ready(types[i]) < 0)
+            return NULL;
+    if (shmcast_guard_init() < 0) {
+        PyErr_SetString(PyExc_OSError, "shmcast._native: pthread_atfork failed");
         return NULL;
+    }
+    if (shmcast_SegmentError == NULL) {
+        shmcast_SegmentError = Py_NewRef(PyExc_RuntimeError);
+        shmcast_ClosedError = Py_NewRef(PyExc_RuntimeError);
+        shmcast_InheritedError = Py_NewRef(PyExc_RuntimeError);
+    }
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&AtomicsType);
-    if (PyModule_AddObject(m, "Atomics", (PyObject *)&AtomicsType) < 0) {
-        Py_DECREF(&AtomicsType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&CursorType);
-    if (PyModule_AddObject(m, "Cursor", (PyObject *)&CursorType) < 0) {
-        Py_DECREF(&CursorType);
-        Py_DECREF(m);
-        return NULL;
-    }
+    for (int i = 0; i < 3; i++)
+        if (PyModule_AddObjectRef(m, names[i], (PyObject *)types[i]) < 0)
+            goto fail;
     if (PyModule_AddIntConstant(m, "HAVE_FUTEX", SHMCAST_HAVE_FUTEX) < 0 ||
-        PyModule_AddIntConstant(m, "EARLY_WRAP_MIN", SHMCAST_EARLY_WRAP_MIN) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
+        PyModule_AddIntConstant(m, "EARLY_WRAP_MIN", SHMCAST_EARLY_WRAP_MIN) < 0)
+        goto fail;
     return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }
-

@@ -28,6 +28,13 @@ typedef struct {
 
 extern PyTypeObject AtomicsType;
 extern PyTypeObject CursorType;
+extern PyTypeObject GuardType;
+
+/* module.c: the exception classes of shmcast._errors that the native code
+ * raises, registered once by set_errors() (RuntimeError until then). */
+extern PyObject *shmcast_SegmentError;
+extern PyObject *shmcast_ClosedError;
+extern PyObject *shmcast_InheritedError;
 
 /* Check that a `width`-byte word at `off` lies in the buffer, naturally aligned. */
 static inline int
@@ -85,6 +92,9 @@ long shmcast_wake_word(AtomicsObject *self, Py_ssize_t off, int n);
 /* cursor.c: messages at least this large are declined at and after `early` (writer). */
 #define SHMCAST_EARLY_WRAP_MIN (64 * 1024)
 PyObject *shmcast_scan(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+
+/* guard.c: count forks in the child, from module initialisation on. */
+int shmcast_guard_init(void);
 
 #if defined(__linux__)
 /* probe.c */
