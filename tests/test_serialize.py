@@ -299,3 +299,18 @@ def test_frame_parts_accepts_deferred_parts() -> None:
     assert (n, stream_len) == (2, 6)
     assert struct.unpack_from("<2Q", parts[0], HEAD.size) == (4, 6)
     assert parts[-1] is part
+
+
+def test_a_subclass_overriding_dumps_has_its_parts_checked() -> None:
+    from shmcast import BroadcastQueue
+
+    class Careless(PickleSerializer):
+        def dumps(self, obj: Any) -> Sequence[Any]:
+            return ["not a buffer"]
+
+    assert PickleSerializer.trusted_parts and "trusted_parts" not in vars(Careless)
+    with (
+        BroadcastQueue(1, n_slots=4, slot_size=4096, serializer=Careless()) as w,
+        pytest.raises(SerializationError, match="part 0"),
+    ):
+        w.put(1)
