@@ -33,7 +33,7 @@ import pickle
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from .._serialize import Buffer, PickleSerializer, frame_parts
 
@@ -198,6 +198,8 @@ class TensorSerializer(PickleSerializer):
     Decodes as :class:`~shmcast.PickleSerializer` does.  Thread-safe: each call keeps its
     state to itself.
     """
+
+    trusted_parts: ClassVar[bool] = True  # byte strings, views and deferred parts only
 
     def __repr__(self) -> str:
         return f"TensorSerializer(protocol={self.protocol})"
