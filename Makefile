@@ -17,6 +17,10 @@ VENV ?= .venv
 ARGS ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VENV_VLLM ?= .venv-vllm
+VLLM_STAMP := $(VENV_VLLM)/.installed
+TORCH := torch==2.13.0
+VLLM := vllm==0.33.0
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
@@ -68,10 +72,6 @@ $(STAMP): pyproject.toml setup.py $(wildcard src/shmcast/_csrc/*.[ch])
 # installed without its dependencies (its queue needs only the small packages listed); pip warns
 # that vLLM wants another torch.  setuptools<81, setuptools-scm, setuptools-rust, wheel and
 # jinja2 are what preparing vLLM's source distribution needs (tests_vllm/run.py downloads it).
-VENV_VLLM ?= .venv-vllm
-VLLM_STAMP := $(VENV_VLLM)/.installed
-TORCH := torch==2.13.0
-VLLM := vllm==0.33.0
 venv-vllm: $(VLLM_STAMP)
 $(VLLM_STAMP): pyproject.toml setup.py $(wildcard src/shmcast/_csrc/*.[ch])
 	@$(MAKE) --no-print-directory system-deps
