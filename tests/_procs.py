@@ -611,3 +611,179 @@ def killed_while_creating(kind: str = "broadcast", peers: int = 1) -> tuple[str,
     with open(os.path.join(SHM_DIR, name), "rb") as f:
         creator = struct.unpack_from("<Q", f.read(64), 48)[0]
     return name, creator
+
+
+# -- vLLM's MessageQueue API (tests/compat) ------------------------------------------------------
+#
+# Targets that speak vLLM's MessageQueue API, with the class chosen by name: "shmcast" is the
+# drop-in, "vllm" vLLM's own (where vLLM is installed), so that one test runs both.
+
+
+def mq_class(impl: str) -> Any:
+    """The MessageQueue class of ``impl`` ("shmcast" or "vllm")."""
+    if impl == "shmcast":
+        from shmcast.compat.vllm import MessageQueue
+    elif impl == "vllm":
+        from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+    else:
+        raise ValueError(impl)
+    return MessageQueue
+
+
+def mq_reader(impl: str, handle: Any, rank: int, count: int, timeout: float = 30) -> list[Any]:
+    """Join as ``rank``, take part in the collective start, return the next ``count``
+    objects."""
+    queue = mq_class(impl).create_from_handle(handle, rank)
+    queue.wait_until_ready()
+    try:
+        return [queue.dequeue(timeout=timeout) for _ in range(count)]
+    finally:
+        queue.shutdown()
+
+
+def mq_reader_then_hold(impl: str, handle: Any, rank: int, read: int,
+                        control: multiprocessing.connection.Connection) -> None:  # fmt: skip
+    """Join as ``rank``, read ``read`` objects, then read nothing more until the parent sends
+    anything on ``control`` (or two minutes pass).  Dead-reader tests kill it meanwhile."""
+    queue = mq_class(impl).create_from_handle(handle, rank)
+    queue.wait_until_ready()
+    for _ in range(read):
+        queue.dequeue(timeout=30)
+    control.poll(120)
+    queue.shutdown()
+
+
+def executor_worker(impl: str, handle: Any, rank: int,
+                    back: multiprocessing.connection.Connection) -> int:  # fmt: skip
+    """A worker of vLLM's multiprocessing executor, in miniature: join the broadcast queue,
+    create a response queue of its own and send its handle back, take part in both collective
+    starts (in the executor's order), then serve requests ``(method, args, kwargs,
+    output_rank)`` until ``method == "shutdown"``, replying ``("SUCCESS", result)`` when
+    ``output_rank`` is None or this rank.  Returns how many requests it served."""
+    cls = mq_class(impl)
+    requests = cls.create_from_handle(handle, rank)
+    responses = cls(1, 1)
+    back.send(responses.export_handle())
+    back.close()
+    requests.wait_until_ready()
+    responses.wait_until_ready()
+    served = 0
+    try:
+        while True:
+            method, args, _kwargs, output_rank = requests.dequeue(indefinite=True)
+            if method == "shutdown":
+                return served
+            served += 1
+            if output_rank is not None and output_rank != rank:
+                continue
+            step, payload = args
+            digest = hashlib.blake2b(payload, digest_size=8).hexdigest()
+            result = {"rank": rank, "step": step, "nbytes": len(payload), "digest": digest}
+            responses.enqueue(("SUCCESS", result))
+    finally:
+        requests.shutdown()
+        responses.shutdown()
+
+
+class FileGroup:
+    """A process group in the shape of vLLM's ``StatelessProcessGroup`` (``rank``,
+    ``world_size``, ``broadcast_obj``, ``all_gather_obj``) over files in a directory, for the
+    process-group helpers where neither torch nor vLLM is installed.  Each collective call
+    waits at most ``timeout`` seconds for the others."""
+
+    def __init__(self, directory: str, rank: int, world_size: int, timeout: float = 30) -> None:
+        self.directory = directory
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = timeout
+        self._calls = 0
+
+    def _put(self, name: str, obj: Any) -> None:
+        import pickle
+
+        path = os.path.join(self.directory, name)
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(obj, f)
+        os.replace(path + ".tmp", path)
+
+    def _get(self, name: str) -> Any:
+        import pickle
+
+        path = os.path.join(self.directory, name)
+        deadline = time.monotonic() + self.timeout
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank {self.rank}: nothing at {name} in {self.timeout} s")
+            time.sleep(0.002)
+        with open(path, "rb") as f:
+            return pickle.load(f)
+
+    def broadcast_obj(self, obj: Any, src: int) -> Any:
+        self._calls += 1
+        name = f"call{self._calls}-from{src}"
+        if self.rank == src:
+            self._put(name, obj)
+            return obj
+        return self._get(name)
+
+    def all_gather_obj(self, obj: Any) -> list[Any]:
+        self._calls += 1
+        self._put(f"call{self._calls}-rank{self.rank}", obj)
+        return [self._get(f"call{self._calls}-rank{r}") for r in range(self.world_size)]
+
+
+def group_member(kind: str, where: str, rank: int, world_size: int, writer_rank: int,
+                 objects: Sequence[Any]) -> dict[str, Any]:  # fmt: skip
+    """One rank of a process group (``kind``: "files" (:class:`FileGroup` in directory
+    ``where``), "torch" (torch.distributed, gloo, file store ``where``) or "stateless"
+    (vLLM's StatelessProcessGroup on 127.0.0.1, port ``where``)) builds a MessageQueue with
+    ``create_from_process_group``: the writer sends ``objects``, every other rank returns what
+    it got.  Then the single-reader helper: every rank sends its rank to rank 0, which
+    returns what it read from each queue."""
+    from shmcast.compat._vllm_groups import group_of
+    from shmcast.compat.vllm import MessageQueue
+
+    if kind == "files":
+        group: Any = FileGroup(where, rank, world_size)
+    elif kind == "torch":
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{where}", rank=rank,
+                                world_size=world_size)  # fmt: skip
+        group = dist.group.WORLD
+    elif kind == "stateless":
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create("127.0.0.1", int(where), rank, world_size)
+    else:
+        raise ValueError(kind)
+    queue = MessageQueue.create_from_process_group(group, 64 * 1024, 4, writer_rank)
+    got: list[Any] = []
+    if rank == writer_rank:
+        for obj in objects:
+            queue.broadcast_object(obj)
+    else:
+        got = [queue.broadcast_object() for _ in objects]
+    single, handles = MessageQueue.create_from_process_group_single_reader(group, 4096, 4, 0)
+    single.enqueue(rank)  # the ring has room: no need to wait for the reader
+    replies: list[Any] = []
+    if rank == 0:
+        readers = [MessageQueue.create_from_handle(h, 0) for h in handles]
+        replies = [reader.dequeue(timeout=30) for reader in readers]
+        for reader in readers:
+            reader.shutdown()
+    group_of(group).all_gather(None)  # a barrier: no writer leaves before rank 0 has read
+    result = {"rank": rank, "got": got, "is_writer": queue._is_writer, "replies": replies,
+              "handles": len(handles)}  # fmt: skip
+    queue.shutdown()
+    single.shutdown()
+    if kind == "stateless":  # rank 0 serves the group's store: it leaves last
+        if rank:
+            group.store.set(f"shmcast-done-{rank}", "1")
+        else:
+            group.store.wait([f"shmcast-done-{r}" for r in range(1, world_size)])
+    if kind == "torch":
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return result

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from shmcast import _bench
-from shmcast._bench import report
+from shmcast._bench import adapters, report
 from shmcast._bench.adapters import (
     MultiprocessingQueueAdapter,
     Reader,
@@ -342,6 +342,45 @@ def test_engine_with_gather_queue_replies(tmp_path: Path) -> None:
     assert case["status"] == "ok", case["detail"]
     assert case["metrics"]["steps_completed"] == 40
     assert doc["implementations"]["shmcast-backoff"]["config"]["reply_path"] == "one GatherQueue"
+
+
+@pytest.mark.timeout(120)
+def test_executor_loop_runs_vllms_shape(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    impls = "shmcast-futex,shmcast-vllm" + (",vllm-mq" if adapters.missing_modules(
+        adapters.VllmMessageQueueAdapter.requires) == [] else "")  # fmt: skip
+    code, doc = run_bench(
+        tmp_path,
+        "--quick",
+        "--impl", impls,
+        "--workload", "executor",
+        "--executor-workers", "2,3",
+        "--executor-steps", "30",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert [(c.workload, c.variant, c.readers) for c in _plan_specs(doc)] == [
+        ("executor", "small", 2), ("executor", "small", 3),
+        ("executor", "1MiB", 2), ("executor", "1MiB", 3),
+    ]  # fmt: skip
+    ran = [c for c in doc["cases"] if c["impl"] in ("shmcast-futex", "shmcast-vllm", "vllm-mq")]
+    assert ran, doc["implementations"]
+    for case in ran:
+        assert case["status"] == "ok", (case["impl"], case["detail"])
+        assert case["metrics"]["steps_completed"] == 30 and case["metrics"]["steps_per_s"] > 0
+        for reader in case["verification"]["readers"]:
+            assert reader["ok"] and reader["received"] == 30, reader
+    if doc["implementations"]["shmcast-vllm"]["status"] == "ok":
+        config = doc["implementations"]["shmcast-vllm"]["config"]
+        assert config["max_chunk_bytes"] == 16 * 1024 * 1024 and config["n_slots"] == 640
+    else:  # the drop-in's adapter needs torch, as vLLM's processes have it
+        assert doc["implementations"]["shmcast-vllm"]["status"] == "not installed"
+    assert "== executor" in out
+
+
+def _plan_specs(doc: dict[str, Any]) -> list[Any]:
+    from shmcast._bench.workloads import CaseSpec
+
+    return [CaseSpec.from_dict(c) for c in doc["settings"]["cases"]]
 
 
 @pytest.mark.timeout(120)

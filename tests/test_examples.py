@@ -1,9 +1,10 @@
 """The examples and the documentation's code run as written.
 
 - every script in examples/ runs end to end in a subprocess and prints what it promises;
-- every Python code block of README.md and docs/guide.md marked runnable, that is preceded by
-  a line ``<!-- runnable -->`` (optionally ``<!-- runnable needs="numpy" expect="text" -->``),
-  is written to a file and run the same way; ``expect`` must appear in its output.
+- every Python code block of README.md, docs/guide.md and docs/vllm.md marked runnable, that
+  is preceded by a line ``<!-- runnable -->`` (optionally
+  ``<!-- runnable needs="numpy" expect="text" -->``), is written to a file and run the same
+  way; ``expect`` must appear in its output.
 
 Scripts run in their own session with a timeout; on a timeout the whole process group (their
 reader processes too) is killed and the test fails.
@@ -22,7 +23,11 @@ from _procs import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-DOCS_WITH_RUNNABLE_CODE = [ROOT / "README.md", ROOT / "docs" / "guide.md"]
+DOCS_WITH_RUNNABLE_CODE = [
+    ROOT / "README.md",
+    ROOT / "docs" / "guide.md",
+    ROOT / "docs" / "vllm.md",
+]
 TIMEOUT = 90  # seconds per script (below pytest's own 120 s, so that this kills first)
 
 #: What each example must print (every line listed must appear in its output).

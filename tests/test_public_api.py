@@ -38,6 +38,18 @@ EXPECTED_ALL = {
     "__version__",
 }
 
+#: The public modules besides the package itself: the drop-ins for other projects' queues.
+PUBLIC_MODULES = {"shmcast.compat", "shmcast.compat.vllm"}
+COMPAT_VLLM_ALL = {
+    "Handle",
+    "MessageQueue",
+    "VllmVersionError",
+    "install",
+    "installed",
+    "plugin",
+    "uninstall",
+}
+
 ERRORS = [
     "AttachError",
     "InheritedEndpoint",
@@ -71,7 +83,9 @@ def test_star_import_gives_exactly_all() -> None:
 
 
 def test_no_other_public_attributes() -> None:
-    public = {name for name in dir(shmcast) if not name.startswith("_")}
+    # A public subpackage is an attribute of the package once something imported it.
+    subpackages = {name.split(".")[1] for name in PUBLIC_MODULES}
+    public = {name for name in dir(shmcast) if not name.startswith("_")} - subpackages
     assert public == EXPECTED_ALL - {"__version__"}
 
 
@@ -85,9 +99,13 @@ def test_every_implementation_module_is_private() -> None:
     modules = list(pkgutil.walk_packages(shmcast.__path__, prefix="shmcast."))
     assert modules, "no modules found"
     for module in modules:
-        # Modules inside a private subpackage (shmcast._bench.x) are private through it.
-        first = module.name.split(".")[1]
-        assert first.startswith("_"), f"{module.name} is a public module"
+        if module.name in PUBLIC_MODULES:
+            continue
+        # Modules inside a private subpackage (shmcast._bench.x) are private through it; the
+        # compat package's implementation modules are private by their own names.
+        parts = module.name.split(".")
+        private = parts[1].startswith("_") or (parts[1] == "compat" and parts[2].startswith("_"))
+        assert private, f"{module.name} is a public module"
     assert {m.name for m in modules} >= {
         "shmcast._native",
         "shmcast._queue",
@@ -151,3 +169,15 @@ def test_queues_share_the_interface() -> None:
                  "wait_until_ready", "handle", "attach"):  # fmt: skip
         assert hasattr(shmcast.BroadcastQueue, name), name
         assert hasattr(shmcast.GatherQueue, name), name
+
+
+def test_compat_vllm_exports_exactly_its_names_and_documents_them() -> None:
+    import shmcast.compat.vllm as compat
+
+    assert set(compat.__all__) == COMPAT_VLLM_ALL
+    assert {n for n in dir(compat) if not n.startswith("_")} == COMPAT_VLLM_ALL
+    for name in COMPAT_VLLM_ALL:
+        obj = getattr(compat, name)
+        where = obj.__module__
+        assert where.startswith("shmcast.compat._"), f"{name} is defined in {where}"
+        assert inspect.getdoc(obj), f"{name} has no docstring"

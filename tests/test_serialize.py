@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import pickle
 import struct
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -240,3 +241,76 @@ def test_serializer_protocol_is_checkable() -> None:
     assert isinstance(PickleSerializer(), Serializer)
     assert isinstance(Custom(), Serializer)
     assert not isinstance(object(), Serializer)
+
+
+class Reversed:
+    """A DeferredPart: the bytes of ``data`` in reverse order, written straight into place."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.writes = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def write_into(self, dest: memoryview) -> None:
+        assert len(dest) == len(self.data)
+        dest[:] = self.data[::-1]
+        self.writes += 1
+
+
+class DeferredSerializer:
+    """Sends raw bytes as one deferred part after a 4-byte length."""
+
+    def dumps(self, obj: Any) -> Sequence[Any]:
+        return [struct.pack("<I", len(obj)), Reversed(obj)]
+
+    def loads(self, data: memoryview, *, copy: bool) -> Any:
+        (n,) = struct.unpack_from("<I", data, 0)
+        return bytes(data[4 : 4 + n])[::-1]
+
+
+@pytest.mark.parametrize("size", [0, 100, 5000, 40_000])
+def test_deferred_parts_write_themselves_into_the_ring(size: int) -> None:
+    from shmcast import BroadcastQueue
+
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    # 8 slots of 4 KiB: 40 000 bytes exceed the ring and are streamed (materialized first).
+    with BroadcastQueue(1, n_slots=8, slot_size=4096, serializer=DeferredSerializer()) as w:
+        r = BroadcastQueue.attach(w.handle, reader=0, serializer=DeferredSerializer())
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.extend(r.get(timeout=10) for _ in range(3)))
+        reader.start()  # a streamed message needs a reader draining the ring meanwhile
+        try:
+            for _ in range(3):
+                w.put(payload, timeout=10)
+        finally:
+            reader.join(20)
+            r.close()
+        assert got == [payload] * 3
+
+
+def test_frame_parts_accepts_deferred_parts() -> None:
+    from shmcast._serialize import frame_parts
+
+    part = Reversed(b"abcdef")
+    parts = frame_parts(b"stream", [memoryview(b"0123"), part])
+    n, _, stream_len = HEAD.unpack_from(parts[0], 0)
+    assert (n, stream_len) == (2, 6)
+    assert struct.unpack_from("<2Q", parts[0], HEAD.size) == (4, 6)
+    assert parts[-1] is part
+
+
+def test_a_subclass_overriding_dumps_has_its_parts_checked() -> None:
+    from shmcast import BroadcastQueue
+
+    class Careless(PickleSerializer):
+        def dumps(self, obj: Any) -> Sequence[Any]:
+            return ["not a buffer"]
+
+    assert PickleSerializer.trusted_parts and "trusted_parts" not in vars(Careless)
+    with (
+        BroadcastQueue(1, n_slots=4, slot_size=4096, serializer=Careless()) as w,
+        pytest.raises(SerializationError, match="part 0"),
+    ):
+        w.put(1)

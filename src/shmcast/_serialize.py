@@ -2,7 +2,9 @@
 
 A serializer returns a message as a sequence of *parts* (bytes-like objects); the queue copies
 each part straight into the ring, so a large buffer is copied once, from the object into shared
-memory, and never concatenated.  On the reading side it gets one contiguous ``memoryview``.
+memory, and never concatenated.  A part may also be a :class:`DeferredPart`, which writes
+itself into the destination (for data that is not one contiguous buffer).  On the reading side
+the serializer gets one contiguous ``memoryview``.
 
 :class:`PickleSerializer` (the default) uses pickle protocol 5 with out-of-band buffers: a numpy
 array (or any object that exports a ``PickleBuffer``) travels as raw bytes next to the pickle
@@ -20,7 +22,7 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ._errors import SerializationError
 
@@ -50,8 +52,44 @@ def _pad(n: int) -> int:
     return -n % _ALIGN
 
 
+class DeferredPart(Protocol):
+    """A part that writes itself into the ring instead of exposing a buffer.
+
+    For data that is not one contiguous buffer (a strided array, say): the queue hands it the
+    destination in shared memory, so it is copied once, straight into place.  ``len()`` is the
+    number of bytes it writes; :meth:`write_into` must fill exactly that many.
+    """
+
+    def __len__(self) -> int: ...
+
+    def write_into(self, dest: memoryview) -> None:
+        """Fill ``dest`` (``len(self)`` writable bytes, possibly in the ring) with the data."""
+
+
+def frame_parts(stream: Buffer, raws: Sequence[Any]) -> list[Any]:
+    """The parts of a pickle frame (see the module docstring) for a pickle ``stream`` and its
+    out-of-band buffers ``raws``: flat byte views, or :class:`DeferredPart` objects."""
+    if not raws:
+        return [_HEAD.pack(0, 0, len(stream)), stream]
+    lengths = [r.nbytes if isinstance(r, memoryview) else len(r) for r in raws]
+    head = _HEAD.pack(len(raws), 0, len(stream)) + struct.pack(f"<{len(raws)}Q", *lengths)
+    # head | pad | stream | pad | buf0 | pad | buf1 ...
+    parts: list[Any] = [head, _ZEROS[: _pad(len(head))], stream]
+    pos = len(head) + _pad(len(head)) + len(stream)
+    for raw, length in zip(raws, lengths, strict=True):
+        gap = _pad(pos)
+        parts.append(_ZEROS[:gap])
+        parts.append(raw)
+        pos += gap + length
+    return parts
+
+
 class PickleSerializer:
     """Pickle protocol 5 with out-of-band buffers written straight into the ring."""
+
+    #: Its parts are well-formed by construction: the queue does not check them.  (Looked up in
+    #: the class's own body only: a subclass that overrides dumps() is checked.)
+    trusted_parts: ClassVar[bool] = True
 
     def __init__(self, protocol: int = 5) -> None:
         if not 5 <= protocol <= pickle.HIGHEST_PROTOCOL:
@@ -69,20 +107,8 @@ class PickleSerializer:
         try:
             raws = [b.raw() for b in buffers]
         except BufferError:  # a non-contiguous buffer: send everything in-band
-            stream = pickle.dumps(obj, protocol=self.protocol)
-            return (_HEAD.pack(0, 0, len(stream)), stream)
-        head = _HEAD.pack(len(raws), 0, len(stream)) + struct.pack(
-            f"<{len(raws)}Q", *(r.nbytes for r in raws)
-        )
-        # head | pad | stream | pad | buf0 | pad | buf1 ...
-        parts: list[Buffer] = [head, _ZEROS[: _pad(len(head))], stream]
-        pos = len(head) + _pad(len(head)) + len(stream)
-        for raw in raws:
-            gap = _pad(pos)
-            parts.append(_ZEROS[:gap])
-            parts.append(raw)
-            pos += gap + raw.nbytes
-        return parts
+            return frame_parts(pickle.dumps(obj, protocol=self.protocol), [])
+        return frame_parts(stream, raws)
 
     def loads(self, data: memoryview, *, copy: bool) -> Any:
         size = len(data)

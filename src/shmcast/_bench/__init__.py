@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--readers", type=_int_list, metavar="N,N",
-        help="reader counts for every workload but the engine "
+        help="reader counts for every workload but the engine and the executor loop "
         "(default: latency 1,4,8; throughput 1,4; wakeup 1; idle_cpu 1,4)",
     )  # fmt: skip
     numbers = [
@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--engine-workers", int, "N", "workers of the engine scenario (default 12)"),
         ("--engine-steps", int, "N", "steps of the engine scenario (default 2000; quick 100)"),
         (
+            "--executor-steps",
+            int,
+            "N",
+            "steps of each executor-loop case (default 2000 small, 500 with 1 MiB; quick 100, 30)",
+        ),
+        (
             "--stall-seconds",
             float,
             "S",
@@ -86,6 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ]
     for flag, kind, metavar, text in numbers:
         parser.add_argument(flag, type=kind, metavar=metavar, help=text)
+    parser.add_argument(
+        "--executor-workers", type=_int_list, metavar="N,N",
+        help="worker counts of the executor loop (default 4,12)",
+    )  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="small counts everywhere (tests, a first look)"
     )
@@ -149,7 +159,7 @@ def _one_line(case: dict[str, Any]) -> str:
     if w == "idle_cpu":
         cpu, window = m.get("reader_cpu_s_mean", float("nan")), m.get("window_s", 0.0)
         return f"ok  reader CPU {cpu:.3f} s in {window:.1f} s"
-    if w == "engine":
+    if w in ("engine", "executor"):
         return f"ok  {m['steps_per_s']:,.0f} steps/s"
     return "ok"
 
@@ -297,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
             idle_cpu_seconds=args.idle_cpu_seconds,
             engine_workers=args.engine_workers,
             engine_steps=args.engine_steps,
+            executor_workers=args.executor_workers,
+            executor_steps=args.executor_steps,
             stall_seconds=args.stall_seconds,
             time_limit=args.time_limit,
         )

@@ -32,6 +32,7 @@ import importlib.util
 import os
 import pickle
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -109,6 +110,12 @@ class Reader:
     def recv(self, timeout: float) -> Any:
         """The next message, or None if nothing arrived within ``timeout`` seconds."""
         raise NotImplementedError
+
+    def recv_indefinite(self, timeout: float) -> Any:
+        """As :meth:`recv`, for a reader that waits for work as long as it takes (a worker
+        between steps); vLLM's API says so with ``dequeue(indefinite=True)``.  ``timeout``
+        still bounds the wait, for the benchmark's stall check."""
+        return self.recv(timeout)
 
     def close(self) -> None:
         """Release everything (idempotent)."""
@@ -271,9 +278,11 @@ class _PerWorkerCollector(ReplyCollector):
             reader.wait_ready(timeout)
 
     def gather(self, n: int, timeout: float) -> list[Any] | None:
+        # One deadline for the whole step, as vLLM's collective_rpc waits for its workers.
+        deadline = time.monotonic() + timeout
         replies = []
         for reader in self._readers[:n]:
-            reply = reader.recv(timeout)
+            reply = reader.recv(max(0.0, deadline - time.monotonic()))
             if reply is None:
                 return None
             replies.append(reply)
@@ -723,20 +732,30 @@ class ZmqPubSubAdapter(Adapter):
         return _ZmqReplies()
 
 
-# -- vLLM's MessageQueue -----------------------------------------------------------------------
+# -- vLLM's MessageQueue, and shmcast's drop-in for it ------------------------------------------
 
 _VLLM_MODULE = "vllm.distributed.device_communicators.shm_broadcast"
+_DROP_IN_MODULE = "shmcast.compat.vllm"
 # vLLM's executor builds its broadcast queue with max_chunk_bytes = VLLM_MQ_MAX_CHUNK_BYTES_MB
 # (16 MiB by default) and the default max_chunks (10); a larger message goes through its zmq
-# socket instead of the ring.  The benchmark uses the same configuration.
+# socket instead of the ring (through the ring, streamed, with shmcast's drop-in).  The
+# benchmark uses the same configuration for both.
 _VLLM_MAX_CHUNK_BYTES = 16 * 1024 * 1024
 _VLLM_MAX_CHUNKS = 10
 
 
+def _message_queue_class(module: str) -> Any:
+    return importlib.import_module(module).MessageQueue
+
+
 def _vllm_record(queue: Any) -> None:
     handle = queue.export_handle()
-    if handle.buffer_handle is not None:
-        record_resource(os.path.join("/dev/shm", handle.buffer_handle[3]))
+    if handle.buffer_handle is None:
+        return
+    name = getattr(handle.buffer_handle, "name", None)  # shmcast's Handle
+    if name is None:
+        name = handle.buffer_handle[3]  # vLLM's (n_reader, chunk bytes, chunks, name)
+    record_resource(os.path.join("/dev/shm", name))
 
 
 def _vllm_release(queue: Any) -> None:
@@ -748,10 +767,8 @@ def _vllm_release(queue: Any) -> None:
 
 
 class _VllmWriter(Writer):
-    def __init__(self, n_readers: int, max_chunk_bytes: int, max_chunks: int) -> None:
-        from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
-
-        self.queue: Any = MessageQueue(
+    def __init__(self, module: str, n_readers: int, max_chunk_bytes: int, max_chunks: int) -> None:
+        self.queue: Any = _message_queue_class(module)(
             n_readers, n_readers, max_chunk_bytes=max_chunk_bytes, max_chunks=max_chunks
         )
         _vllm_record(self.queue)
@@ -772,10 +789,8 @@ class _VllmWriter(Writer):
 
 
 class _VllmReader(Reader):
-    def __init__(self, handle: Any, index: int) -> None:
-        from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
-
-        self.queue: Any = MessageQueue.create_from_handle(handle, index)
+    def __init__(self, module: str, handle: Any, index: int) -> None:
+        self.queue: Any = _message_queue_class(module).create_from_handle(handle, index)
 
     def wait_ready(self, timeout: float) -> None:
         self.queue.wait_until_ready()
@@ -783,6 +798,12 @@ class _VllmReader(Reader):
     def recv(self, timeout: float) -> Any:
         try:
             return self.queue.dequeue(timeout=timeout)
+        except TimeoutError:
+            return None
+
+    def recv_indefinite(self, timeout: float) -> Any:
+        try:
+            return self.queue.dequeue(timeout=timeout, indefinite=True)
         except TimeoutError:
             return None
 
@@ -796,12 +817,15 @@ class _VllmReplies(ReplyPath):
     """As vLLM's executor does: each worker creates a ``MessageQueue(1, 1)`` for its
     responses and the engine reads them in turn."""
 
+    def __init__(self, module: str) -> None:
+        self.module = module
+
     def worker_open(self, forward: Any, index: int) -> ReplySender:
-        writer = _VllmWriter(1, _VLLM_MAX_CHUNK_BYTES, _VLLM_MAX_CHUNKS)
+        writer = _VllmWriter(self.module, 1, _VLLM_MAX_CHUNK_BYTES, _VLLM_MAX_CHUNKS)
         return _OwnQueueReplySender(writer, writer.queue.export_handle())
 
     def engine_connect(self, back_handles: list[Any]) -> ReplyCollector:
-        return _PerWorkerCollector([_VllmReader(h, 0) for h in back_handles])
+        return _PerWorkerCollector([_VllmReader(self.module, h, 0) for h in back_handles])
 
 
 class VllmMessageQueueAdapter(Adapter):
@@ -811,6 +835,8 @@ class VllmMessageQueueAdapter(Adapter):
     requires = ("vllm", "torch", "zmq")
     preload = (_VLLM_MODULE,)
     distributions = ("vllm", "torch")
+    #: The module whose MessageQueue class this adapter runs.
+    module: ClassVar[str] = _VLLM_MODULE
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -821,13 +847,43 @@ class VllmMessageQueueAdapter(Adapter):
         }
 
     def open_writer(self, n_readers: int, max_message_bytes: int) -> Writer:
-        return _VllmWriter(n_readers, _VLLM_MAX_CHUNK_BYTES, _VLLM_MAX_CHUNKS)
+        return _VllmWriter(self.module, n_readers, _VLLM_MAX_CHUNK_BYTES, _VLLM_MAX_CHUNKS)
 
     def open_reader(self, handle: Any, index: int) -> Reader:
-        return _VllmReader(handle, index)
+        return _VllmReader(self.module, handle, index)
 
     def reply_path(self) -> ReplyPath:
-        return _VllmReplies()
+        return _VllmReplies(self.module)
+
+
+class ShmcastVllmAdapter(VllmMessageQueueAdapter):
+    """shmcast's drop-in for vLLM's MessageQueue (``shmcast.compat.vllm``), configured and
+    used exactly as vLLM's: the same code runs both.
+
+    Its processes import torch, as every vLLM process (and vllm-mq's) does: with torch loaded
+    the drop-in pickles through its tensor-aware path, and the C allocator serves the large
+    buffers pickle makes differently (without torch, a 1 MiB pickle stream cost this machine
+    a page fault per 4 KiB, every step).
+    """
+
+    name = "shmcast-vllm"
+    requires = ("shmcast", "torch")
+    preload = ("torch", _DROP_IN_MODULE)
+    distributions = ("shmcast", "torch")
+    module = _DROP_IN_MODULE
+
+    def describe(self) -> dict[str, Any]:
+        from shmcast.compat._vllm_queue import ring_geometry
+
+        n_slots, slot_size = ring_geometry(_VLLM_MAX_CHUNK_BYTES, _VLLM_MAX_CHUNKS)
+        return {
+            "max_chunk_bytes": _VLLM_MAX_CHUNK_BYTES,
+            "max_chunks": _VLLM_MAX_CHUNKS,
+            "n_slots": n_slots,
+            "slot_size": slot_size,
+            "note": "as vLLM's executor configures it; every message goes through the ring",
+            "reply_path": "one MessageQueue(1, 1) per worker, as vLLM's executor",
+        }
 
 
 # -- registry -----------------------------------------------------------------------------------
@@ -843,6 +899,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
         ZmqPubSubAdapter,
         FasterFifoAdapter,
         VllmMessageQueueAdapter,
+        ShmcastVllmAdapter,
     )
 }
 

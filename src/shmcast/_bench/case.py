@@ -2,7 +2,8 @@
 
 Sequence (every step before "go" is excluded from timing):
 
-1. the writer opens its channel (and, for the engine workload, prepares the reply path);
+1. the writer opens its channel (and, for the engine and executor workloads, prepares the
+   reply path);
 2. the readers start (from the forkserver, so nothing is imported per reader), open their ends
    and report "attached" on their control pipe (with a reply handle for the engine workload);
 3. the writer connects the reply path, both sides run the implementation's collective start
@@ -23,7 +24,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from .adapters import Adapter, ReplyCollector
-from .workloads import READERS, WRITERS, CaseSpec, summarize
+from .workloads import READERS, REPLYING, WRITERS, CaseSpec, summarize
 
 
 class CaseFailed(Exception):
@@ -46,7 +47,7 @@ def reader_main(
         adapter = adapter_cls(**options)
         reader = adapter.open_reader(handle, index)
         sender = None
-        if spec.workload == "engine":
+        if spec.workload in REPLYING:
             sender = adapter.reply_path().worker_open(forward, index)
         control.send(("attached", None if sender is None else sender.back_handle))
         reader.wait_ready(spec.time_limit)
@@ -113,7 +114,7 @@ def run_case(
     procs: list[Any] = []
     controls: list[Connection] = []
     try:
-        reply = adapter.reply_path() if spec.workload == "engine" else None
+        reply = adapter.reply_path() if spec.workload in REPLYING else None
         forward = reply.engine_prepare(spec.readers) if reply else [None] * spec.readers
         for i in range(spec.readers):
             ours, theirs = ctx.Pipe()

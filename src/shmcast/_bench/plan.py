@@ -29,12 +29,18 @@ THROUGHPUT_MESSAGES = {
     "16MiB": (30, 4),
     "numpy-16MiB": (30, 4),
 }
+#: the executor loop's requests: a decode step's small dict, or one carrying 1 MiB
+EXECUTOR_VARIANTS = {"small": ("dict", 0), "1MiB": ("bytes", MiB)}
+#: steps per executor case: (full, quick)
+EXECUTOR_STEPS = {"small": (2000, 100), "1MiB": (500, 30)}
+DEFAULT_EXECUTOR_WORKERS = (4, 12)
 VARIANTS = {
     "latency": tuple(LATENCY_VARIANTS),
     "throughput": tuple(THROUGHPUT_VARIANTS),
     "wakeup": ("dict",),
     "idle_cpu": ("dict",),
     "engine": ("dict",),
+    "executor": tuple(EXECUTOR_VARIANTS),
 }
 DEFAULT_READERS = {"latency": (1, 4, 8), "throughput": (1, 4), "wakeup": (1,), "idle_cpu": (1, 4)}
 
@@ -52,6 +58,8 @@ class PlanOptions:
     idle_cpu_seconds: float | None = None  # idle-CPU measurement window
     engine_workers: int | None = None
     engine_steps: int | None = None
+    executor_workers: tuple[int, ...] | None = None
+    executor_steps: int | None = None
     stall_seconds: float | None = None  # a reader gives up after this long without a message
     time_limit: float | None = None  # hard limit per case (None: estimated per case)
 
@@ -152,4 +160,17 @@ def plan_cases(selectors: list[str] | None, opts: PlanOptions) -> list[CaseSpec]
             CaseSpec("engine", "dict", workers, "dict", 0, steps, warmup, stall_s=stall,
                      time_limit=_limit(estimate, opts))
         )  # fmt: skip
+    if "executor" in chosen:
+        for variant in VARIANTS["executor"]:
+            if variant not in chosen["executor"]:
+                continue
+            payload, size = EXECUTOR_VARIANTS[variant]
+            steps = opts.pick(opts.executor_steps, *EXECUTOR_STEPS[variant])
+            warmup = min(50, steps // 10)
+            for n in opts.executor_workers or DEFAULT_EXECUTOR_WORKERS:
+                estimate = steps * n * (1e-3 + size / 200e6) + 2
+                cases.append(
+                    CaseSpec("executor", variant, n, payload, size, steps, warmup,
+                             stall_s=stall, time_limit=_limit(estimate, opts))
+                )  # fmt: skip
     return cases

@@ -33,6 +33,7 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
     "wakeup": [("p50_us", "p50 us", False), ("p99_us", "p99 us", False)],
     "idle_cpu": [("reader_cpu_s_mean", "reader CPU s", False)],
     "engine": [("steps_per_s", "steps/s", True)],
+    "executor": [("steps_per_s", "steps/s", True)],
 }
 #: extra columns shown in the tables (not ranked)
 EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
@@ -41,6 +42,7 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "wakeup": [("count", "samples")],
     "idle_cpu": [("reader_cpu_s_max", "max CPU s"), ("window_s", "window s")],
     "engine": [("step_rtt_p50_us", "step p50 us"), ("step_rtt_p99_us", "step p99 us")],
+    "executor": [("step_rtt_p50_us", "step p50 us"), ("step_rtt_p99_us", "step p99 us")],
 }
 
 
@@ -254,6 +256,7 @@ _TITLES = {
     "wakeup": "wake-up latency after an idle period (microseconds)",
     "idle_cpu": "CPU used by each reader while idle after a burst",
     "engine": "engine scenario: broadcast a step, every worker replies",
+    "executor": "vLLM's executor loop: a request per step, every worker replies on its own queue",
 }
 
 

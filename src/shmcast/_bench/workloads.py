@@ -163,13 +163,20 @@ def _cpu_seconds() -> float:
 
 
 class _Receiver:
-    """Receives and verifies messages ``0 .. expected-1`` for one reader."""
+    """Receives and verifies messages ``0 .. expected-1`` for one reader.
 
-    def __init__(self, reader: Reader, payloads: Payloads, expected: int) -> None:
+    ``unwrap`` takes the payload out of what arrives (the executor's requests carry it inside
+    a tuple); ``indefinite`` receives as a worker waiting for its next step does.
+    """
+
+    def __init__(self, reader: Reader, payloads: Payloads, expected: int, unwrap: Any = None,
+                 indefinite: bool = False) -> None:  # fmt: skip
         self.reader = reader
         self.payloads = payloads
         self.check = SequenceCheck(expected)
         self.stalled = False
+        self._recv = reader.recv_indefinite if indefinite else reader.recv
+        self._unwrap = unwrap
 
     def next(self, timeout: float) -> tuple[int, int, int, Any] | None:
         """The next message as ``(seq, send_ns, recv_ns, msg)``; ``seq`` is -1 for an
@@ -179,14 +186,16 @@ class _Receiver:
         if self.check.complete:
             return None
         late = self.check.awaiting_late  # only late arrivals can still come
-        msg = self.reader.recv(min(timeout, 1.0) if late else timeout)
+        msg = self._recv(min(timeout, 1.0) if late else timeout)
         now = time.monotonic_ns()
         if msg is None:
             self.stalled = not late
             return None
         try:
+            if self._unwrap is not None:
+                msg = self._unwrap(msg)
             seq, sent = self.payloads.header(msg)
-        except (KeyError, TypeError, ValueError, struct.error) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, struct.error) as exc:
             self.check.received += 1
             self.check.corrupted(f"unreadable message: {exc!r}")
             return -1, 0, now, msg
@@ -342,8 +351,13 @@ def read_idle_cpu(spec: CaseSpec, reader: Reader, replies: ReplySender | None, i
 # -- engine ------------------------------------------------------------------------------------
 
 
-def write_engine(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
-    """Broadcast a step, wait for every worker's reply, repeat; steps/s after the warm-up."""
+def _step_loop(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None, wrap: Any,
+               replied_to: Any) -> dict:  # fmt: skip
+    """Broadcast a step, wait for every worker's reply, repeat; steps/s after the warm-up.
+
+    ``wrap(msg)`` is what is sent for a payload; ``replied_to(reply)`` is ``(step, worker)``
+    of a reply (KeyError, TypeError or ValueError for a malformed one).
+    """
     assert replies is not None
     pl = _payloads(spec)
     steps = [pl.make(seq) for seq in range(spec.messages)]
@@ -358,7 +372,7 @@ def write_engine(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None)
             start = time.monotonic_ns()
         sent = time.monotonic_ns()
         pl.stamp(msg, sent)
-        writer.send(msg, pl.raw)
+        writer.send(wrap(msg), pl.raw and wrap is _same)
         got = replies.gather(spec.readers, spec.stall_s)
         done = time.monotonic_ns()
         if got is None:
@@ -366,8 +380,9 @@ def write_engine(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None)
             problems += 1
             break
         try:
-            ok = sorted(r["worker"] for r in got) == workers and all(r["step"] == step for r in got)
-        except (KeyError, TypeError):
+            answers = [replied_to(r) for r in got]
+            ok = sorted(w for _, w in answers) == workers and all(s == step for s, _ in answers)
+        except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
             problems += 1
@@ -386,6 +401,15 @@ def write_engine(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None)
     }
 
 
+def _same(msg: Any) -> Any:
+    return msg
+
+
+def write_engine(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
+    """Broadcast a step, wait for every worker's reply, repeat; steps/s after the warm-up."""
+    return _step_loop(spec, writer, replies, _same, lambda r: (r["step"], r["worker"]))
+
+
 def read_engine(spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int) -> dict:
     """A worker: reply to each step with its number and the worker's index."""
     assert replies is not None
@@ -397,12 +421,62 @@ def read_engine(spec: CaseSpec, reader: Reader, replies: ReplySender | None, ind
     return rx.result()
 
 
+# -- executor: vLLM's executor loop ---------------------------------------------------------
+#
+# As vLLM's multiprocessing executor drives its workers: every step the engine broadcasts one
+# request (method name, args, kwargs, output rank), each worker waits for it as an idle worker
+# does (vLLM: dequeue(indefinite=True)), runs it and replies (status, result) through a queue
+# of its own, and the engine reads every worker's reply within one deadline
+# (collective_rpc).  The payload rides in the request's args: the small dict of a decode step,
+# or 1 MiB of bytes.
+
+EXECUTOR_METHOD = "execute_model"
+
+
+def _executor_request(msg: Any) -> tuple[str, tuple[Any, ...], dict[str, Any], None]:
+    return (EXECUTOR_METHOD, (msg,), {"non_block": False}, None)
+
+
+def _executor_payload(request: Any) -> Any:
+    method, args, _kwargs, _rank = request
+    if method != EXECUTOR_METHOD:
+        raise ValueError(f"unexpected method {method!r}")
+    return args[0]
+
+
+def _executor_reply(reply: Any) -> tuple[int, int]:
+    status, result = reply
+    if status != "SUCCESS":
+        raise ValueError(f"status {status!r}")
+    return result["step"], result["worker"]
+
+
+def write_executor(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
+    """The engine of vLLM's executor loop; steps/s after the warm-up."""
+    return _step_loop(spec, writer, replies, _executor_request, _executor_reply)
+
+
+def read_executor(spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int) -> dict:
+    """A worker of vLLM's executor loop: wait for each request as long as it takes, reply."""
+    assert replies is not None
+    rx = _Receiver(reader, _payloads(spec), spec.messages, _executor_payload, indefinite=True)
+    while (got := rx.next(spec.stall_s)) is not None:
+        seq = got[0]
+        if seq >= 0:
+            replies.send(("SUCCESS", {"step": seq, "worker": index}))
+    return rx.result()
+
+
+#: Workloads whose workers reply to the writer (they need a reply path).
+REPLYING = ("engine", "executor")
+
 WRITERS = {
     "latency": write_latency,
     "throughput": write_throughput,
     "wakeup": write_wakeup,
     "idle_cpu": write_idle_cpu,
     "engine": write_engine,
+    "executor": write_executor,
 }
 READERS = {
     "latency": read_latency,
@@ -410,6 +484,7 @@ READERS = {
     "wakeup": read_wakeup,
     "idle_cpu": read_idle_cpu,
     "engine": read_engine,
+    "executor": read_executor,
 }
 WORKLOADS = tuple(WRITERS)
 
@@ -488,7 +563,7 @@ def summarize(spec: CaseSpec, writer: dict, readers: list[dict]) -> dict[str, An
                 100 * metrics["reader_cpu_s_mean"] / metrics["window_s"]
             )
         metrics["writer_idle_cpu_s"] = writer["writer_idle_cpu_s"]
-    elif spec.workload == "engine":
+    elif spec.workload in REPLYING:
         metrics["steps_per_s"] = writer["steps_per_s"]
         metrics["steps_completed"] = writer["steps_completed"]
         metrics["workers"] = spec.readers
