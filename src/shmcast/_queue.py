@@ -92,6 +92,22 @@ def wait_all_attached(seg: Segment, geometry: L.Geometry, deadline: float | None
         raise QueueTimeout(f"wait_until_ready timed out; not attached yet: {missing}")
 
 
+def attach_reader_ring(seg: Segment, geometry: L.Geometry, index: int, policy: WaitPolicy,
+                       label: str) -> RingReader:  # fmt: skip
+    """Take reader line ``index`` for the calling process (docs/protocol.md, "Joining late"):
+    a fresh index reads from the first message, one that was detached or whose process died
+    from the writer's current position.  AttachError if a live process holds it."""
+    ring = RingReader(seg, geometry.ring(), index, policy)
+    ring.label = label
+    line = geometry.peer_line(index)
+    if claim_line(seg.atomics, line, f"reader index {index}") == L.EXPECTED:
+        seg.atomics.store32(line + L.STATE, L.ATTACHED)
+    else:
+        ring.rejoin()
+    announce(seg.atomics, L.ATTACH_FUTEX_OFF)
+    return ring
+
+
 class BroadcastQueue(Endpoint):
     """A shared-memory broadcast queue: one writer, ``n_readers`` readers.
 
@@ -175,14 +191,7 @@ class BroadcastQueue(Endpoint):
         try:
             g = header.geometry
             index = check_index(reader, g.n_peers, "reader")
-            ring = RingReader(seg, g.ring(), index, policy)
-            ring.label = f"{seg.name} (reader {index})"
-            line = g.peer_line(index)
-            if claim_line(seg.atomics, line, f"reader index {index}") == L.EXPECTED:
-                seg.atomics.store32(line + L.STATE, L.ATTACHED)
-            else:
-                ring.rejoin()
-            announce(seg.atomics, L.ATTACH_FUTEX_OFF)
+            ring = attach_reader_ring(seg, g, index, policy, f"{seg.name} (reader {index})")
         except BaseException:
             seg.close()
             raise
