@@ -29,10 +29,17 @@ from ._wait import WaitPolicy
 @dataclass(frozen=True)
 class Handle:
     """What a peer needs to attach: the segment's name and the nonce that proves it is the same
-    queue.  Small and picklable; pass it to the other processes."""
+    queue.  Small and picklable; pass it to the other processes.
+
+    A queue with remote reader slots also records where its writer runs (``host``: boot id and
+    network namespace) and how to reach it over the network (``remote``); a reader on another
+    host attaches through the network with the same handle.
+    """
 
     name: str
     nonce: int
+    host: str = ""  #: the writer's host identity ("" when the queue has no remote slots)
+    remote: Any = None  #: the remote path's RemoteInfo, or None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from ._endpoint import (
 )
 from ._errors import QueueClosed, QueueTimeout, RoleError, SegmentError
 from ._liveness import identity
+from ._remote._options import KeyPair, RemoteOptions, host_identity
 from ._ring import (
     RingReader,
     RingWriter,
@@ -92,6 +93,17 @@ def wait_all_attached(seg: Segment, geometry: L.Geometry, deadline: float | None
         raise QueueTimeout(f"wait_until_ready timed out; not attached yet: {missing}")
 
 
+def _is_remote(handle: Any) -> bool:
+    """True when ``handle``'s writer serves remote readers and runs on another host (or
+    network namespace) than the caller."""
+    return (
+        isinstance(handle, Handle)
+        and handle.remote is not None
+        and bool(handle.host)
+        and handle.host != host_identity()
+    )
+
+
 def attach_reader_ring(seg: Segment, geometry: L.Geometry, index: int, policy: WaitPolicy,
                        label: str) -> RingReader:  # fmt: skip
     """Take reader line ``index`` for the calling process (docs/protocol.md, "Joining late"):
@@ -152,21 +164,36 @@ class BroadcastQueue(Endpoint):
         wait: str | WaitPolicy | None = None,
         serializer: Serializer | None = None,
         on_dead_reader: str = "raise",
+        remote: RemoteOptions | None = None,
     ) -> None:
         policy = resolve_policy(wait)
         serializer = check_serializer(serializer)
+        if remote is not None:
+            if not isinstance(remote, RemoteOptions):
+                raise TypeError(f"remote must be a RemoteOptions, not {type(remote).__name__}")
+            remote.checked(n_readers if isinstance(n_readers, int) else 1)
         seg, header = create_segment(L.KIND_BROADCAST, n_readers, n_slots, slot_size)
+        publisher = None
         try:
             writer = RingWriter(seg, header.geometry.ring(), policy, on_dead_reader)
             writer.label = f"{seg.name} (writer)"
+            handle = Handle(seg.name, header.nonce)
+            if remote is not None:
+                from ._remote import start_publisher
+
+                publisher, info = start_publisher(seg, header.geometry, header.nonce, remote)
+                handle = Handle(seg.name, header.nonce, host_identity(), info)
         except BaseException:
             seg.unlink()
             seg.close()
             raise
-        self._setup(seg, header.geometry, Handle(seg.name, header.nonce), serializer, policy)
+        self._setup(seg, header.geometry, handle, serializer, policy)
         self._writer: RingWriter | None = writer
         self._reader: RingReader | None = None
-        self._finalizer = weakref.finalize(self, close_side, seg, [writer.close], os.getpid(), True)
+        self._publisher = publisher
+        # The publisher reads the ring: it finishes (sends what is left) before the unmap.
+        leave = [writer.close] if publisher is None else [writer.close, publisher.finish]
+        self._finalizer = weakref.finalize(self, close_side, seg, leave, os.getpid(), True)
 
     @classmethod
     def attach(
@@ -176,6 +203,10 @@ class BroadcastQueue(Endpoint):
         *,
         wait: str | WaitPolicy | None = None,
         serializer: Serializer | None = None,
+        network: bool | None = None,
+        key: KeyPair | None = None,
+        allow_pickle: bool = False,
+        connect_timeout: float | None = None,
     ) -> BroadcastQueue:
         """Attach the calling process as reader ``reader`` of the queue behind ``handle``.
 
@@ -184,7 +215,22 @@ class BroadcastQueue(Endpoint):
         such queue, not shmcast's, another layout version, corrupted, or a stale handle),
         AttachError (index out of range, or attached by a live process), TypeError (not a
         Handle).
+
+        Remote readers (docs/remote.md): when the queue has remote slots and the handle says
+        its writer runs on another host (another boot id or network namespace), the reader
+        connects over ZeroMQ instead, and behaves the same.  ``network``: None (default)
+        decides from the handle, True forces the network path (for a reader on the writer's
+        host, such as over loopback), False forces shared memory.  ``key``: this reader's
+        CURVE key pair, when the writer requires one.  ``allow_pickle``: accept pickled
+        objects from a writer that is not authenticated with CURVE (off by default: unpickling
+        data from an unauthenticated peer runs whatever it says).  ``connect_timeout``: how
+        long to wait for the writer's answer (default 30 s; SegmentError then).
         """
+        if network or (network is None and _is_remote(handle)):
+            from ._remote import remote_reader
+
+            return remote_reader(handle, reader, wait=wait, serializer=serializer, key=key,
+                                 allow_pickle=allow_pickle, connect_timeout=connect_timeout)  # fmt: skip
         policy = resolve_policy(wait)
         serializer = check_serializer(serializer)
         seg, header = open_segment(handle, L.KIND_BROADCAST, "broadcast queue")
