@@ -26,6 +26,7 @@ EXPECTED_ALL = {
     "QueueClosed",
     "QueueStats",
     "QueueTimeout",
+    "RemoteOptions",
     "RoleError",
     "SegmentError",
     "SerializationError",
