@@ -378,8 +378,9 @@ class Publisher:
             kind, data, slots = item
             size = len(data)
             alone = not s.inflight and not entries
-            if not alone and (used + size > room_bytes or (size < LARGE and
-                                                          len(small) + size > o.batch_bytes)):
+            if not alone and (
+                used + size > room_bytes or (size < LARGE and len(small) + size > o.batch_bytes)
+            ):
                 s.pending = item  # its slots stay held: next time  # fmt: skip
                 break
             entries.append((kind, size))

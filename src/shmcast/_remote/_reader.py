@@ -186,7 +186,9 @@ class RemoteReader(BroadcastQueue):
                     raise W.WireError(f"{W.KIND_NAMES[head.kind]} before WELCOME")
                 body = W.parse_welcome(head, frames[1:])
             except W.WireError as exc:
-                raise SegmentError(f"the peer at {where} is not this queue's writer: {exc}") from None
+                raise SegmentError(
+                    f"the peer at {where} is not this queue's writer: {exc}"
+                ) from None
             break
         heartbeat_ms, dead_ms, n_readers, n_slots, slot_size = body
         self._next_seq = self._acked = self._consumed = head.seq
@@ -319,7 +321,9 @@ class RemoteReader(BroadcastQueue):
                     raise self._end
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    raise QueueTimeout("get timed out" + (f" after {timeout:g} s" if timeout else ""))
+                    raise QueueTimeout(
+                        "get timed out" + (f" after {timeout:g} s" if timeout else "")
+                    )
                 most = self._heartbeat / 2 if deadline is None else min(self._heartbeat / 2,
                                                                           deadline - now)  # fmt: skip
                 self._pump(most)
