@@ -620,8 +620,9 @@ def remote_reader_until_broken(handle: Any, reader: int, options: dict[str, Any]
             got.append(queue.get_bytes(timeout=30))
             started = time.monotonic()
     except ShmcastError as exc:
+        after = time.monotonic() - started
         return {"got": got, "error": type(exc).__name__, "message": str(exc),
-                "peer": getattr(exc, "peer", None), "after": time.monotonic() - started}  # fmt: skip
+                "peer": getattr(exc, "peer", None), "after": after}  # fmt: skip
     finally:
         queue.close()
 

@@ -229,8 +229,10 @@ class BroadcastQueue(Endpoint):
         if network or (network is None and _is_remote(handle)):
             from ._remote import remote_reader
 
-            return remote_reader(handle, reader, wait=wait, serializer=serializer, key=key,
-                                 allow_pickle=allow_pickle, connect_timeout=connect_timeout)  # fmt: skip
+            return remote_reader(
+                handle, reader, wait=wait, serializer=serializer, key=key,
+                allow_pickle=allow_pickle, connect_timeout=connect_timeout,
+            )  # fmt: skip
         policy = resolve_policy(wait)
         serializer = check_serializer(serializer)
         seg, header = open_segment(handle, L.KIND_BROADCAST, "broadcast queue")

@@ -208,7 +208,7 @@ def test_a_remote_reader_killed_mid_stream(policy: str) -> None:
     with process_group("forkserver") as group:
         remote = {"bind": LOOP4, "readers": [victim_index], "window_messages": 8}
         report, report_child = group.back_channel()
-        control, control_child = group.channel()
+        _control, control_child = group.channel()
         geometry = {**SMALL, "on_dead_reader": policy}
         writer = group.start(remote_writer, report_child, control_child, n_readers, remote,
                              geometry, 3, plan, "until-broken")  # fmt: skip
@@ -242,7 +242,7 @@ def test_a_stopped_remote_reader_goes_silent_and_is_named() -> None:
         remote = {"bind": LOOP4, "readers": [0], "window_messages": 8, "dead_after": 1.0,
                   "heartbeat": 0.2}  # fmt: skip
         report, report_child = group.back_channel()
-        control, control_child = group.channel()
+        _control, control_child = group.channel()
         writer = group.start(remote_writer, report_child, control_child, 1, remote, SMALL, 3,
                              plan, "until-broken")  # fmt: skip
         assert report.poll(30)
@@ -264,23 +264,23 @@ def test_a_stopped_remote_reader_goes_silent_and_is_named() -> None:
 def test_a_slow_remote_reader_throttles_the_writer_with_bounded_memory() -> None:
     window = {"window_messages": 4, "window_bytes": 64 << 10}
     plan = [(RAW, 2000)] * 60
-    with BroadcastQueue(1, remote=RemoteOptions(bind=LOOP4, **window), **SMALL) as writer:
-        with process_group("forkserver") as group:
-            group.start(remote_reader_plan, writer.handle, 0, 5, plan,
+    options = RemoteOptions(bind=LOOP4, **window)
+    with BroadcastQueue(1, remote=options, **SMALL) as writer, process_group("forkserver") as group:
+        group.start(remote_reader_plan, writer.handle, 0, 5, plan,
                         {"network": True, "slow": 0.02})  # fmt: skip
-            writer.wait_until_ready(timeout=30)
-            started = time.monotonic()
-            most = 0
-            from _procs import message_payload
+        writer.wait_until_ready(timeout=30)
+        started = time.monotonic()
+        most = 0
+        from _procs import message_payload
 
-            for number, (_kind, size) in enumerate(plan):
-                writer.put_bytes(message_payload(5, number, size), timeout=30)
-                for s in writer._publisher.stats().values():
-                    most = max(most, s["sent"] - s["acked"])
-                    assert s["in_flight_bytes"] <= window["window_bytes"]
-            elapsed = time.monotonic() - started
-            writer.close()
-            (result,) = group.results()
+        for number, (_kind, size) in enumerate(plan):
+            writer.put_bytes(message_payload(5, number, size), timeout=30)
+            for s in writer._publisher.stats().values():
+                most = max(most, s["sent"] - s["acked"])
+                assert s["in_flight_bytes"] <= window["window_bytes"]
+        elapsed = time.monotonic() - started
+        writer.close()
+        (result,) = group.results()
     assert result["digest"] == plan_digest(plan)
     assert most <= window["window_messages"]
     # At most ring (8) + window (4) messages ahead of a reader that takes 20 ms per message.

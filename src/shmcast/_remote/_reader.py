@@ -324,8 +324,9 @@ class RemoteReader(BroadcastQueue):
                     raise QueueTimeout(
                         "get timed out" + (f" after {timeout:g} s" if timeout else "")
                     )
-                most = self._heartbeat / 2 if deadline is None else min(self._heartbeat / 2,
-                                                                          deadline - now)  # fmt: skip
+                most = self._heartbeat / 2
+                if deadline is not None:
+                    most = min(most, deadline - now)
                 self._pump(most)
                 if self._closed:
                     raise QueueClosed("the queue was closed while get was waiting")
