@@ -593,18 +593,19 @@ def remote_reader_plan(
 
 
 def remote_reader_read_and_hold(
-    handle: Any, reader: int, read: int, control: multiprocessing.connection.Connection,
+    handle: Any, reader: int, read: int, report: multiprocessing.connection.Connection,
     options: dict[str, Any],
 ) -> None:  # fmt: skip
-    """Attach, read ``read`` messages, tell the parent (``"read"`` on ``control``), then wait
-    for it (which kills this process: a remote reader that dies mid-stream)."""
+    """Attach, read ``read`` messages, tell the parent (``"read"`` on ``report``), then hold
+    on, reading nothing, until the parent kills or stops this process (two minutes at most):
+    a remote reader that dies or goes silent mid-stream."""
     from shmcast import BroadcastQueue
 
     queue = BroadcastQueue.attach(handle, reader, **options)
     for _ in range(read):
         queue.get(timeout=30)
-    control.send("read")
-    control.poll(120)
+    report.send("read")
+    time.sleep(120)
     queue.close()
 
 

@@ -257,7 +257,7 @@ def test_a_stopped_remote_reader_goes_silent_and_is_named() -> None:
             result = group.result(writer)
         finally:
             os.kill(victim.pid, signal.SIGCONT)
-    assert result["peer"] == "reader 0" and result["sent"] < len(plan)
+    assert result["peer"] == "reader 0" and result["sent"] < len(plan), result
     assert result["blocked_s"] < 4.0
 
 
