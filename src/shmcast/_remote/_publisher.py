@@ -42,7 +42,7 @@ from typing import Any
 import zmq
 
 from .. import _layout as L
-from .._errors import AttachError, QueueClosed, QueueTimeout, ShmcastError
+from .._errors import AttachError, QueueClosed, QueueTimeout
 from .._queue import attach_reader_ring
 from .._ring import RingReader, announce
 from .._segment import Segment
@@ -448,15 +448,14 @@ class Publisher:
 
 
 class _KeySet:
-    """A ZAP credentials provider: accept exactly these CURVE public keys."""
+    """A ZAP credentials provider: accept exactly these CURVE public keys (Z85, as pyzmq's
+    authenticator passes them)."""
 
     def __init__(self, keys: frozenset[bytes]) -> None:
-        import zmq.utils.z85 as z85
-
-        self._raw = frozenset(z85.decode(k) for k in keys)
+        self._keys = keys
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self._raw
+        return key in self._keys
 
 
-__all__ = ["Publisher", "ShmcastError"]
+__all__ = ["Publisher"]
