@@ -200,7 +200,7 @@ BAD_FRAMES: dict[str, Callable[[int], list[bytes]]] = {
         W.ENTRY.pack(4, 1, 0),
         b"ab",
         b"cd",
-    ],  # fmt: skip
+    ],
     "a gap": lambda n: data(n, 3, [b"skipped one"]),
     "a duplicate": lambda n: data(n, 1, [b"again"]),
     "another queue": lambda n: data(n ^ 0x5A5A, 2, [b"foreign"]),
@@ -275,8 +275,9 @@ def test_a_data_frame_replayed_from_another_queue_is_refused(fake) -> None:
             context.destroy(linger=0)
     assert captured is not None
     box: list = []
-    thread = threading.Thread(target=lambda: box.append(BroadcastQueue.attach(handle_b, 0,
-                                                                             network=True)))  # fmt: skip
+    thread = threading.Thread(
+        target=lambda: box.append(BroadcastQueue.attach(handle_b, 0, network=True))
+    )
     thread.start()
     writer_b.accept()
     thread.join(10)
