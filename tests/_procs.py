@@ -344,10 +344,16 @@ def message_object(seed: int, number: int, size: int) -> tuple[str, int, bytes]:
 def send_plan(queue: Any, seed: int, plan: Sequence[tuple[str, int]], timeout: float) -> None:
     """Writer side: send every message of ``plan`` (``(kind, size)`` pairs) in order."""
     for number, (kind, size) in enumerate(plan):
-        if kind == RAW:
-            queue.put_bytes(message_payload(seed, number, size), timeout=timeout)
-        else:
-            queue.put(message_object(seed, number, size), timeout=timeout)
+        send_plan_one(queue, seed, number, kind, size, timeout)
+
+
+def send_plan_one(queue: Any, seed: int, number: int, kind: str, size: int,
+                  timeout: float) -> None:  # fmt: skip
+    """Send message ``number`` of a plan (see :func:`send_plan`)."""
+    if kind == RAW:
+        queue.put_bytes(message_payload(seed, number, size), timeout=timeout)
+    else:
+        queue.put(message_object(seed, number, size), timeout=timeout)
 
 
 def _describe(data: Any) -> str:
@@ -657,11 +663,19 @@ def remote_writer(
                         "blocked_s": time.monotonic() - started}  # fmt: skip
         queue.close()
         return {"sent": len(plan), "peer": None}
-    send_plan(queue, seed, plan, timeout=30)
+    started = time.monotonic()
+    most_in_flight = most_bytes = 0
+    for number, (kind, size) in enumerate(plan):
+        send_plan_one(queue, seed, number, kind, size, timeout=30)
+        for state in queue._publisher.stats().values():
+            most_in_flight = max(most_in_flight, state["sent"] - state["acked"])
+            most_bytes = max(most_bytes, state["in_flight_bytes"])
+    elapsed = time.monotonic() - started
     if then == "die":
         report.send("sent")
         control.poll(120)
         os.kill(os.getpid(), signal.SIGKILL)
     stats = queue.stats()
     queue.close()
-    return {"stats": stats}
+    return {"stats": stats, "elapsed": elapsed, "most_in_flight": most_in_flight,
+            "most_in_flight_bytes": most_bytes}  # fmt: skip

@@ -75,6 +75,7 @@ class Session:
     pending: tuple[int, Any, int] | None = None  # a message taken from the ring, not yet sent
     last_heard: float = 0.0
     last_beat: float = 0.0
+    closed: bool = False  # the writer closed and every message was taken from the ring
     closed_sent: bool = False
     dead: bool = False
 
@@ -340,8 +341,8 @@ class Publisher:
     def _take(self, session: Session) -> tuple[int, Any, int] | None:
         """The next message at the reader's position, without waiting: ``(kind, data, slots)``
         as RingReader.next_message gives it (``slots`` 0: private data, already released).
-        None if nothing is there yet; after the writer closed and everything was taken, the
-        CLOSE is sent."""
+        None if nothing is there yet; after the writer closed and everything was taken, None
+        and ``closed`` set (the caller sends CLOSE after what it has gathered)."""
         if session.pending is not None:
             item, session.pending = session.pending, None
             return item
@@ -355,8 +356,7 @@ class Publisher:
         except QueueTimeout:
             return None
         except QueueClosed:
-            if self._send(session, [W.header(W.CLOSE, self._nonce, session.next_seq)]):
-                session.closed_sent = True
+            session.closed = True
             return None
 
     def _pump_one(self, s: Session) -> bool:
@@ -393,7 +393,7 @@ class Publisher:
                     s.ring.finish_message(slots, defer=True)
         if not entries:
             s.ring.flush()
-            return False
+            return self._close_if_done(s)
         payloads: list[Any] = [small] if small else []
         copy = True
         if large is not None:
@@ -407,6 +407,15 @@ class Publisher:
             s.next_seq += len(entries)
             s.inflight.extend(size for _kind, size in entries)
             s.inflight_bytes += used
+        self._close_if_done(s)
+        return True
+
+    def _close_if_done(self, s: Session) -> bool:
+        """After the last message (the ring said closed), send CLOSE; True if it was sent."""
+        if not s.closed or s.closed_sent or s.dead:
+            return False
+        if self._send(s, [W.header(W.CLOSE, self._nonce, s.next_seq)]):
+            s.closed_sent = True
         return True
 
     # -- liveness -------------------------------------------------------------------------------
