@@ -247,8 +247,14 @@ class BroadcastQueue(Endpoint):
         self._setup(seg, g, handle, serializer, policy)
         self._writer = None
         self._reader = self._fast = ring
+        self._publisher = None
         self._finalizer = weakref.finalize(self, close_side, seg, [ring.detach], os.getpid(), False)
         return self
+
+    def _send(self, writer, parts, kind, timeout, deadline=None, publish=True) -> None:
+        super()._send(writer, parts, kind, timeout, deadline, publish)
+        if self._publisher is not None and publish:
+            self._publisher.kick()  # remote readers: send now if the publisher sleeps
 
     # -- properties ---------------------------------------------------------------------------
 
