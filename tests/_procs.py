@@ -615,8 +615,10 @@ def remote_reader_read_and_hold(
     queue.close()
 
 
-def remote_reader_until_broken(handle: Any, reader: int, options: dict[str, Any]) -> dict:
-    """Attach and read until an error; return how many messages came and the error."""
+def remote_reader_until_broken(handle: Any, reader: int, options: dict[str, Any],
+                               report: Any = None, report_at: int = 0) -> dict:  # fmt: skip
+    """Attach and read until an error; return the messages and the error, and how long after
+    the last message it came.  With ``report``: send ``"got"`` once ``report_at`` came."""
     from shmcast import BroadcastQueue, ShmcastError
 
     queue = BroadcastQueue.attach(handle, reader, **options)
@@ -626,6 +628,8 @@ def remote_reader_until_broken(handle: Any, reader: int, options: dict[str, Any]
         while True:
             got.append(queue.get_bytes(timeout=30))
             started = time.monotonic()
+            if report is not None and len(got) == report_at:
+                report.send("got")
     except ShmcastError as exc:
         after = time.monotonic() - started
         return {"got": got, "error": type(exc).__name__, "message": str(exc),

@@ -119,14 +119,21 @@ def test_a_remote_reader_killed_across_namespaces(pair: NetnsPair, policy: str) 
 
 
 def test_the_writer_killed_across_namespaces(pair: NetnsPair) -> None:
+    """The writer sends, the remote reader has it all, the writer is killed: both readers
+    raise QueueBroken naming the writer after everything they received (the remote one within
+    about dead_after).  (Messages still on their way when a writer dies are lost with it: a
+    reset connection drops them; the remote reader then raises after what did arrive.)"""
     plan = [(RAW, 500)] * 30
     with process_group("forkserver", timeout=90) as group:
         writer, handle, report, control = start_writer(group, pair, 2, {"bind": pair.bind()},
                                                        plan, "die")  # fmt: skip
         local = group.start(in_netns, pair.writer_ns, remote_reader_until_broken, handle, 0, {})
-        far = group.start(in_netns, pair.reader_ns, remote_reader_until_broken, handle, 1, {})
+        arrived, arrived_child = group.back_channel()
+        far = group.start(in_netns, pair.reader_ns, remote_reader_until_broken, handle, 1, {},
+                          arrived_child, len(plan))  # fmt: skip
         try:
             assert report.poll(60) and report.recv() == "sent"
+            assert arrived.poll(60) and arrived.recv() == "got"
             control.send("die")
             far_result, local_result = group.result(far), group.result(local)
             assert group.join(writer) == -signal.SIGKILL

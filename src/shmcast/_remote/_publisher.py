@@ -101,6 +101,11 @@ class Publisher:
         self._closing = False  # the writer closed: send what is left, then CLOSE
         self._abort = False  # stop now
         self.rejected_frames = 0  #: frames dropped because they failed a check
+        # The policy of the publisher's ring readers (it sleeps itself; they never log).
+        self._ring_wait = FutexWait(warn_after=None)
+        #: Held by whoever uses the socket and the sessions: the thread, except while it
+        #: sleeps, and a put of the writer's thread that finds it free (kick).
+        self._lock = threading.Lock()
         self.public_key: bytes | None = None
         self._context = zmq.Context()
         self._auth = None
@@ -174,15 +179,26 @@ class Publisher:
 
     # -- the thread ---------------------------------------------------------------------------
 
+    def kick(self) -> None:
+        """Called by the writer's thread after a put: if the thread is asleep (the socket is
+        free), send what is ready now, saving the thread's wake-up.  Never blocks."""
+        if self._lock.acquire(blocking=False):
+            try:
+                if not self._closing and not self._abort:
+                    self._pump()
+            finally:
+                self._lock.release()
+
     def _run(self) -> None:
         try:
             while not self._abort:
-                self._receive_all()
-                progressed = self._pump()
-                now = time.monotonic()
-                self._liveness(now)
-                if self._closing and self._drained():
-                    break
+                with self._lock:
+                    self._receive_all()
+                    progressed = self._pump()
+                    now = time.monotonic()
+                    self._liveness(now)
+                    if self._closing and self._drained():
+                        break
                 if not progressed:
                     self._idle()
         except Exception:  # a bug: say so loudly, and let the readers see the writer go silent
@@ -202,7 +218,9 @@ class Publisher:
         if ready and not self._closing:
             ring = ready[0].ring
             ring._target = ring.cursor.pos + 1
-            if not ring.ready() and not self._socket.poll(0):
+            if not self._socket.poll(0):
+                # Sleep on the futex at once (P3): a spin would hold the interpreter lock the
+                # writer's own thread needs.  A put while we sleep sends itself (kick).
                 ring.sleep(IDLE_SLICE)
         else:
             self._socket.poll(int(IDLE_SLICE * 1000))
@@ -274,7 +292,7 @@ class Publisher:
         if old is not None:
             self._forget(old)
         try:
-            ring = attach_reader_ring(self._seg, self._geometry, index, FutexWait(),
+            ring = attach_reader_ring(self._seg, self._geometry, index, self._ring_wait,
                                       f"{self._seg.name} (remote reader {index})")  # fmt: skip
         except AttachError as exc:
             self._send_reject(ident, str(exc))

@@ -279,11 +279,12 @@ class RemoteReader(BroadcastQueue):
 
     def _ack_if_due(self, now: float) -> None:
         pending = self._consumed - self._acked
+        # A quarter of the window consumed, or a heartbeat due: the writer never waits on
+        # an acknowledgement for more than a heartbeat while we read.
         due = (
             now - self._last_sent >= self._heartbeat
             or pending >= max(1, self._window_msgs // 4)
-            or self._consumed_bytes >= self._window_bytes // 4
-            or (pending and not self._buf)
+            or self._consumed_bytes >= max(1, self._window_bytes // 4)
         )
         if due and not isinstance(self._end, QueueClosed):
             try:
@@ -334,7 +335,9 @@ class RemoteReader(BroadcastQueue):
     def _consume(self, data: memoryview) -> None:
         self._consumed += 1
         self._consumed_bytes += len(data)
-        if not self._buf or self._consumed - self._acked >= max(1, self._window_msgs // 4):
+        if self._consumed - self._acked >= max(1, self._window_msgs // 4) or (
+            self._consumed_bytes >= max(1, self._window_bytes // 4)
+        ):
             with self._io:
                 self._ack_if_due(time.monotonic())
 
@@ -379,6 +382,9 @@ class RemoteReader(BroadcastQueue):
             self._raise_deferred()
             out: list[Any] = []
             self._wait_message(deadline_of(timeout), timeout)
+            if len(self._buf) < max_count:
+                with self._io:
+                    self._pump(0)  # what has arrived meanwhile counts as there
             while self._buf and len(out) < max_count:
                 kind, data = self._buf.popleft()
                 try:
