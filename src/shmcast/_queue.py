@@ -251,10 +251,26 @@ class BroadcastQueue(Endpoint):
         self._finalizer = weakref.finalize(self, close_side, seg, [ring.detach], os.getpid(), False)
         return self
 
+    # Remote readers: after the writer published slots, its publisher sends them at once
+    # (docs/remote.md, "The publisher").
     def _send(self, writer, parts, kind, timeout, deadline=None, publish=True) -> None:
         super()._send(writer, parts, kind, timeout, deadline, publish)
         if self._publisher is not None and publish:
-            self._publisher.kick()  # remote readers: send now if the publisher sleeps
+            self._publisher.kick()
+
+    def put_many(self, objs, timeout=None) -> None:
+        try:
+            super().put_many(objs, timeout)
+        finally:
+            if self._publisher is not None:
+                self._publisher.kick()
+
+    @contextmanager
+    def reserve(self, nbytes: int, timeout: float | None = None) -> Iterator[memoryview]:
+        with super().reserve(nbytes, timeout) as region:
+            yield region
+        if self._publisher is not None:
+            self._publisher.kick()
 
     # -- properties ---------------------------------------------------------------------------
 
