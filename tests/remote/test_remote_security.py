@@ -187,26 +187,25 @@ def fake() -> Iterator[tuple[FakeWriter, object]]:
 
 
 def data(nonce: int, seq: int, payloads: list[bytes]) -> list[bytes]:
-    return W.data_frames(nonce, seq, [(1, len(p)) for p in payloads], [b"".join(payloads)])
+    return W.data_frames(nonce, seq, [(1, len(p)) for p in payloads], b"".join(payloads))
 
 
 BAD_FRAMES: dict[str, Callable[[int], list[bytes]]] = {
     "truncated header": lambda n: [W.header(W.DATA, n, 2, 1, 1)[:-1], b"x"],
     "garbage": lambda n: [b"\xff" * 40],
-    "table too short": lambda n: [W.header(W.DATA, n, 2, 2, 2), W.ENTRY.pack(1, 1, 0), b"ab"],
-    "payload too short": lambda n: [W.header(W.DATA, n, 2, 1, 5), W.ENTRY.pack(5, 1, 0), b"abc"],
+    "table too short": lambda n: [W.header(W.DATA, n, 2, 2, 2) + W.ENTRY.pack(1, 1, 0)],
+    "payload too short": lambda n: [W.header(W.DATA, n, 2, 1, 5) + W.ENTRY.pack(5, 1, 0) + b"abc"],
     "message across frames": lambda n: [
-        W.header(W.DATA, n, 2, 1, 4),
-        W.ENTRY.pack(4, 1, 0),
-        b"ab",
+        W.header(W.DATA, n, 2, 1, 4) + W.ENTRY.pack(4, 1, 0) + b"ab",
         b"cd",
     ],
     "a gap": lambda n: data(n, 3, [b"skipped one"]),
     "a duplicate": lambda n: data(n, 1, [b"again"]),
     "another queue": lambda n: data(n ^ 0x5A5A, 2, [b"foreign"]),
     "over the window": lambda n: data(n, 2, [b"x"] * 17),
-    "reserved bits": lambda n: [W.header(W.DATA, n, 2, 1, 1), W.ENTRY.pack(1, 1, 7), b"x"],
+    "reserved bits": lambda n: [W.header(W.DATA, n, 2, 1, 1) + W.ENTRY.pack(1, 1, 7) + b"x"],
     "a heartbeat that lies": lambda n: [W.header(W.HEARTBEAT, n, 9)],
+    "a long header of another kind": lambda n: [W.header(W.HEARTBEAT, n, 2) + b"x"],
 }
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -55,7 +56,7 @@ log = logging.getLogger("shmcast")
 #: Messages at least this large travel in a ZeroMQ frame of their own, copied once, straight
 #: from the ring; smaller ones are gathered into one frame per batch.
 LARGE = 64 << 10
-#: Longest sleep on the ring or the socket between two looks at everything else.
+#: Longest sleep of the thread between two looks at everything (the ring among them).
 IDLE_SLICE = 0.05
 #: Frames from readers are small; a larger one makes ZeroMQ drop the connection.
 MAX_READER_FRAME = 4096
@@ -109,9 +110,14 @@ class Publisher:
         self.public_key: bytes | None = None
         self._context = zmq.Context()
         self._auth = None
+        self._missed = False  # a kick found the thread busy and rang the doorbell
+        self._bell_r, self._bell_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self._socket = self._open_socket(ipv6)
             self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._poller = zmq.Poller()
+            self._poller.register(self._socket, zmq.POLLIN)
+            self._poller.register(self._bell_r, zmq.POLLIN)
         except BaseException:
             self._shutdown_zmq()
             raise
@@ -155,12 +161,16 @@ class Publisher:
                 self._auth.stop()
         with contextlib.suppress(Exception):
             self._context.term()
+        for fd in (self._bell_r, self._bell_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def finish(self) -> None:
         """The writer closed (call after the ring's close): send every remote reader what is
         left and a CLOSE, for at most ``linger`` seconds, then stop.  Idempotent; blocks until
         the thread has stopped, so that the segment may be unmapped afterwards."""
         self._closing = True
+        self._ring_bell()
         self._thread.join(self._opts.linger)
         if self._thread.is_alive():
             log.warning(
@@ -180,14 +190,26 @@ class Publisher:
     # -- the thread ---------------------------------------------------------------------------
 
     def kick(self) -> None:
-        """Called by the writer's thread after a put: if the thread is asleep (the socket is
-        free), send what is ready now, saving the thread's wake-up.  Never blocks."""
+        """Called by the writer's thread after it published slots (put, put_many, reserve):
+        if the thread is idle (the socket is free), send what is ready now, in this thread,
+        saving a wake-up; else ring the doorbell, so that the thread looks again before it
+        sleeps.  Never blocks.
+
+        Why nothing is missed: the thread looks at the ring in every round it holds the lock,
+        and sleeps only after a round that moved nothing.  A kick that finds the lock held
+        rings the doorbell (once until the thread has heard it), and the thread's sleep
+        returns at once while the doorbell rings; the flag is cleared before the pipe is
+        read, so a ring after the read is heard by the next sleep.  A publish that no kick
+        follows is still found within ``IDLE_SLICE``."""
         if self._lock.acquire(blocking=False):
             try:
                 if not self._closing and not self._abort:
                     self._pump()
             finally:
                 self._lock.release()
+        elif not self._missed:
+            self._missed = True
+            self._ring_bell()
 
     def _run(self) -> None:
         try:
@@ -212,18 +234,18 @@ class Publisher:
         return all(s.closed_sent or s.dead for s in self._sessions.values())
 
     def _idle(self) -> None:
-        """Sleep until there may be something to do: on the ring's futex while some reader
-        could take more (P3: announce, re-check, sleep), else on the socket."""
-        ready = [s for s in self._sessions.values() if self._can_send(s) and s.pending is None]
-        if ready and not self._closing:
-            ring = ready[0].ring
-            ring._target = ring.cursor.pos + 1
-            if not self._socket.poll(0):
-                # Sleep on the futex at once (P3): a spin would hold the interpreter lock the
-                # writer's own thread needs.  A put while we sleep sends itself (kick).
-                ring.sleep(IDLE_SLICE)
-        else:
-            self._socket.poll(int(IDLE_SLICE * 1000))
+        """Sleep until there may be something to do: a frame on the socket, the doorbell (a
+        put the thread must handle, or the writer closing), or at most ``IDLE_SLICE``."""
+        for fd, _event in self._poller.poll(IDLE_SLICE * 1000):
+            if fd == self._bell_r:
+                self._missed = False  # before the read: a ring after it wakes us again
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._bell_r, 4096)
+
+    def _ring_bell(self) -> None:
+        """Wake the thread from :meth:`_idle` (any thread; a full pipe is already ringing)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._bell_w, b"!")
 
     # -- incoming -------------------------------------------------------------------------------
 
@@ -412,12 +434,13 @@ class Publisher:
         if not entries:
             s.ring.flush()
             return self._close_if_done(s)
-        payloads: list[Any] = [small] if small else []
         copy = True
+        payloads: list[Any] = []
         if large is not None:
             payloads.append(large[0])
             copy = large[1] != 0  # private (streamed) data is never touched again: no copy
-        ok = self._send(s, W.data_frames(self._nonce, s.next_seq, entries, payloads), copy)
+        frames = W.data_frames(self._nonce, s.next_seq, entries, small, payloads)
+        ok = self._send(s, frames, copy)
         if large is not None and large[1]:
             s.ring.finish_message(large[1])  # after the copy: the writer may reuse the slots
         s.ring.flush()

@@ -214,18 +214,19 @@ class RemoteReader(BroadcastQueue):
         """Take every frame waiting (waiting up to ``wait`` s for the first), send an ACK if
         one is due, and check that the writer is alive.  Holds ``_io``."""
         sock = self._socket
+        got = False
         if self._end is None and sock.poll(int(wait * 1000)):
             for _ in range(1000):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._last_heard = time.monotonic()
+                frames = sock.recv_multipart(copy=False)  # poll or EVENTS said one is there
+                got = True
                 self._frame(frames)
-                if self._end is not None:
+                if self._end is not None or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     break
-        self._read_monitor()  # notes a dropped connection
         now = time.monotonic()
+        if got:
+            self._last_heard = now
+        elif self._end is None:
+            self._read_monitor()  # nothing came: was the connection dropped?
         if self._end is None and not self._lost:
             self._ack_if_due(now)
         if (self._end is None and self._lost and not sock.poll(0)
@@ -245,7 +246,7 @@ class RemoteReader(BroadcastQueue):
         try:
             head = W.parse_header(frames[0].buffer, self._nonce, W.FROM_WRITER)
             if head.kind == W.DATA:
-                self._data(head, frames[1:])
+                self._data(head, frames)
             elif head.kind == W.HEARTBEAT:
                 if head.seq != self._next_seq:
                     raise W.WireError(f"the writer says it sent {head.seq} messages, we got "

@@ -19,20 +19,27 @@ WELCOME    W -> R    first sequence number the reader gets a: window (messages),
                                                            (bytes); frame 1: WELCOME_BODY
 REJECT     W -> R    0                                     frame 1: the reason, UTF-8
 DATA       W -> R    sequence number of the first message  a: messages (>= 1), b: payload bytes;
-                                                           frame 1: a table of ``a`` ENTRY
-                                                           records; frames 2..: the payloads
+                                                           the header frame goes on with the
+                                                           table (``a`` ENTRY records) and
+                                                           inline payload; frames 1..: more
+                                                           payload
 ACK        R -> W    messages consumed (next one needed)   0, 0 (also the reader's heartbeat)
 HEARTBEAT  W -> R    next sequence number to be sent       0, 0
 CLOSE      W -> R    end: no message numbered >= seq comes 0, 0
 BYE        R -> W    0                                     0, 0 (the reader detaches)
 ========== ========= ===================================== ==================================
 
-A DATA message carries ``a`` consecutive messages numbered ``seq .. seq + a - 1``; the table
-gives each one's length and kind (``ENTRY``: u64 length, u32 kind, u32 reserved = 0).  The
-payload frames hold whole messages, in order: each frame is the concatenation of one or more
-messages, and no message spans two frames.  Everything is checked before use: magic, version,
-kind, flags, nonce, counts, the table's size, that the lengths partition the payload frames
-exactly, and the limits the receiver set (:func:`parse_data`).  A frame that fails any check
+A DATA message carries ``a`` consecutive messages numbered ``seq .. seq + a - 1``.  Its first
+frame is longer than the header: right after the header comes the table, which gives each
+message's length and kind (``ENTRY``: u64 length, u32 kind, u32 reserved = 0), then the
+*inline* payload (the small messages, gathered; possibly empty).  The inline payload and the
+further frames hold whole messages, in order: each is the concatenation of one or more
+messages, and no message spans two of them.  (One frame for a batch of small messages; a
+large message travels in a frame of its own, copied once.)
+
+Everything is checked before use: magic, version, kind, flags, nonce, counts, the table's
+size, that the lengths partition the payload exactly, and the limits the receiver set
+(:func:`parse_data`).  A frame that fails any check
 raises :class:`WireError` and nothing of it is delivered.
 """
 
@@ -98,7 +105,7 @@ def parse_header(frame: Any, nonce: int, allowed: frozenset[int]) -> Header:
     """Check a header frame: size, magic, version, kind (one of ``allowed``), flags, nonce.
     WireError says which check failed."""
     data = memoryview(frame).cast("B") if not isinstance(frame, bytes) else frame
-    if len(data) != HEADER.size:
+    if len(data) != HEADER.size and not (len(data) > HEADER.size and data[5] == DATA):
         raise WireError(f"header frame of {len(data)} bytes, expected {HEADER.size}")
     magic, version, kind, flags, their_nonce, seq, a, b = HEADER.unpack_from(data)
     if magic != MAGIC:
@@ -118,30 +125,34 @@ def parse_header(frame: Any, nonce: int, allowed: frozenset[int]) -> Header:
 
 
 def data_frames(nonce: int, seq: int, messages: Sequence[tuple[int, Any]],
-                payloads: list[Any]) -> list[Any]:  # fmt: skip
+                inline: Any = b"", payloads: Sequence[Any] = ()) -> list[Any]:  # fmt: skip
     """The frames of one DATA message: ``messages`` is ``(kind, length)`` per message, in
-    order; ``payloads`` the payload frames (each the concatenation of whole messages)."""
+    order; ``inline`` the payload of the first frame and ``payloads`` the further frames
+    (each the concatenation of whole messages)."""
     total = sum(length for _kind, length in messages)
-    table = b"".join(ENTRY.pack(length, kind, 0) for kind, length in messages)
-    return [header(DATA, nonce, seq, len(messages), total), table, *payloads]
+    first = bytearray(header(DATA, nonce, seq, len(messages), total))
+    for kind, length in messages:
+        first += ENTRY.pack(length, kind, 0)
+    first += inline
+    return [first, *payloads]
 
 
 def parse_data(head: Header, frames: Sequence[Any], max_count: int,
                max_bytes: int) -> list[tuple[int, memoryview]]:  # fmt: skip
-    """The messages of a DATA message (``frames`` after the header), as ``(kind, view)``
-    pairs, after checking the table against the header and the payload frames, and the
-    counts against ``max_count`` messages and ``max_bytes`` payload bytes."""
+    """The messages of a DATA message (``frames``: all of them, the header frame first), as
+    ``(kind, view)`` pairs, after checking the table against the header and the payload, and
+    the counts against ``max_count`` messages and ``max_bytes`` payload bytes."""
     count, total = head.a, head.b
     if not 1 <= count <= max_count:
         raise WireError(f"DATA with {count} messages (at most {max_count} allowed)")
     if total > max_bytes:
         raise WireError(f"DATA of {total} payload bytes (at most {max_bytes} allowed)")
-    if len(frames) < 1:
-        raise WireError("DATA without its table frame")
-    table = memoryview(frames[0]).cast("B")
-    if len(table) != ENTRY.size * count:
-        raise WireError(f"DATA table of {len(table)} bytes for {count} messages")
-    payloads = [memoryview(f).cast("B") for f in frames[1:]]
+    first = memoryview(frames[0]).cast("B")
+    end = HEADER.size + ENTRY.size * count
+    if len(first) < end:
+        raise WireError(f"DATA header frame of {len(first)} bytes too short for {count} entries")
+    table = first[HEADER.size : end]
+    payloads = [first[end:], *(memoryview(f).cast("B") for f in frames[1:])]
     if sum(len(p) for p in payloads) != total:
         raise WireError("DATA payload frames do not add up to the length in the header")
     out: list[tuple[int, memoryview]] = []
