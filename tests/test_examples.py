@@ -22,7 +22,11 @@ from _procs import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-DOCS_WITH_RUNNABLE_CODE = [ROOT / "README.md", ROOT / "docs" / "guide.md"]
+DOCS_WITH_RUNNABLE_CODE = [
+    ROOT / "README.md",
+    ROOT / "docs" / "guide.md",
+    ROOT / "docs" / "remote.md",
+]
 TIMEOUT = 90  # seconds per script (below pytest's own 120 s, so that this kills first)
 
 #: What each example must print (every line listed must appear in its output).

@@ -58,10 +58,6 @@ log = logging.getLogger("shmcast")
 LARGE = 64 << 10
 #: Longest sleep of the thread between two looks at everything (the ring among them).
 IDLE_SLICE = 0.05
-#: At most this many zero-copy messages per reader whose slots wait for ZeroMQ.
-MAX_HELD = 4
-#: How often the thread looks at ZeroMQ's trackers while slots are held.
-HELD_SLICE = 0.0005
 #: A put sends in the writer's own thread only if nothing was sent for this long (a quiet
 #: stream: it saves the thread's wake-up); in a busy one the thread gathers batches.
 KICK_GAP = 0.0002
@@ -83,7 +79,6 @@ class Session:
     pending: tuple[int, Any, int] | None = None  # a message taken from the ring, not yet sent
     last_heard: float = 0.0
     last_beat: float = 0.0
-    held: list[Any] = field(default_factory=list)  # trackers of zero-copy sends from the ring
     closed: bool = False  # the writer closed and every message was taken from the ring
     closed_sent: bool = False
     dead: bool = False
@@ -246,8 +241,7 @@ class Publisher:
     def _idle(self) -> None:
         """Sleep until there may be something to do: a frame on the socket, the doorbell (a
         put the thread must handle, or the writer closing), or at most ``IDLE_SLICE``."""
-        held = any(s.held for s in self._sessions.values())
-        for fd, _event in self._poller.poll((HELD_SLICE if held else IDLE_SLICE) * 1000):
+        for fd, _event in self._poller.poll(IDLE_SLICE * 1000):
             if fd == self._bell_r:
                 self._missed = False  # before the read: a ring after it wakes us again
                 with contextlib.suppress(BlockingIOError):
@@ -352,19 +346,18 @@ class Publisher:
 
     # -- outgoing -------------------------------------------------------------------------------
 
-    def _send(self, session: Session, frames: list[Any], copy: bool = True,
-              track: bool = False) -> Any:  # fmt: skip
-        """Send to one reader; its MessageTracker (``track``), else True; None (and the reader
-        is declared dead) if ZeroMQ says its connection is gone."""
+    def _send(self, session: Session, frames: list[Any], copy: bool = True) -> bool:
+        """Send to one reader; False (and the reader is declared dead) if ZeroMQ says its
+        connection is gone."""
         try:
-            tracker = self._socket.send_multipart([session.ident, *frames], copy=copy, track=track)
+            self._socket.send_multipart([session.ident, *frames], copy=copy)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 self._declare_dead(session, "its connection was lost")
-                return None
+                return False
             raise
         session.last_beat = self._last_send = time.monotonic()
-        return tracker if track else True
+        return True
 
     def _send_reject(self, ident: bytes, reason: str) -> None:
         log.warning("remote path: refused a reader: %s", reason)
@@ -394,10 +387,7 @@ class Publisher:
         """The next message at the reader's position, without waiting: ``(kind, data, slots)``
         as RingReader.next_message gives it (``slots`` 0: private data, already released).
         None if nothing is there yet; after the writer closed and everything was taken, None
-        and ``closed`` set (the caller sends CLOSE after what it has gathered).
-
-        While slots are held for a zero-copy send (``session.held``), only the native fast
-        path is asked: it never stores ``read_seq``, which would hand the held slots back."""
+        and ``closed`` set (the caller sends CLOSE after what it has gathered)."""
         if session.pending is not None:
             item, session.pending = session.pending, None
             return item
@@ -406,8 +396,6 @@ class Publisher:
         if fast is not None:
             kind, off, total, k = fast
             return kind, self._seg.buf[off : off + total], k
-        if session.held:
-            return None
         # Cheap looks first (P6: the writer's state before its sequence), then the general
         # path for padding, streamed messages and the end.
         closed = self._a.load32(self._ring.writer + L.STATE) & (L.DETACHED | L.DROPPED)
@@ -421,24 +409,15 @@ class Publisher:
             session.closed = True
             return None
 
-    def _release_held(self, s: Session) -> bool:
-        """Hand back the slots of zero-copy sends ZeroMQ is done with; True if none is held
-        any more."""
-        if s.held and all(t.done for t in s.held):
-            s.held.clear()
-            s.ring.flush()  # P2: ZeroMQ has read them (its tracker says so)
-        return not s.held
-
     def _pump_one(self, s: Session) -> bool:
         """One DATA message for ``s``: as many messages as its window and ``batch_bytes``
         allow, small ones gathered into the first frame, a large one in a frame of its own
-        (last).  Slots of gathered messages are released at once (their bytes are copied).  A
-        large message in the ring goes zero-copy: its slots are held (released deferred, and
-        ``read_seq`` not stored) until ZeroMQ's tracker says the bytes left, at most
-        ``MAX_HELD`` messages at a time."""
+        (last).  Slots of gathered messages are released at once (their bytes are copied); a
+        large message's once ZeroMQ has copied it into a message of its own (``copy=True``).
+        (Zero-copy from the ring, holding the slots until pyzmq's tracker reports the send
+        done, measured slower here: the tracker is set by pyzmq's collector thread, which
+        waits for the interpreter lock the writer's threads hold.)"""
         o = self._opts
-        if not self._release_held(s) and len(s.held) >= MAX_HELD:
-            return False
         entries: list[tuple[int, int]] = []
         small = bytearray()
         large: tuple[Any, int] | None = None  # (data, slots) of a final large message
@@ -466,26 +445,18 @@ class Publisher:
                 if slots:
                     s.ring.finish_message(slots, defer=True)
         if not entries:
-            if not s.held:
-                s.ring.flush()
-            return self._close_if_done(s)
-        payloads: list[Any] = []
-        track = False
-        if large is not None:
-            payloads.append(large[0])
-            track = large[1] != 0  # in the ring: hold its slots until ZeroMQ is done
-        frames = W.data_frames(self._nonce, s.next_seq, entries, small, payloads)
-        # Zero-copy: ZeroMQ reads the buffers later, from its own thread.  Each one is either
-        # ours alone (the gathered bytes, a streamed message's private copy) or ring slots
-        # held until the tracker is done; nothing writes to any of them meanwhile.
-        tracker = self._send(s, frames, copy=False, track=track)
-        if large is not None and large[1]:
-            s.ring.finish_message(large[1], defer=True)
-            if tracker is not None:
-                s.held.append(tracker)
-        if not s.held:
             s.ring.flush()
-        if tracker is not None:
+            return self._close_if_done(s)
+        payloads: list[Any] = [] if large is None else [large[0]]
+        frames = W.data_frames(self._nonce, s.next_seq, entries, small, payloads)
+        # copy=False for what is ours alone (the gathered bytes, a streamed message's private
+        # copy: nothing writes to them again); ring slots are copied before they go back.
+        in_ring = large is not None and large[1] != 0
+        ok = self._send(s, frames, copy=in_ring)
+        if large is not None and in_ring:
+            s.ring.finish_message(large[1])  # after the copy: the writer may reuse the slots
+        s.ring.flush()
+        if ok:
             s.next_seq += len(entries)
             s.inflight.extend(size for _kind, size in entries)
             s.inflight_bytes += used
@@ -496,8 +467,6 @@ class Publisher:
         """After the last message (the ring said closed), send CLOSE; True if it was sent."""
         if not s.closed or s.closed_sent or s.dead:
             return False
-        if s.held:
-            return False  # CLOSE after the last message is out
         if self._send(s, [W.header(W.CLOSE, self._nonce, s.next_seq)]):
             s.closed_sent = True
         return True
