@@ -64,6 +64,12 @@ def check_timeout(timeout: float | None) -> None:
         raise ValueError(f"timeout must be >= 0, got {timeout}")
 
 
+def check_max_count(max_count: object) -> None:
+    """ValueError unless ``max_count`` (of ``get_many``) is a positive int."""
+    if not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 1:
+        raise ValueError(f"max_count must be a positive int, got {max_count!r}")
+
+
 def deadline_of(timeout: float | None) -> float | None:
     """Absolute monotonic deadline for a ``timeout`` argument (None: no deadline).
 
@@ -407,8 +413,7 @@ class Endpoint:
             self._leave()
 
     def _get_many(self, max_count: int, timeout: float | None, source: int | None) -> list[Any]:
-        if not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 1:
-            raise ValueError(f"max_count must be a positive int, got {max_count!r}")
+        check_max_count(max_count)
         self._enter()
         try:
             self._raise_deferred()
