@@ -186,6 +186,19 @@ def fake() -> Iterator[tuple[FakeWriter, object]]:
             writer.close()
 
 
+def attach_to(writer: FakeWriter, handle) -> BroadcastQueue:
+    """A remote reader of the fake writer (which answers its HELLO with WELCOME)."""
+    box: list = []
+    thread = threading.Thread(
+        target=lambda: box.append(BroadcastQueue.attach(handle, 0, network=True))
+    )
+    thread.start()
+    writer.accept()
+    thread.join(10)
+    (reader,) = box
+    return reader
+
+
 def data(nonce: int, seq: int, payloads: list[bytes]) -> list[bytes]:
     return W.data_frames(nonce, seq, [(1, len(p)) for p in payloads], b"".join(payloads))
 
@@ -212,14 +225,7 @@ BAD_FRAMES: dict[str, Callable[[int], list[bytes]]] = {
 @pytest.mark.parametrize("case", list(BAD_FRAMES))
 def test_a_bad_frame_to_a_reader_breaks_the_stream_after_what_came_before(fake, case) -> None:
     writer, handle = fake
-    reader_box: list = []
-    attach = threading.Thread(
-        target=lambda: reader_box.append(BroadcastQueue.attach(handle, 0, network=True))
-    )
-    attach.start()
-    writer.accept()
-    attach.join(10)
-    (reader,) = reader_box
+    reader = attach_to(writer, handle)
     try:
         writer.send(data(writer.nonce, 0, [b"first", b"second"]))
         writer.send(BAD_FRAMES[case](writer.nonce))
@@ -273,14 +279,7 @@ def test_a_data_frame_replayed_from_another_queue_is_refused(fake) -> None:
         finally:
             context.destroy(linger=0)
     assert captured is not None
-    box: list = []
-    thread = threading.Thread(
-        target=lambda: box.append(BroadcastQueue.attach(handle_b, 0, network=True))
-    )
-    thread.start()
-    writer_b.accept()
-    thread.join(10)
-    (reader,) = box
+    reader = attach_to(writer_b, handle_b)
     try:
         writer_b.send(captured)
         with pytest.raises(QueueBroken, match="another queue"):

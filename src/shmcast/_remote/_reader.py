@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 
 from .. import _layout as L
-from .._endpoint import Handle, QueueStats, check_serializer, deadline_of
+from .._endpoint import Handle, QueueStats, check_max_count, check_serializer, deadline_of
 from .._errors import (
     AttachError,
     MessageKindError,
@@ -376,8 +376,7 @@ class RemoteReader(BroadcastQueue):
             self._leave()
 
     def _get_many(self, max_count: int, timeout: float | None, source: int | None) -> list[Any]:
-        if not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 1:
-            raise ValueError(f"max_count must be a positive int, got {max_count!r}")
+        check_max_count(max_count)
         self._enter()
         try:
             self._raise_deferred()
