@@ -296,3 +296,50 @@ def test_dataclass_handle_carries_the_remote_path() -> None:
         h = writer.handle
         assert h.remote.endpoint.startswith("tcp://127.0.0.1:") and h.host
         assert dataclasses.replace(h) == h
+
+
+def test_a_killed_remote_reader_restarts_at_its_index() -> None:
+    """Like a local reader, a remote one whose process died can be replaced at its index:
+    the new one joins at the writer's current position."""
+    with BroadcastQueue(1, remote=RemoteOptions(bind=LOOP4), **SMALL) as writer:
+        with process_group("forkserver") as group:
+            hold, hold_child = group.back_channel()
+            victim = group.start(remote_reader_read_and_hold, writer.handle, 0, 1, hold_child,
+                                 {"network": True})  # fmt: skip
+            writer.wait_until_ready(timeout=30)
+            writer.put_bytes(b"before", timeout=5)
+            assert hold.poll(30) and hold.recv() == "read"
+            group.kill(victim)
+        deadline = time.monotonic() + 10
+        while True:  # the writer may take a moment to see the old connection gone
+            try:
+                again = BroadcastQueue.attach(writer.handle, 0, network=True)
+                break
+            except AttachError:
+                assert time.monotonic() < deadline, "the dead reader's index stayed taken"
+                time.sleep(0.1)
+        writer.put_bytes(b"after", timeout=5)
+        assert again.get_bytes(timeout=5) == b"after"
+        again.close()
+
+
+def test_close_from_another_thread_ends_a_blocked_get() -> None:
+    import threading
+
+    with BroadcastQueue(1, remote=RemoteOptions(bind=LOOP4), **SMALL) as writer:
+        reader = BroadcastQueue.attach(writer.handle, 0, network=True)
+        errors: list = []
+
+        def blocked() -> None:
+            try:
+                reader.get(timeout=20)
+            except Exception as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=blocked)
+        thread.start()
+        time.sleep(0.3)
+        reader.close()
+        thread.join(5)
+        assert not thread.is_alive() and len(errors) == 1
+        assert isinstance(errors[0], QueueClosed), errors

@@ -319,6 +319,8 @@ class RemoteReader(BroadcastQueue):
             with self._io:
                 if self._buf:
                     return
+                if self._closed:  # close() from another thread: the socket is gone
+                    raise QueueClosed("the queue was closed while get was waiting")
                 if self._end is not None:
                     raise self._end
                 now = time.monotonic()
@@ -330,8 +332,6 @@ class RemoteReader(BroadcastQueue):
                 if deadline is not None:
                     most = min(most, deadline - now)
                 self._pump(most)
-                if self._closed:
-                    raise QueueClosed("the queue was closed while get was waiting")
 
     def _consume(self, data: memoryview) -> None:
         self._consumed += 1
@@ -340,7 +340,8 @@ class RemoteReader(BroadcastQueue):
             self._consumed_bytes >= max(1, self._window_bytes // 4)
         ):
             with self._io:
-                self._ack_if_due(time.monotonic())
+                if not self._closed:
+                    self._ack_if_due(time.monotonic())
 
     def _decode_remote(self, kind: int, data: memoryview, copy: bool) -> Any:
         if kind == L.MSG_RAW:
@@ -384,7 +385,8 @@ class RemoteReader(BroadcastQueue):
             self._wait_message(deadline_of(timeout), timeout)
             if len(self._buf) < max_count:
                 with self._io:
-                    self._pump(0)  # what has arrived meanwhile counts as there
+                    if not self._closed:
+                        self._pump(0)  # what has arrived meanwhile counts as there
             while self._buf and len(out) < max_count:
                 kind, data = self._buf.popleft()
                 try:
@@ -447,9 +449,9 @@ class RemoteReader(BroadcastQueue):
         the count).  QueueTimeout; QueueBroken if the writer is gone."""
         deadline = deadline_of(timeout)
         while True:
-            if self._closed:
-                raise QueueClosed(f"{self!r} is closed")
             with self._io:
+                if self._closed:
+                    raise QueueClosed(f"{self!r} is closed")
                 if self._expected == 0:
                     return
                 if isinstance(self._end, QueueBroken):
