@@ -577,15 +577,18 @@ def remote_reader_plan(
     handle: Any, reader: int, seed: int, plan: Sequence[tuple[str, int]], options: dict[str, Any]
 ) -> dict[str, Any]:
     """Attach as ``reader`` (``options``: ``attach`` keywords, plus ``slow``: seconds to sleep
-    before each get), check every message of ``plan`` and the close after it; return the
-    :func:`check_plan` summary with ``network``: whether the network path was taken."""
+    before each get, ``pause``: before the first), check every message of ``plan`` and the
+    close after it; return the :func:`check_plan` summary with ``network``: whether the
+    network path was taken."""
     from shmcast import BroadcastQueue
 
     options = dict(options)
     slow = options.pop("slow", 0.0)
+    pause = options.pop("pause", 0.0)  # seconds before the first get
     timeout = options.pop("timeout", 30.0)
     with BroadcastQueue.attach(handle, reader, **options) as queue:
         network = bool(getattr(queue, "remote", False))
+        time.sleep(pause)
         if slow:
             get = queue.get
 

@@ -343,3 +343,21 @@ def test_close_from_another_thread_ends_a_blocked_get() -> None:
         thread.join(5)
         assert not thread.is_alive() and len(errors) == 1
         assert isinstance(errors[0], QueueClosed), errors
+
+
+def test_a_reader_that_only_pauses_is_never_dropped() -> None:
+    """It reads nothing for three times dead_after while the writer is blocked on it: its
+    heartbeats go on, so even with on_dead_reader="drop" it gets every message."""
+    plan = [(RAW, 3000)] * 40
+    options = RemoteOptions(bind=LOOP4, window_messages=4, heartbeat=0.1, dead_after=0.5)
+    writer = BroadcastQueue(1, remote=options, on_dead_reader="drop", **SMALL)
+    with writer, process_group("forkserver") as group:
+        group.start(remote_reader_plan, writer.handle, 0, 9, plan,
+                    {"network": True, "pause": 1.5})  # fmt: skip
+        writer.wait_until_ready(timeout=30)
+        from _procs import send_plan
+
+        send_plan(writer, 9, plan, timeout=30)
+        writer.close()
+        (result,) = group.results()
+    assert result["digest"] == plan_digest(plan)
