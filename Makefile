@@ -46,7 +46,7 @@ venv: $(STAMP)
 
 # The virtual environment, with shmcast installed editable (the C extension is built in place)
 # and the test extra.  Rebuilt when the packaging or the C source changes.
-$(STAMP): pyproject.toml setup.py src/shmcast/_native.c
+$(STAMP): pyproject.toml setup.py $(wildcard src/shmcast/_csrc/*.[ch])
 	@$(MAKE) --no-print-directory system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e '.[test]'

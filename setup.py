@@ -2,11 +2,15 @@
 
 from setuptools import Extension, setup
 
+#: The parts of the native core, one idea each (src/shmcast/_csrc/module.c says which).
+SOURCES = ("module", "atomics", "cursor", "guard", "crc32c", "probe")
+
 setup(
     ext_modules=[
         Extension(
             "shmcast._native",
-            sources=["src/shmcast/_native.c"],
+            sources=[f"src/shmcast/_csrc/{name}.c" for name in SOURCES],
+            depends=["src/shmcast/_csrc/native.h"],
             extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
     ]

@@ -34,16 +34,21 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from _procs import segment_users
+
 import shmcast
 from shmcast import (
     BackoffWait,
     BroadcastQueue,
     FutexWait,
     IdleWait,
+    QueueTimeout,
+    SerializationError,
     ShmcastError,
     SpinWait,
     WaitPolicy,
 )
+from shmcast._segment import SHM_DIR
 
 #: source (writer index, 0 for a broadcast writer), sequence number, total length, CRC-32 of
 #: the body.  A message is this header followed by its body.
@@ -135,13 +140,18 @@ def policy_named(name: str, slice_: float) -> WaitPolicy:
     raise ValueError(name)
 
 
-def unlink_segment(name: str) -> bool:
-    """Remove the segment ``name`` (left behind by a killed creator); True if it was there."""
+def segment_left(name: str) -> str | None:
+    """What is left of the segment ``name`` once every process of its queue has ended: None
+    if nothing (no name in /dev/shm, and no process maps it or holds it open, so the kernel
+    has freed it), else what is left (a name found is removed)."""
     try:
         shmcast._native.shm_unlink("/" + name)
     except FileNotFoundError:
-        return False
-    return True
+        pass
+    else:
+        return f"its name was left in {SHM_DIR}"
+    users = segment_users(name)
+    return f"processes {sorted(users)} still use it" if users else None
 
 
 # -- a checking reader ------------------------------------------------------------------------
@@ -507,3 +517,290 @@ def gather_writer_publishes_on_command_then_closes(
     queue.put("last words", timeout=OP_TIMEOUT)
     queue.close()
     done_out.send("done")
+
+
+# -- corruption: random bytes written into a live queue from another process -------------------
+
+#: Regions of a segment the fuzzer writes into (offsets from ``regions``).
+REGIONS = ("header", "writer", "control", "lines", "descriptors", "data")
+
+
+def regions(geometry: Any) -> dict[str, tuple[int, int]]:
+    """``region -> (start, end)`` byte ranges of a segment of ``geometry`` (a
+    ``_layout.Geometry``): the header, the broadcast writer's line (a gather queue's first
+    writer line), the queue-wide control lines (sleepers, futex words, spinners), the
+    participant lines, the slot descriptors, the slot data."""
+    from shmcast import _layout as L
+
+    writer = (L.BCAST_WRITER_OFF, L.BCAST_WRITER_OFF + L.LINE)
+    if geometry.kind == L.KIND_GATHER:
+        writer = (L.PEERS_OFF, L.PEERS_OFF + L.LINE)
+    return {
+        "header": (0, L.LINE),
+        "writer": writer,
+        "control": (L.SLEEPERS_OFF, L.PEERS_OFF),
+        "lines": (L.PEERS_OFF, geometry.desc_off),
+        "descriptors": (
+            geometry.desc_off,
+            geometry.desc_off + L.DESC_SIZE * geometry.n_slots * geometry.n_rings,
+        ),
+        "data": (geometry.data_off, geometry.total_size),
+    }
+
+
+def scribble(rng: random.Random, start: int, end: int) -> list[tuple[int, bytes]]:
+    """What a stray process might write into ``[start, end)``: a few random bytes, a random
+    or extreme aligned word, or the whole region at random."""
+    roll = rng.random()
+    if roll < 0.35:
+        n = rng.randint(1, 8)
+        at = rng.randrange(start, max(start + 1, end - n))
+        return [(at, rng.randbytes(n))]
+    if roll < 0.8:
+        at = rng.randrange(start, end - 7) & ~7
+        value = rng.choice([0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1, rng.getrandbits(64),
+                            rng.getrandbits(20), rng.getrandbits(8)])  # fmt: skip
+        return [(at, value.to_bytes(8, "little"))]
+    return [(start, rng.randbytes(end - start))]
+
+
+def corrupter(requests: Connection, replies: Connection) -> int:
+    """Child target: for each ``(path, writes)`` received, map the segment at ``path`` (a
+    queue's handle path) and store each ``(offset, bytes)``; reply ``"done"`` (or the
+    error).  Ends on ``None``; returns how many requests it served."""
+    import mmap as _mmap
+
+    served = 0
+    while True:
+        request = requests.recv()
+        if request is None:
+            return served
+        path, writes = request
+        try:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                mapping = _mmap.mmap(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+            for at, data in writes:
+                mapping[at : at + len(data)] = data
+            mapping.close()
+            replies.send("done")
+        except OSError as exc:
+            replies.send(f"failed: {exc}")
+        served += 1
+
+
+@dataclass
+class FuzzReport:
+    """What one corruption iteration saw."""
+
+    seed: int
+    region: str
+    kind: str
+    checksum: bool
+    calls: int = 0  #: puts and gets after the corruption
+    late: list[str] = field(default_factory=list)  #: calls that outlived their timeout
+    escaped: list[str] = field(default_factory=list)  #: exceptions outside ShmcastError
+    wrong: list[str] = field(default_factory=list)  #: messages delivered wrong, no error
+    duplicates: list[str] = field(default_factory=list)  #: messages delivered twice
+    #: wrong messages where nothing can tell: bytes written into the data region of a queue
+    #: without checksums
+    payload_changed: list[str] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)  #: documented errors, by class
+    hang: str = ""  #: a thread that did not end
+
+
+def _timed(report: FuzzReport, what: str, timeout: float, call: Callable[[], Any]) -> Any:
+    """Run one queue call of the fuzzer: record its error class, a late return, an escaped
+    exception.  Returns the call's value, or the exception it raised."""
+    report.calls += 1
+    started = time.monotonic()
+    try:
+        return call()
+    except ShmcastError as exc:
+        report.errors[type(exc).__name__] = report.errors.get(type(exc).__name__, 0) + 1
+        return exc
+    except Exception as exc:  # the fuzzer's finding: an undocumented exception escaped
+        report.escaped.append(f"{what}: {type(exc).__name__}: {exc}")
+        return exc
+    finally:
+        took = time.monotonic() - started
+        if took > timeout + FUZZ_SLACK:
+            report.late.append(f"{what} took {took:.2f} s (timeout {timeout} s)")
+
+
+FUZZ_SLACK = 1.0  # seconds a call may overrun its timeout before it counts as a hang
+FUZZ_MESSAGES = 24  # messages per source and iteration
+
+
+class _Expect:
+    """Checks the messages of one source as they arrive: each intact, never twice, never
+    out of order, and a gap only right after a documented error (a message consumed by a
+    SerializationError)."""
+
+    def __init__(self, report: FuzzReport, source: int) -> None:
+        self.report, self.source = report, source
+        self.next = 0
+        self.gap_allowed = False
+
+    def error(self) -> None:
+        self.gap_allowed = True
+
+    def wrong(self, problem: str) -> None:
+        """Record a wrong delivery (apart, where nothing could have told)."""
+        r = self.report
+        undetectable = r.region == "data" and not r.checksum
+        (r.payload_changed if undetectable else r.wrong).append(problem)
+
+    def deliver(self, data: Any) -> None:
+        where = f"{self.report.kind} source {self.source}"
+        try:
+            got_source, got_seq = message_source_and_seq(data)
+        except Exception:
+            self.wrong(f"{where}: not a message ({type(data).__name__})")
+            return
+        if got_source != self.source or got_seq > FUZZ_MESSAGES:
+            self.wrong(f"{where}: got message {got_seq} of {got_source}")
+            return
+        if got_seq < self.next:
+            self.report.duplicates.append(f"{where}: message {got_seq} again")
+            return
+        if got_seq > self.next and not self.gap_allowed:
+            self.wrong(f"{where}: expected {self.next}, got {got_seq}")
+        problem = message_error(data, self.source, got_seq)
+        if problem is not None:
+            self.wrong(problem)
+        self.next, self.gap_allowed = got_seq + 1, False
+
+
+def _fuzz_sender(queue: Any, source: int, seed: int, timeout: float, report: FuzzReport,
+                 capacity: int) -> None:  # fmt: skip
+    rng = random.Random(seed)
+    for seq in range(FUZZ_MESSAGES):
+        size = random_size(rng, queue.slot_size, capacity)
+        message = make_message(source, seq, size, rng)
+        if isinstance(_timed(report, "put", timeout, lambda m=message: send_message(
+                queue, m, rng, timeout)), BaseException):  # fmt: skip
+            return
+
+
+def _fuzz_reader(reader: Any, expects: list[_Expect], seed: int, timeout: float,
+                 report: FuzzReport, total: int, progress: list[int], r: int,
+                 corrupted: threading.Event) -> None:  # fmt: skip
+    """Receive until ``total`` messages arrived, or an error that ends the stream, or two
+    timeouts in a row after the corruption; check each message."""
+    rng = random.Random(seed)
+    idle = 0
+    while progress[r] < total:
+        result = _timed(report, "get", timeout, lambda: receive_message(reader, rng, timeout))
+        if isinstance(result, BaseException):
+            for expect in expects:
+                expect.error()
+            idle = idle + 1 if isinstance(result, QueueTimeout) else 0
+            if not isinstance(result, (QueueTimeout, SerializationError)):
+                return  # broken, closed or corrupted: every later call says so again
+            if idle > (1 if corrupted.is_set() else 10):
+                return  # nothing more comes
+            continue
+        idle = 0
+        progress[r] += 1
+        source = _source_of(result) if len(expects) > 1 else 0
+        if source not in range(len(expects)):
+            expects[0].wrong(f"{report.kind}: a message of source {source}")
+            continue
+        expects[source].deliver(result)
+
+
+def fuzz_iteration(seed: int, region: str, requests: Connection, replies: Connection,
+                   timeout: float) -> FuzzReport:  # fmt: skip
+    """One iteration: a small queue in this process (a writer thread per source, a reader
+    thread per reader), messages flowing; at a random point another process
+    (:func:`corrupter`) writes random bytes into ``region``; then every call must return
+    within its timeout with a documented error or a correct message."""
+    from _procs import handle_path
+
+    from shmcast import GatherQueue, _layout
+
+    rng = random.Random(seed)
+    kind = rng.choice(["broadcast", "gather"])
+    checksum = rng.random() < 0.5
+    report = FuzzReport(seed, region, kind, checksum)
+    n_slots, slot = rng.choice([4, 8, 16]), rng.choice([64, 128, 256])
+    wait = FutexWait(slice=0.05)
+    opened: list[Any] = []
+    threads: list[threading.Thread] = []
+    corrupted = threading.Event()
+    try:
+        if kind == "broadcast":
+            queue = BroadcastQueue(2, n_slots=n_slots, slot_size=slot, wait=wait,
+                                   checksum=checksum)  # fmt: skip
+            opened.append(queue)
+            readers = [BroadcastQueue.attach(queue.handle, i, wait=wait) for i in range(2)]
+            opened += readers
+            senders = [(queue, 0)]
+            handle, geometry_kind = queue.handle, _layout.KIND_BROADCAST
+            expects = [[_Expect(report, 0)], [_Expect(report, 0)]]
+        else:
+            gather = GatherQueue(2, n_slots=n_slots, slot_size=slot, wait=wait, checksum=checksum)
+            opened.append(gather)
+            writers = [GatherQueue.attach(gather.handle, j, wait=wait) for j in range(2)]
+            opened += writers
+            readers = [gather]
+            senders = [(w, j) for j, w in enumerate(writers)]
+            handle, geometry_kind = gather.handle, _layout.KIND_GATHER
+            expects = [[_Expect(report, 0), _Expect(report, 1)]]
+        geometry = _layout.Geometry(geometry_kind, 2, n_slots, slot)
+        total = FUZZ_MESSAGES * len(senders)
+        progress = [0] * len(readers)
+        for queue_, source in senders:
+            threads.append(threading.Thread(
+                target=_fuzz_sender,
+                args=(queue_, source, seed + source, timeout, report, geometry.capacity),
+                daemon=True,
+            ))  # fmt: skip
+        for r, reader in enumerate(readers):
+            threads.append(threading.Thread(
+                target=_fuzz_reader,
+                args=(reader, expects[r], seed + 10 + r, timeout, report, total, progress, r,
+                      corrupted),
+                daemon=True,
+            ))  # fmt: skip
+        for t in threads:
+            t.start()
+        start, end = regions(geometry)[region]
+        corrupt_after = rng.randint(0, total // 2)
+        give_up = time.monotonic() + 5
+        while min(progress) < corrupt_after and time.monotonic() < give_up:
+            time.sleep(0.0005)
+        requests.send((handle_path(handle), scribble(rng, start, end)))
+        reply = replies.recv()
+        assert reply == "done", reply
+        corrupted.set()
+        for t in threads[len(senders) :]:  # the readers end by themselves
+            t.join(total * (timeout + FUZZ_SLACK))
+    finally:
+        for queue_ in opened:  # closing frees a put blocked by a reader that stopped
+            _timed(report, "close", timeout, queue_.close)
+        for t in threads:
+            t.join(timeout + FUZZ_SLACK)
+            if t.is_alive():
+                report.hang = f"a thread of seed {seed} did not end"
+    return report
+
+
+def _source_of(data: Any) -> int:
+    try:
+        return message_source_and_seq(data)[0]
+    except Exception:
+        return -1
+
+
+def fuzz_victim(seeds: list[int], requests: Connection, replies: Connection,
+                timeout: float) -> list[FuzzReport]:  # fmt: skip
+    """Child target: run :func:`fuzz_iteration` for every seed, each in its region (seed
+    modulo the regions), and return the reports."""
+    return [
+        fuzz_iteration(seed, REGIONS[seed % len(REGIONS)], requests, replies, timeout)
+        for seed in seeds
+    ]

@@ -26,6 +26,7 @@ import random
 import signal
 import struct
 import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +62,33 @@ def recorded_children() -> frozenset[int]:
 def process_table() -> dict[int, tuple[int, str]]:
     """``pid -> (parent pid, state letter)`` for every process visible in /proc."""
     return {pid: (int(fields[1]), fields[0].decode()) for pid, fields in all_stat_fields()}
+
+
+def handle_path(handle: Any) -> str:
+    """A path that opens the segment behind a queue's ``handle`` (which has no name in
+    /dev/shm): the creator's descriptor, in /proc."""
+    return f"/proc/{handle.pid}/fd/{handle.fd}"
+
+
+def segment_users(name: str) -> set[int]:
+    """The pids of every visible process that maps the segment called ``name`` or holds it
+    open: while this set is not empty the kernel keeps the segment, once it is, it is gone."""
+    path = f"{SHM_DIR}/{name}"
+    users = set()
+    for pid, _fields in all_stat_fields():
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if any(path in line for line in f):
+                    users.add(pid)
+                    continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(path):
+                        users.add(pid)
+                        break
+        except OSError:
+            continue  # gone, or not ours to look at
+    return users
 
 
 def descendants(root: int) -> dict[int, tuple[int, str]]:
@@ -546,11 +574,11 @@ def report_identity() -> tuple[int, tuple[int, int], int]:
 def reader_close_in_ways(handle: Any, reader: int, how: str) -> bool:
     """Attach and leave in one of three ways: ``"close"``, ``"gc"`` (drop the last
     reference), ``"keep"`` (return with the queue still open; the process then exits).
-    Returns whether the segment still exists afterwards, as seen from this child."""
+    Returns whether the segment is still reachable through the handle afterwards, as seen
+    from this child."""
     from shmcast import BroadcastQueue
 
     queue = BroadcastQueue.attach(handle, reader)
-    name = queue.name
     if how == "close":
         queue.close()
     elif how == "gc":
@@ -558,7 +586,46 @@ def reader_close_in_ways(handle: Any, reader: int, how: str) -> bool:
         gc.collect()
     elif how != "keep":
         raise ValueError(how)
-    return os.path.exists(os.path.join(SHM_DIR, name))
+    return os.path.exists(handle_path(handle))
+
+
+# -- the one way a segment's name can be left in /dev/shm -------------------------------------
+
+_KILLED_WHILE_CREATING = """
+import os, secrets, signal, sys, time
+from shmcast import _layout as L
+from shmcast._liveness import identity
+from shmcast._participants import initialize
+from shmcast._segment import Segment
+
+# What a queue's constructor does, stopped between creating the name and removing it.
+kind = L.KIND_BROADCAST if sys.argv[1] == "broadcast" else L.KIND_GATHER
+geometry = L.Geometry.checked(kind, int(sys.argv[2]), 4, 64)
+seg = Segment.create(geometry.total_size)
+pid, start = identity()
+header = L.Header(L.LAYOUT_VERSION, secrets.randbits(63), geometry, pid, start, time.time_ns())
+initialize(seg, header)
+print(seg.name, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def killed_while_creating(kind: str = "broadcast", peers: int = 1) -> tuple[str, int]:
+    """Make what a creator killed inside the queue's constructor leaves: a named segment with
+    a valid header whose creator is dead.  Returns its name and the dead creator's pid; the
+    caller removes the name (the leak check of conftest fails the test otherwise)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_CREATING, kind, str(peers)],
+        capture_output=True,
+        text=True,
+        timeout=DEFAULT_TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    name = proc.stdout.strip()
+    with open(os.path.join(SHM_DIR, name), "rb") as f:
+        creator = struct.unpack_from("<Q", f.read(64), 48)[0]
+    return name, creator
 
 
 # -- remote readers (tests/remote) ---------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Fixtures for the whole suite.
 
-Every test is checked, after it ran, for the two leaks shmcast exists to prevent:
+Every test is checked, after it ran, for the leaks shmcast exists to prevent:
 
 - a new ``shmcast-*`` segment left in /dev/shm by the test: one whose header names this
   process or a process the test started as its creator (it is removed), or one without a
   shmcast header that this process or a descendant still maps or holds open;
+- a shmcast segment that this process maps or holds open now and did not before the test: a
+  queue the test left open (a live queue has no name in /dev/shm; it lasts as long as a
+  process maps it, so one left open in the test process would last for the whole session);
 - a child process still running (or an exited child nobody reaped): it is killed and reaped.
 
 Either fails the test.  Processes started through ``subprocess.Popen`` or ``multiprocessing``
@@ -32,6 +35,15 @@ from shmcast._layout import HEADER, MAGIC
 from shmcast._segment import PREFIX, SHM_DIR
 
 CHILD_GRACE = 3.0  # seconds children get to finish exiting after a test before they are leaks
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-iterations",
+        type=int,
+        default=240,
+        help="seeded iterations of the corruption fuzzer (test_corruption.py; default 240)",
+    )
 
 
 # -- record every child the tests start -------------------------------------------------------
@@ -82,6 +94,25 @@ def segment_creator(name: str) -> int | None:
     if len(head) < HEADER.size or head[:8] != MAGIC:
         return None
     return HEADER.unpack_from(head)[8]  # the creator's pid
+
+
+def _held_segments(pid: int) -> set[str]:
+    """Names of the shmcast segments process ``pid`` maps or holds open."""
+    prefix = os.path.join(SHM_DIR, PREFIX)
+    names: set[str] = set()
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                at = line.find(prefix)
+                if at >= 0:
+                    names.add(line[at + len(SHM_DIR) + 1 :].split()[0])
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            with contextlib.suppress(OSError):
+                target = os.readlink(os.path.join(fd_dir, fd))
+                if target.startswith(prefix):
+                    names.add(target[len(SHM_DIR) + 1 :].split()[0])
+    return names
 
 
 def _uses_segment(pid: int, name: str) -> bool:
@@ -172,15 +203,19 @@ def _kill_children(leftovers: dict[int, tuple[int, str]]) -> list[str]:
 def no_leaks() -> Iterator[None]:
     """Fail the test if it leaves a new ``shmcast-*`` segment or a child process behind."""
     before = shm_segments()
+    held_before = _held_segments(os.getpid())
     yield
     gc.collect()  # queues in reference cycles are closed by their finalizers
     lingering = _lingering_children()
     segments = _leaked_segments(before)  # while lingering children can still be asked
     processes = _kill_children(lingering) if lingering else []
+    left_open = sorted(_held_segments(os.getpid()) - held_before)
     problems = []
     if processes:
         problems.append("child processes left running (killed now): " + ", ".join(processes))
     if segments:
         problems.append("shared-memory segments left in /dev/shm: " + ", ".join(segments))
+    if left_open:
+        problems.append("shmcast segments left open by this process: " + ", ".join(left_open))
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import mmap
 import os
 import pickle
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _procs import process_group, reader_attach_and_hold, writer_then_die
+from _procs import handle_path, process_group, reader_attach_and_hold, writer_then_die
 
 from shmcast import (
     AttachError,
@@ -34,7 +35,7 @@ from shmcast import (
     _native,
 )
 from shmcast._layout import LAYOUT_VERSION
-from shmcast._segment import PREFIX, SHM_DIR
+from shmcast._segment import new_name
 
 SLOTS, SLOT = 4, 64
 CAPACITY = SLOTS * SLOT
@@ -63,9 +64,9 @@ def assert_delivers(writer: BroadcastQueue, reader: BroadcastQueue, *expected: A
 
 
 @contextlib.contextmanager
-def patched_segment(name: str, offset: int, fmt: str, value: int) -> Iterator[None]:
+def patched_segment(handle: Handle, offset: int, fmt: str, value: int) -> Iterator[None]:
     """Overwrite a field of a live segment through a mapping of our own; restore it after."""
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
+    fd = os.open(handle_path(handle), os.O_RDWR)
     try:
         mapping = mmap.mmap(fd, mmap.PAGESIZE)
     finally:
@@ -81,16 +82,17 @@ def patched_segment(name: str, offset: int, fmt: str, value: int) -> Iterator[No
 
 
 @contextlib.contextmanager
-def foreign_segment(content: bytes) -> Iterator[str]:
-    """A /dev/shm object with shmcast's prefix and ``content`` that shmcast never made."""
-    name = PREFIX + "test-foreign-" + secrets.token_hex(4)
+def foreign_segment(content: bytes) -> Iterator[Handle]:
+    """A handle to a shared-memory object with ``content`` that shmcast never made, held open
+    by this process (with a name of shmcast's form, removed at once, as shmcast does)."""
+    name = new_name()
     fd = _native.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        os.write(fd, content)
-        os.close(fd)
-        yield name
-    finally:
         _native.shm_unlink("/" + name)
+        os.write(fd, content)
+        yield Handle(name, 0, os.getpid(), fd)
+    finally:
+        os.close(fd)
 
 
 # -- handles ----------------------------------------------------------------------------------
@@ -107,14 +109,14 @@ def test_handle_of_a_closed_queue() -> None:
     writer = BroadcastQueue(1, n_slots=SLOTS, slot_size=SLOT)
     handle = writer.handle
     writer.close()
-    with pytest.raises(SegmentError, match=f"no shared-memory segment named '{handle.name}'"):
+    with pytest.raises(SegmentError, match=f"queue '{handle.name}' is gone"):
         BroadcastQueue.attach(handle, 0)
 
 
 def test_handle_with_another_nonce(pair: tuple[BroadcastQueue, BroadcastQueue]) -> None:
     writer, reader = pair
     writer.put("before", timeout=5)
-    stale = Handle(writer.handle.name, writer.handle.nonce ^ 1)
+    stale = dataclasses.replace(writer.handle, nonce=writer.handle.nonce ^ 1)
     with pytest.raises(SegmentError, match="stale handle"):
         BroadcastQueue.attach(stale, 0)
     assert_delivers(writer, reader, "before")
@@ -134,8 +136,10 @@ def test_handle_of_the_other_queue_kind() -> None:
 
 
 def test_handles_pickle() -> None:
-    handle = Handle("shmcast-0123", 42)
-    assert pickle.loads(pickle.dumps(handle)) == handle
+    with BroadcastQueue(1, n_slots=SLOTS, slot_size=SLOT) as writer:
+        handle = writer.handle
+        assert pickle.loads(pickle.dumps(handle)) == handle
+        assert len(pickle.dumps(handle)) < 200  # small: a name and three numbers
 
 
 # -- reader indices ---------------------------------------------------------------------------
@@ -323,10 +327,10 @@ def test_undecodable_message_is_consumed_and_the_next_one_arrives() -> None:
     ids=["random", "zero-header", "tiny", "empty"],
 )
 def test_foreign_segment(content: bytes, words: str) -> None:
-    with foreign_segment(content) as name:
+    with foreign_segment(content) as handle:
         with pytest.raises(SegmentError, match=words):
-            BroadcastQueue.attach(Handle(name, 0), 0)
-        assert os.path.exists(os.path.join(SHM_DIR, name))  # not removed: it is not ours
+            BroadcastQueue.attach(handle, 0)
+        os.fstat(handle.fd)  # untouched: still open
 
 
 @pytest.mark.parametrize(
@@ -366,7 +370,7 @@ def test_corrupted_live_segment(offset: int, fmt: str, value: int, words: str) -
     ):
         writer.put("before", timeout=5)
         with (
-            patched_segment(writer.name, offset, fmt, value),
+            patched_segment(writer.handle, offset, fmt, value),
             pytest.raises(SegmentError, match=words),
         ):
             BroadcastQueue.attach(writer.handle, 1)
@@ -378,9 +382,9 @@ def test_corrupted_live_segment(offset: int, fmt: str, value: int, words: str) -
 
 def test_truncated_segment() -> None:
     with BroadcastQueue(1, n_slots=SLOTS, slot_size=SLOT) as writer:
-        total = os.stat(os.path.join(SHM_DIR, writer.name)).st_size
+        total = os.fstat(writer.handle.fd).st_size
         with (
-            patched_segment(writer.name, 24, "<Q", total + 4096),
+            patched_segment(writer.handle, 24, "<Q", total + 4096),
             pytest.raises(SegmentError, match=r"inconsistent offsets|truncated"),
         ):
             BroadcastQueue.attach(writer.handle, 0)

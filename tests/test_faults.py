@@ -12,12 +12,12 @@ What must hold after every fault:
 - a killed **writer**: every surviving reader receives, in order and intact (sequence number,
   length and CRC checked), every message whose put completed before the kill (the writer
   counts them in shared memory after each put), at most one more (the one in flight), and
-  then QueueBroken naming the writer and its pid.  Its segment stays in /dev/shm (nobody is
-  left to remove it): the test checks it is there and removes it by name;
+  then QueueBroken naming the writer and its pid.  Its segment has no name in /dev/shm, and
+  once the readers have gone too, no process maps it or holds it: the kernel has freed it;
 - a killed **reader**: with ``on_dead_reader="raise"`` the writer's put raises QueueBroken
   naming that reader and its pid; with ``"drop"`` the writer goes on.  Either way every other
   reader receives exactly every message whose put completed, intact and in order, then
-  QueueClosed when the writer closes, and the writer's close removes the segment.
+  QueueClosed when the writer closes, and nothing of the segment is left once all have ended.
 
 The many-iteration loops use the fork start method; one writer and one reader scenario run
 under spawn.  ``-s`` shows how long each scenario took.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import random
 import signal
 import time
@@ -44,14 +43,13 @@ from _faults import (
     read_until_end,
     reader_survivor,
     reader_victim,
+    segment_left,
     send_message,
-    unlink_segment,
     writer_victim,
 )
 from _procs import process_group
 
 from shmcast import BroadcastQueue, QueueBroken
-from shmcast._segment import SHM_DIR
 
 N_SLOTS = 8
 SLOT_SIZE = 256
@@ -132,21 +130,19 @@ def kill_writer_once(trial: Trial) -> int:
         assert handle_in.poll(OP_TIMEOUT), f"{trial} the writer sent no handle"
         handle = handle_in.recv()
         handle_in.close()
-        try:
-            survivor = group.start(reader_survivor, handle, 1, wait, trial.seed + 1)
-            killer = DelayedKill(writer.pid, where_in, trial.delay).start()
-            stall_at = trial.announce_at if trial.mode == "blocked_put" else None
-            with BroadcastQueue.attach(handle, 0, wait=wait) as queue:
-                mine = read_until_end(queue, 0, trial.seed, stall_at=stall_at, stall=killer.wait)
-            theirs = group.result(survivor)
-            killer.join()
-            exit_code = group.join(writer)
-            completed = progress.value
-        finally:
-            existed = unlink_segment(handle.name)
+        survivor = group.start(reader_survivor, handle, 1, wait, trial.seed + 1)
+        killer = DelayedKill(writer.pid, where_in, trial.delay).start()
+        stall_at = trial.announce_at if trial.mode == "blocked_put" else None
+        with BroadcastQueue.attach(handle, 0, wait=wait) as queue:
+            mine = read_until_end(queue, 0, trial.seed, stall_at=stall_at, stall=killer.wait)
+        theirs = group.result(survivor)
+        killer.join()
+        exit_code = group.join(writer)
+        completed = progress.value
     assert killer.announced == trial.mode, f"{trial} the writer announced {killer.announced!r}"
     assert exit_code == -signal.SIGKILL, f"{trial} the writer exited with {exit_code}"
-    assert existed, f"{trial} the killed writer's segment {handle.name} was not in /dev/shm"
+    left = segment_left(handle.name)
+    assert left is None, f"{trial} the killed writer's segment {handle.name}: {left}"
     check_survivor_of_writer(mine, trial, writer.pid, completed)
     check_survivor_of_writer(theirs, trial, writer.pid, completed)
     assert mine.count == theirs.count, f"{trial} {mine.describe()}; {theirs.describe()}"
@@ -244,7 +240,8 @@ def kill_reader_once(trial: Trial, on_dead_reader: str, caplog: pytest.LogCaptur
         exit_code = group.join(victim)
     assert killer.announced == trial.mode, f"{trial} the reader announced {killer.announced!r}"
     assert exit_code == -signal.SIGKILL, f"{trial} the victim exited with {exit_code}"
-    assert not os.path.exists(os.path.join(SHM_DIR, queue.name)), f"{trial} segment left"
+    left = segment_left(queue.name)
+    assert left is None, f"{trial} segment {queue.name}: {left}"
     if on_dead_reader == "raise":
         assert broken is not None, (
             f"{trial} the writer put {AFTER_KILL} messages after reader {victim_index} died "

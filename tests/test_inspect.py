@@ -2,9 +2,11 @@
 
 Queues are created in this process and in child processes; children are started with
 subprocess (a fresh interpreter that reaches the queue through its handle), talk back on
-stdout, wait on stdin, and are killed at the end of every test.  Every test checks that it
-leaves no segment of its own in /dev/shm.  Segments of other processes that happen to exist
-are never touched: cleanup() runs with an explicit list of names whenever it may remove.
+stdout, wait on stdin, and are killed at the end of every test.  A live queue has no name in
+/dev/shm: the tools find it through the descriptors its processes hold.  Names in /dev/shm are
+made on purpose (what a creator killed inside the constructor leaves, foreign files), and
+every test checks that it leaves none of its own.  Segments of other processes that happen to
+exist are never touched: cleanup() runs with an explicit list of names whenever it may remove.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from _procs import killed_while_creating, segment_users
 
 from shmcast import BroadcastQueue, GatherQueue, Handle, SegmentError
 from shmcast import _inspect as I
 from shmcast import _layout as L
+from shmcast._liveness import identity
+from shmcast._segment import Segment
 
 SHM = "/dev/shm"
 STEP_TIMEOUT = 10.0  # seconds any single wait in these tests may take
@@ -40,12 +45,12 @@ READER_CHILD = textwrap.dedent(
     """
     import sys
     from shmcast import BroadcastQueue, Handle
-    name, nonce, index, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    q = BroadcastQueue.attach(Handle(name, nonce), reader=index)
+    name, nonce, pid, fd, index, count = sys.argv[1], *map(int, sys.argv[2:7])
+    q = BroadcastQueue.attach(Handle(name, nonce, pid, fd), reader=index)
     for _ in range(count):
         q.get_bytes(timeout=10)
     print("read", count, flush=True)
-    if len(sys.argv) > 5:  # then block in get(), asleep, until killed
+    if len(sys.argv) > 7:  # then block in get(), asleep, until killed
         q.get_bytes(timeout=30)
     sys.stdin.readline()
     """
@@ -55,8 +60,8 @@ GATHER_WRITER_CHILD = textwrap.dedent(
     """
     import sys
     from shmcast import GatherQueue, Handle
-    name, nonce, index, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    q = GatherQueue.attach(Handle(name, nonce), writer=index)
+    name, nonce, pid, fd, index, count = sys.argv[1], *map(int, sys.argv[2:7])
+    q = GatherQueue.attach(Handle(name, nonce, pid, fd), writer=index)
     for i in range(count):
         q.put_bytes(b"w%d" % i, timeout=10)
     print("sent", count, flush=True)
@@ -64,20 +69,10 @@ GATHER_WRITER_CHILD = textwrap.dedent(
     """
 )
 
-CREATOR_CHILD = textwrap.dedent(
-    """
-    import sys
-    from shmcast import BroadcastQueue, GatherQueue
-    kind = sys.argv[1]
-    if kind == "broadcast":
-        q = BroadcastQueue(2, n_slots=4, slot_size=64)
-        q.put_bytes(b"left behind")
-    else:
-        q = GatherQueue(2, n_slots=4, slot_size=64)
-    print(q.handle.name, q.handle.nonce, flush=True)
-    sys.stdin.readline()
-    """
-)
+
+def handle_args(handle: Handle) -> tuple[object, ...]:
+    """A handle as command-line arguments of the child scripts."""
+    return handle.name, handle.nonce, handle.pid, handle.fd
 
 
 class Children:
@@ -133,16 +128,19 @@ def children() -> Iterator[Children]:
 
 
 @pytest.fixture
-def own_segments() -> Iterator[list[str]]:
-    """Names of segments this test made; at the end none may be left in /dev/shm (any that
-    is, is removed, and the test fails)."""
+def own_segments(children: Children) -> Iterator[list[str]]:
+    """Names of segments this test made; at the end (its children killed) none may be left in
+    /dev/shm (any that is, is removed, and the test fails) and no process may use one."""
     names: list[str] = []
     yield names
+    children.kill_all()
     left = [n for n in names if os.path.exists(os.path.join(SHM, n))]
     for n in left:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(SHM, n))
     assert not left, f"segments left in {SHM}: {left}"
+    used = {n: segment_users(n) for n in names if segment_users(n)}
+    assert not used, f"segments still in use: {used}"
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = STEP_TIMEOUT) -> None:
@@ -170,6 +168,17 @@ def shm_exists(name: str) -> bool:
     return os.path.exists(os.path.join(SHM, name))
 
 
+def write_line(name: str, offset: int, pid: int, start: int) -> None:
+    """Record ``pid`` (and its start time) in the participant line at ``offset`` of the named
+    segment ``name``, as a participant attaching there would."""
+    seg = Segment.open(name)
+    try:
+        seg.atomics.store64(offset + L.PID, pid)
+        seg.atomics.store64(offset + L.START, start)
+    finally:
+        seg.close()
+
+
 # -- inspect_queue: broadcast -------------------------------------------------------------------
 
 
@@ -177,7 +186,7 @@ def test_broadcast_sequences_lags_pids_and_a_killed_reader(children, own_segment
     q = BroadcastQueue(3, n_slots=8, slot_size=64)
     own_segments.append(q.name)
     try:
-        child = children.start(READER_CHILD, q.handle.name, q.handle.nonce, 0, 5)
+        child = children.start(READER_CHILD, *handle_args(q.handle), 0, 5)
         local = BroadcastQueue.attach(q.handle, reader=1)
         for i in range(6):  # one slot each; reader 2 is never attached, so 8 slots are the limit
             q.put_bytes(b"m%d" % i, timeout=STEP_TIMEOUT)
@@ -189,7 +198,7 @@ def test_broadcast_sequences_lags_pids_and_a_killed_reader(children, own_segment
         assert (state.name, state.kind, state.version) == (q.name, "broadcast", L.LAYOUT_VERSION)
         assert (state.n_peers, state.n_slots, state.slot_size) == (3, 8, 64)
         assert state.capacity == 8 * 64
-        assert state.size == os.stat(os.path.join(SHM, q.name)).st_size
+        assert state.size == os.fstat(q.handle.fd).st_size
         assert (state.creator_pid, state.creator_alive) == (os.getpid(), True)
         assert abs(state.created_ns / 1e9 - time.time()) < 60
         assert len(state.rings) == 1
@@ -220,7 +229,7 @@ def test_broadcast_sequences_lags_pids_and_a_killed_reader(children, own_segment
         assert (r1.state, r1.pid, r1.alive, r1.gating) == ("detached", 0, False, False)
     finally:
         q.close()
-    assert not shm_exists(q.name)
+    assert not shm_exists(q.name) and not segment_users(q.name)
 
 
 def test_reader_asleep_in_get_is_shown_sleeping(own_segments):
@@ -257,7 +266,7 @@ def test_reader_asleep_in_another_process(children, own_segments):
     own_segments.append(q.name)
     try:
         q.put_bytes(b"first", timeout=STEP_TIMEOUT)
-        child = children.start(READER_CHILD, q.handle.name, q.handle.nonce, 0, 1, "then-sleep")
+        child = children.start(READER_CHILD, *handle_args(q.handle), 0, 1, "then-sleep")
         assert children.readline(child) == "read 1"
         wait_until(
             lambda: I.inspect_queue(q.name).rings[0].readers[0].sleeping,
@@ -318,7 +327,7 @@ def test_gather_rings_writers_and_reader(children, own_segments):
     own_segments.append(g.name)
     waiter: threading.Thread | None = None
     try:
-        child = children.start(GATHER_WRITER_CHILD, g.handle.name, g.handle.nonce, 0, 3)
+        child = children.start(GATHER_WRITER_CHILD, *handle_args(g.handle), 0, 3)
         assert children.readline(child) == "sent 3"
         assert g.get_bytes(writer=0, timeout=STEP_TIMEOUT) == b"w0"
 
@@ -398,15 +407,17 @@ def test_list_segments_and_dry_run_cleanup_remove_nothing(children, own_segments
     g = GatherQueue(3, n_slots=4, slot_size=128)
     own_segments += [b.name, g.name]
     try:
-        child = children.start(READER_CHILD, b.handle.name, b.handle.nonce, 1, 0)
+        child = children.start(READER_CHILD, *handle_args(b.handle), 1, 0)
         assert children.readline(child) == "read 0"
         sb, sg = segment_info(b.name), segment_info(g.name)
-        assert (sb.status, sb.kind, sb.version, sb.detail) == (
+        assert (sb.status, sb.kind, sb.version, sb.detail, sb.where) == (
             "ok",
             "broadcast",
             L.LAYOUT_VERSION,
             "",
+            "unnamed",  # a live queue: found through its processes' descriptors
         )
+        assert set(sb.holders) == {os.getpid(), child.pid}
         assert sb.size == L.Geometry(L.KIND_BROADCAST, 2, 4, 64).total_size
         assert (sb.creator_pid, sb.creator_alive, sb.orphan) == (os.getpid(), True, False)
         assert (sb.participants_alive, set(sb.live_pids)) == (2, {os.getpid(), child.pid})
@@ -415,35 +426,32 @@ def test_list_segments_and_dry_run_cleanup_remove_nothing(children, own_segments
 
         would = I.cleanup(dry_run=True)  # may list other processes' orphans; removes nothing
         assert b.name not in would and g.name not in would
-        assert shm_exists(b.name) and shm_exists(g.name)
-        assert I.cleanup(dry_run=False, names=[b.name, g.name]) == []
-        assert shm_exists(b.name) and shm_exists(g.name)
+        assert I.cleanup(dry_run=False, names=[b.name, g.name]) == []  # no names to remove
+        b.put("still works", timeout=STEP_TIMEOUT)
     finally:
         b.close()
         g.close()
+    children.kill_all()
     assert all(s.name not in (b.name, g.name) for s in I.list_segments())
 
 
 @pytest.mark.parametrize("kind", ["broadcast", "gather"])
-def test_orphan_is_listed_and_removed_but_live_queue_is_kept(kind, children, own_segments):
+def test_orphan_is_listed_and_removed_but_live_queue_is_kept(kind, own_segments):
     live = BroadcastQueue(1, n_slots=4, slot_size=64)
     own_segments.append(live.name)
-    creator = children.start(CREATOR_CHILD, kind)
-    name, _nonce = children.readline(creator).split()
+    name, creator = killed_while_creating(kind)  # the one way a name is left behind
     own_segments.append(name)
     try:
-        assert segment_info(name).orphan is False  # its creator still runs
-        children.kill(creator)  # SIGKILL: no atexit, no finalizer; the segment stays
         assert shm_exists(name)
-
         orphan = segment_info(name)
-        assert (orphan.status, orphan.kind, orphan.creator_pid) == ("ok", kind, creator.pid)
+        assert (orphan.status, orphan.kind, orphan.creator_pid) == ("ok", kind, creator)
         assert (orphan.creator_alive, orphan.participants_alive, orphan.orphan) == (False, 0, True)
+        assert (orphan.where, orphan.holders) == ("named", ())
         state = I.inspect_queue(name)
         assert state.orphan and state.creator_alive is False
         assert "ORPHAN" in I.format_queue_state(state)
         if kind == "broadcast":
-            assert (state.rings[0].writer.seq, state.rings[0].readers[0].lag) == (1, 1)
+            assert (state.rings[0].writer.seq, state.rings[0].readers[0].lag) == (0, 0)
 
         assert name in I.cleanup(dry_run=True)
         assert live.name not in I.cleanup(dry_run=True)
@@ -452,32 +460,39 @@ def test_orphan_is_listed_and_removed_but_live_queue_is_kept(kind, children, own
         removed = I.cleanup(dry_run=False, names=[name, live.name])
         assert removed == [name]
         assert not shm_exists(name)
-        assert shm_exists(live.name)
         assert (segment_info(live.name).orphan, segment_info(live.name).creator_alive) == (
             False,
             True,
         )
+        live.put("still works", timeout=STEP_TIMEOUT)
     finally:
         live.close()
 
 
-def test_segment_with_a_live_participant_is_never_removed(children, own_segments):
-    creator = children.start(CREATOR_CHILD, "broadcast")
-    name, nonce = children.readline(creator).split()
+def test_named_segment_with_a_live_user_is_never_removed(own_segments):
+    name, _creator = killed_while_creating("broadcast")
     own_segments.append(name)
-    reader = BroadcastQueue.attach(Handle(name, int(nonce)), reader=0)
+    reader_line = L.Geometry(L.KIND_BROADCAST, 1, 4, 64).peer_line(0)
+    # A process that holds it open keeps it ...
+    held = Segment.open(name)
     try:
-        children.kill(creator)
         info = segment_info(name)
-        assert (info.creator_alive, info.participants_alive, info.live_pids) == (
-            False, 1, (os.getpid(),),
-        )  # fmt: skip
-        assert info.orphan is False
+        assert (info.holders, info.orphan) == ((os.getpid(),), False)
         assert I.cleanup(dry_run=False, names=[name]) == []
-        assert shm_exists(name)
-        assert reader.get_bytes(timeout=STEP_TIMEOUT) == b"left behind"
     finally:
-        reader.close()  # a clean detach clears its pid: nobody is left
+        held.close()
+    # ... and so does a live process recorded in a participant line ...
+    pid, start = identity()
+    write_line(name, reader_line, pid, start)
+    info = segment_info(name)
+    assert (info.creator_alive, info.participants_alive, info.live_pids) == (
+        False, 1, (os.getpid(),),
+    )  # fmt: skip
+    assert info.orphan is False
+    assert I.cleanup(dry_run=False, names=[name]) == []
+    assert shm_exists(name)
+    # ... but a recycled pid does not (same pid, another start time).
+    write_line(name, reader_line, pid, start + 1)
     assert segment_info(name).orphan is True
     assert I.cleanup(dry_run=False, names=[name]) == [name]
     assert not shm_exists(name)
@@ -490,12 +505,12 @@ def test_foreign_and_other_version_files_are_reported_and_left_alone(own_segment
     truncated = f"shmcast-truncated-{os.getpid()}"
     own_segments += [foreign, other, empty, truncated]
     header = bytearray(L.HEADER.size)
-    L.HEADER.pack_into(header, 0, L.MAGIC, 99, L.KIND_BROADCAST, *[0] * 10)
+    L.HEADER.pack_into(header, 0, L.MAGIC, 99, L.KIND_BROADCAST, *[0] * 12)
     geometry = L.Geometry(L.KIND_BROADCAST, 1, 4, 64)
     good = bytearray(L.HEADER.size)
     L.HEADER.pack_into(
         good, 0, L.MAGIC, L.LAYOUT_VERSION, L.KIND_BROADCAST, 1, geometry.total_size, 1, 4, 64,
-        1, 1, 1, geometry.desc_off, geometry.data_off,
+        1, 1, 1, geometry.desc_off, geometry.data_off, 0, 0,
     )  # fmt: skip
     contents = {
         foreign: os.urandom(3000),
@@ -558,7 +573,7 @@ def test_commands_print_parseable_json(capsys, children, own_segments):
     q = BroadcastQueue(2, n_slots=4, slot_size=64)
     own_segments.append(q.name)
     try:
-        child = children.start(READER_CHILD, q.handle.name, q.handle.nonce, 0, 1)
+        child = children.start(READER_CHILD, *handle_args(q.handle), 0, 1)
         q.put_bytes(b"one", timeout=STEP_TIMEOUT)
         q.put_bytes(b"two", timeout=STEP_TIMEOUT)
         assert children.readline(child) == "read 1"
@@ -599,6 +614,7 @@ def test_inspect_command_fails_clearly_for_missing_and_foreign_segments(capsys, 
     assert run_command("inspect", [missing]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and "no shared-memory segment named" in captured.err
+    assert "missing" in captured.err
     assert run_command("inspect", ["--json", missing]) == 1
 
     foreign = f"shmcast-foreign-xyz-{os.getpid()}"
@@ -618,11 +634,9 @@ def test_inspect_command_fails_clearly_for_missing_and_foreign_segments(capsys, 
         os.unlink(path)
 
 
-def test_cleanup_command_dry_run_then_yes(capsys, children, own_segments):
-    creator = children.start(CREATOR_CHILD, "gather")
-    name, _ = children.readline(creator).split()
+def test_cleanup_command_dry_run_then_yes(capsys, own_segments):
+    name, _creator = killed_while_creating("gather")
     own_segments.append(name)
-    children.kill(creator)
     assert run_command("cleanup", [name]) == 0
     out = capsys.readouterr().out
     assert f"would remove {name}" in out and "dry run: nothing removed" in out

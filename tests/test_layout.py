@@ -51,15 +51,29 @@ def test_line_fields_fit_naturally_aligned_in_one_line() -> None:
 
 
 def test_header_and_descriptor_formats() -> None:
-    assert L.HEADER.size == 88
-    assert L.DESC.size == L.DESC_SIZE == 32
+    assert L.HEADER.size == 96 <= L.LINE
+    assert L.DESC_SIZE == 64  # one cache line per descriptor
     # The offsets documented in the module docstring.
-    values = (L.MAGIC, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
+    values = (L.MAGIC, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14)
     packed = L.HEADER.pack(*values)
     assert struct.unpack_from("<I", packed, 8)[0] == 1  # version
     assert struct.unpack_from("<I", packed, 12)[0] == 2  # kind
     assert struct.unpack_from("<Q", packed, 48)[0] == 8  # creator pid
     assert struct.unpack_from("<Q", packed, 80)[0] == 12  # data_off
+    assert struct.unpack_from("<I", packed, 88)[0] == 13  # options
+
+
+def test_header_options_round_trip_and_unknown_ones_are_refused() -> None:
+    g = L.Geometry.checked(L.KIND_BROADCAST, 2, 8, 64)
+    buf = bytearray(g.total_size)
+    header = L.Header(L.LAYOUT_VERSION, 5, g, 1, 2, 3, L.OPT_CHECKSUM)
+    header.pack_into(memoryview(buf))
+    buf[0:8] = L.MAGIC
+    again = L.Header.read(memoryview(buf), "x")
+    assert again == header and again.checksum
+    struct.pack_into("<I", buf, 88, 1 << 9)
+    with pytest.raises(SegmentError, match="options"):
+        L.Header.read(memoryview(buf), "x")
 
 
 def test_state_and_flag_bits_are_distinct() -> None:

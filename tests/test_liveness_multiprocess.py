@@ -32,7 +32,7 @@ from _faults import (
     reader_closes_after,
     reader_survivor,
     reader_victim,
-    unlink_segment,
+    segment_left,
     writer_publishes_on_command_then_dies,
     writer_sends_then_holds,
 )
@@ -150,21 +150,18 @@ def test_dead_writer_readers_drain_then_break() -> None:
         where_out.close()
         assert handle_in.poll(OP_TIMEOUT)
         handle = handle_in.recv()
-        try:
-            other = group.start(reader_survivor, handle, 1, None, 1)
-            with BroadcastQueue.attach(handle, 0) as queue:
-                killer = DelayedKill(writer.pid, where_in, KILL_DELAY).start()
-                killer.wait()
-                received = [queue.get_bytes(timeout=OP_TIMEOUT) for _ in sizes]
-                with pytest.raises(QueueBroken) as info:
-                    queue.get(timeout=OP_TIMEOUT)
-                raised_at = time.monotonic()
-            report = group.result(other)
-            killer.join()
-            assert group.join(writer) == -signal.SIGKILL
-        finally:
-            existed = unlink_segment(handle.name)
-    assert existed, "the killed writer's segment should have stayed in /dev/shm"
+        other = group.start(reader_survivor, handle, 1, None, 1)
+        with BroadcastQueue.attach(handle, 0) as queue:
+            killer = DelayedKill(writer.pid, where_in, KILL_DELAY).start()
+            killer.wait()
+            received = [queue.get_bytes(timeout=OP_TIMEOUT) for _ in sizes]
+            with pytest.raises(QueueBroken) as info:
+                queue.get(timeout=OP_TIMEOUT)
+            raised_at = time.monotonic()
+        report = group.result(other)
+        killer.join()
+        assert group.join(writer) == -signal.SIGKILL
+    assert segment_left(handle.name) is None  # the kernel freed it with its last process
     assert [message_error(m, 0, seq) for seq, m in enumerate(received)] == [None] * len(sizes)
     assert (info.value.peer, info.value.pid) == ("writer", writer.pid)
     assert str(writer.pid) in str(info.value)
@@ -254,21 +251,18 @@ def test_dead_gather_reader_breaks_a_blocked_writer() -> None:
         where_out.close()
         assert handle_in.poll(OP_TIMEOUT)
         handle = handle_in.recv()
-        try:
-            with GatherQueue.attach(handle, writer=0) as queue:
-                killer = DelayedKill(reader.pid, where_in, KILL_DELAY).start()
-                sent = 0
-                give_up = time.monotonic() + OP_TIMEOUT
-                with pytest.raises(QueueBroken) as info:
-                    while time.monotonic() < give_up:
-                        queue.put(make_message(0, sent, SMALL, rng), timeout=OP_TIMEOUT)
-                        sent += 1
-                raised_at = time.monotonic()
-            killer.join()
-            assert group.join(reader) == -signal.SIGKILL
-        finally:
-            existed = unlink_segment(handle.name)
-    assert existed, "the killed reader created the segment: it should have stayed"
+        with GatherQueue.attach(handle, writer=0) as queue:
+            killer = DelayedKill(reader.pid, where_in, KILL_DELAY).start()
+            sent = 0
+            give_up = time.monotonic() + OP_TIMEOUT
+            with pytest.raises(QueueBroken) as info:
+                while time.monotonic() < give_up:
+                    queue.put(make_message(0, sent, SMALL, rng), timeout=OP_TIMEOUT)
+                    sent += 1
+            raised_at = time.monotonic()
+        killer.join()
+        assert group.join(reader) == -signal.SIGKILL
+    assert segment_left(handle.name) is None  # its creator was killed: nothing is left
     assert killer.announced == "idle"
     assert sent == N_SLOTS  # a full ring: the writer was asleep in put
     assert info.value.pid == reader.pid and str(reader.pid) in str(info.value)
@@ -425,9 +419,7 @@ def test_writer_dying_right_after_its_last_put_loses_nothing(
     """The writer puts a message and is killed while the reader, having seen nothing new,
     checks whether the writer lives.  The reader must still get the message, then
     QueueBroken."""
-    import shmcast._gather
-    import shmcast._liveness
-    import shmcast._ring
+    import shmcast._participants
 
     gather = kind.startswith("gather")
     with process_group("fork") as group:
@@ -450,7 +442,7 @@ def test_writer_dying_right_after_its_last_put_loses_nothing(
             handle = out_in.recv()
             name = handle.name
             queue = BroadcastQueue.attach(handle, 0)
-        real_is_alive = shmcast._liveness.is_alive
+        real_is_alive = shmcast._participants.is_alive
         calls: list[int] = []
 
         def is_alive_at_the_worst_moment(pid: int, start: int) -> bool:
@@ -460,8 +452,7 @@ def test_writer_dying_right_after_its_last_put_loses_nothing(
                 writer.process.join(OP_TIMEOUT)  # ... while this reader looks at it
             return real_is_alive(pid, start)
 
-        monkeypatch.setattr(shmcast._ring, "is_alive", is_alive_at_the_worst_moment)
-        monkeypatch.setattr(shmcast._gather, "is_alive", is_alive_at_the_worst_moment)
+        monkeypatch.setattr(shmcast._participants, "is_alive", is_alive_at_the_worst_moment)
         try:
             try:
                 if kind == "gather get(writer=0)":
@@ -478,9 +469,8 @@ def test_writer_dying_right_after_its_last_put_loses_nothing(
             assert group.join(writer) == -signal.SIGKILL
         finally:
             queue.close()
-            existed = unlink_segment(name) if name else True
     assert calls == [writer.pid], "the reader never looked at its writer's liveness"
-    assert existed
+    assert segment_left(name) is None if name else True
     assert first == "last words", (
         f"{kind}: the writer's last message was published before it died, yet the first get "
         f"gave {first!r}; the next get gave {second!r}"

@@ -9,6 +9,7 @@ import math
 import mmap
 import os
 import platform
+import random
 import secrets
 import signal
 import struct
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 from _procs import futex_waiter, process_group
 
-from shmcast import _native
+from shmcast import SegmentError, _native
 from shmcast._segment import SHM_DIR
 
 SIZE = 4096
@@ -266,7 +267,8 @@ SLEEPERS, DATA_FUTEX, W_SLEEPING, SPACE_FUTEX = 256, 384, 512, 640
 DESC_OFF, DATA_OFF, N_SLOTS, SLOT = 1024, 2048, 4, 256
 FIRST, CONT, PAD, CONTIG = 1, 2, 4, 8
 RAW, OBJECT = 1, 2
-DESC = struct.Struct("<QIIQQ")
+DESC = struct.Struct("<QIIQQI28x")  # total, check, flags, msg_no, seq, crc; a 64-byte line
+KEY = 0x5EED_C0FFEE  # the ring's nonce, which keys the descriptors' check words
 
 
 class Ring:
@@ -276,16 +278,28 @@ class Ring:
         self.mapping = mmap.mmap(-1, SIZE)
         self.a = _native.Atomics(self.mapping)
         self.writer = _native.Cursor(self.a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF, W_SEQ, W_MSGS,
-                                     W_SEQ, SLEEPERS, DATA_FUTEX, 0)  # fmt: skip
+                                     W_SEQ, SLEEPERS, DATA_FUTEX, 0, key=KEY)  # fmt: skip
         self.writer.bound = N_SLOTS  # the gate with every slot free
         self.reader = _native.Cursor(self.a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF, R_SEQ, R_MSGS,
-                                     W_SEQ, W_SLEEPING, SPACE_FUTEX, 1)  # fmt: skip
+                                     W_SEQ, W_SLEEPING, SPACE_FUTEX, 1, key=KEY)  # fmt: skip
 
-    def desc(self, index: int) -> tuple[int, int, int, int, int]:
+    def desc(self, index: int) -> tuple[int, ...]:
+        """(total, check, flags, msg_no, seq, crc) of slot ``index``."""
         return DESC.unpack_from(self.mapping, DESC_OFF + DESC.size * index)
 
-    def set_desc(self, index: int, total: int, nbytes: int, flags: int, msg_no: int = 0) -> None:
-        DESC.pack_into(self.mapping, DESC_OFF + DESC.size * index, total, nbytes, flags, msg_no, 0)
+    def fields(self, index: int) -> tuple[int, int, int, int]:
+        """(total, flags, msg_no, seq) of slot ``index``: the descriptor without its checks."""
+        total, _check, flags, msg_no, seq, _crc = self.desc(index)
+        return total, flags, msg_no, seq
+
+    def set_desc(self, seq: int, total: int, flags: int, msg_no: int = 0) -> None:
+        """A valid descriptor for the slot at sequence ``seq``, as the writer stores it."""
+        self.writer.write_desc(seq, total, flags, msg_no)
+
+    def poke_desc(self, index: int, *fields: int) -> None:
+        """Raw values into slot ``index``'s descriptor: (total, check, flags, msg_no, seq,
+        crc)."""
+        DESC.pack_into(self.mapping, DESC_OFF + DESC.size * index, *fields)
 
     def data(self, index: int, nbytes: int) -> bytes:
         return self.mapping[DATA_OFF + SLOT * index : DATA_OFF + SLOT * index + nbytes]
@@ -306,26 +320,35 @@ def ring() -> Iterator[Ring]:
 def test_cursor_put_stores_descriptor_and_data_then_publishes(ring: Ring) -> None:
     assert ring.writer.put((b"head", bytearray(b"-"), memoryview(b"tail")), OBJECT, True)
     assert ring.data(0, 9) == b"head-tail"
-    assert ring.desc(0) == (9, 9, FIRST | CONTIG | OBJECT << 8, 0, 0)
+    assert ring.fields(0) == (9, FIRST | CONTIG | OBJECT << 8, 0, 0)
     assert ring.a.load64(W_MSGS) == 1
     assert ring.a.load64(W_SEQ) == 1 == ring.writer.pos == ring.writer.stored
-    # 300 bytes take two slots; the message number counts on.
+    # 300 bytes take two slots; the message number counts on; the descriptor names its slot.
     assert ring.writer.put((b"x" * 300,), RAW, True)
-    assert ring.desc(1) == (300, SLOT, FIRST | CONTIG | RAW << 8, 1, 0)
+    assert ring.fields(1) == (300, FIRST | CONTIG | RAW << 8, 1, 1)
     assert ring.a.load64(W_SEQ) == 3 and ring.writer.msgs == 2
+    assert ring.reader.read_desc(0) == (9, FIRST | CONTIG | OBJECT << 8, 0, 0)
+    assert ring.reader.read_desc(1) == (300, FIRST | CONTIG | RAW << 8, 1, 0)  # no checksums
 
 
 def test_cursor_put_of_nothing_takes_one_slot(ring: Ring) -> None:
     assert ring.writer.put((), RAW, True)
-    assert ring.desc(0)[:3] == (0, 0, FIRST | CONTIG | RAW << 8)
+    assert ring.fields(0)[:2] == (0, FIRST | CONTIG | RAW << 8)
     assert ring.a.load64(W_SEQ) == 1
+
+
+def test_cursor_put_takes_fortran_ordered_buffers(ring: Ring) -> None:
+    np = pytest.importorskip("numpy")
+    array = np.asfortranarray(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    assert ring.writer.put((array,), RAW, True)
+    assert ring.data(0, 12) == array.tobytes(order="A")  # its bytes as they lie in memory
 
 
 def test_cursor_put_declines_past_the_gate_and_writes_nothing(ring: Ring) -> None:
     ring.writer.bound = 1
     assert ring.writer.put((b"x" * 300,), RAW, True) is False  # needs slots 0 and 1
     assert ring.a.load64(W_SEQ) == 0 and ring.writer.pos == 0 and ring.writer.msgs == 0
-    assert ring.desc(0) == (0, 0, 0, 0, 0) and ring.data(0, 4) == bytes(4)
+    assert ring.desc(0) == (0,) * 6 and ring.data(0, 4) == bytes(4)
 
 
 def test_cursor_put_declines_a_message_that_would_wrap(ring: Ring) -> None:
@@ -378,7 +401,10 @@ def test_cursor_next_and_finish_release_the_slots(ring: Ring) -> None:
 def test_cursor_take_bytes(ring: Ring) -> None:
     ring.writer.put((b"hello ", b"world"), RAW, True)
     ring.writer.put((b"obj",), OBJECT, True)
+    assert ring.reader.last is None
     assert ring.reader.take_bytes(RAW) == b"hello world"
+    assert ring.reader.last == b"hello world"  # kept for the caller until it clears it
+    ring.reader.last = None
     assert ring.a.load64(R_SEQ) == 1 and ring.a.load64(R_MSGS) == 1
     assert ring.reader.take_bytes(RAW) is None  # an object: left where it is
     assert ring.a.load64(R_SEQ) == 1
@@ -387,30 +413,98 @@ def test_cursor_take_bytes(ring: Ring) -> None:
 
 
 @pytest.mark.parametrize(
-    ("total", "nbytes", "flags"),
+    ("total", "flags"),
     [
-        (2, 0, PAD),  # padding: skipped by the general path
-        (600, SLOT, CONT | RAW << 8),  # a continuation slot
-        (600, SLOT, FIRST | RAW << 8),  # the first slot of a streamed message
-        (SLOT * N_SLOTS + 1, SLOT, FIRST | CONTIG | RAW << 8),  # larger than the ring
-        (SLOT * 2, SLOT, FIRST | CONTIG | RAW << 8),  # two slots, only one published
+        (2, PAD),  # padding: skipped by the general path
+        (600, CONT | RAW << 8),  # a continuation slot
+        (600, FIRST | RAW << 8),  # the first slot of a streamed message
     ],
 )
 def test_cursor_next_declines_what_the_general_path_handles(
-    ring: Ring, total: int, nbytes: int, flags: int
+    ring: Ring, total: int, flags: int
 ) -> None:
-    ring.set_desc(0, total, nbytes, flags)
+    ring.set_desc(0, total, flags)
     ring.a.store64(W_SEQ, 1)
     assert ring.reader.next() is None
     assert ring.reader.take_bytes(RAW) is None
     assert ring.reader.pos == 0 and ring.a.load64(R_SEQ) == 0
 
 
-def test_cursor_next_declines_a_message_running_past_the_end(ring: Ring) -> None:
-    ring.set_desc(3, 2 * SLOT, SLOT, FIRST | CONTIG | RAW << 8)
-    ring.a.store64(W_SEQ, 8)
-    ring.reader.pos = ring.reader.stored = 3
-    assert ring.reader.next() is None
+@pytest.mark.parametrize(
+    ("total", "flags", "write_seq", "why"),
+    [
+        (SLOT * N_SLOTS + 1, FIRST | CONTIG | RAW << 8, 1, "cannot start"),  # beyond the ring
+        (SLOT * 2, FIRST | CONTIG | RAW << 8, 1, "only partly published"),  # one store publishes
+        (8, FIRST | CONTIG | 7 << 8, 1, "flags"),  # an unknown kind
+        (8, FIRST | CONTIG | 16 | RAW << 8, 1, "flags"),  # an unknown flag
+    ],
+)
+def test_cursor_next_refuses_what_no_writer_stores(
+    ring: Ring, total: int, flags: int, write_seq: int, why: str
+) -> None:
+    ring.set_desc(0, total, flags)
+    ring.a.store64(W_SEQ, write_seq)
+    for take in (ring.reader.next, lambda: ring.reader.take_bytes(RAW)):
+        with pytest.raises(SegmentError, match=why):
+            take()
+    assert ring.reader.pos == 0 and ring.a.load64(R_SEQ) == 0
+
+
+def test_cursor_next_refuses_a_message_running_past_the_end(ring: Ring) -> None:
+    ring.set_desc(3, 2 * SLOT, FIRST | CONTIG | RAW << 8)
+    ring.a.store64(W_SEQ, 7)
+    ring.reader.pos = ring.reader.stored = ring.reader.bound = 3
+    with pytest.raises(SegmentError, match="cannot start at slot 3"):
+        ring.reader.next()
+
+
+def test_cursor_refuses_a_write_sequence_that_cannot_be(ring: Ring) -> None:
+    ring.reader.pos = ring.reader.stored = ring.reader.bound = 5
+    ring.a.store64(W_SEQ, 4)  # behind the reader
+    with pytest.raises(SegmentError, match="behind this reader"):
+        ring.reader.next()
+    with pytest.raises(SegmentError, match="behind this reader"):
+        ring.reader.observe()
+    ring.a.store64(W_SEQ, 5 + N_SLOTS + 1)  # more than a ring ahead
+    with pytest.raises(SegmentError, match="more than the ring"):
+        ring.reader.next()
+    ring.a.store64(W_SEQ, U64 - 1)  # the largest value: no overflow anywhere
+    with pytest.raises(SegmentError, match="more than the ring"):
+        _native.scan([ring.reader], 0)
+    assert ring.reader.bound == 5  # nothing impossible was taken in
+
+
+def test_cursor_refuses_stale_foreign_and_corrupted_descriptors(ring: Ring) -> None:
+    ring.writer.put((b"first",), RAW, True)
+    fields = ring.desc(0)
+    # A descriptor left from another lap (or a write sequence moved forward): another seq.
+    ring.writer.write_desc(N_SLOTS, 5, FIRST | CONTIG | RAW << 8, 0)  # sequence 4 is slot 0
+    with pytest.raises(SegmentError, match="descriptor of sequence 4"):
+        ring.reader.next()
+    # Random bytes, or a descriptor copied from a queue with another key: the check fails.
+    ring.poke_desc(0, fields[0] + 1, *fields[1:])
+    with pytest.raises(SegmentError, match="fails its check"):
+        ring.reader.next()
+    other = _native.Cursor(ring.a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF, W_SEQ, W_MSGS, W_SEQ,
+                           SLEEPERS, DATA_FUTEX, 0, key=KEY + 1)  # fmt: skip
+    other.write_desc(0, 5, FIRST | CONTIG | RAW << 8, 0)
+    with pytest.raises(SegmentError, match="fails its check"):
+        ring.reader.read_desc(0)
+    ring.poke_desc(0, *fields)  # the real one again: delivered
+    assert ring.reader.take_bytes(RAW) == b"first"
+
+
+def test_cursor_notices_a_slot_reused_while_it_was_read(ring: Ring) -> None:
+    ring.writer.put((b"x" * 10,), OBJECT, True)
+    slots = ring.reader.next()[3]
+    # A stray process moved this reader's sequence on, and the writer reused the slot while
+    # the message was being read: its descriptor (stored before its data) says so.
+    ring.writer.write_desc(N_SLOTS, 10, FIRST | CONTIG | OBJECT << 8, 9)
+    with pytest.raises(SegmentError, match="changed while it was read"):
+        ring.reader.finish(slots, False)
+    assert ring.reader.pos == 0 and ring.a.load64(R_SEQ) == 0  # nothing released
+    with pytest.raises(SegmentError, match="changed while it was read"):
+        ring.reader.release(1)
 
 
 def test_cursor_flush_without_flag_stores_and_does_not_wake(ring: Ring) -> None:
@@ -586,33 +680,52 @@ def _lines(a: _native.Atomics, entries: list[tuple[int, int]], stride: int = 128
         a.store32(i * stride + 12, state)
 
 
+ANY = (0, U64 - 1, 0xF)  # no bound on the sequences; the four states of the layout
+
+
 def test_min_seq_with_masks(atomics: _native.Atomics) -> None:
     _lines(atomics, [(50, 1), (10, 4), (30, 2), (40, 8), (20, 2)])
-    assert atomics.min_seq(0, 128, 5, 12, 1 | 2) == 20  # entry 1 (state 4) is excluded
-    assert atomics.min_seq(0, 128, 5, 12, 4) == 10
-    assert atomics.min_seq(0, 128, 5, 12, 1) == 50
-    assert atomics.min_seq(0, 128, 5, 12, 0xFF) == 10
-    assert atomics.min_seq(0, 128, 5, 12, 16) is None  # nobody qualifies
-    assert atomics.min_seq(0, 128, 0, 12, 0xFF) is None  # no entries at all
-    assert atomics.min_seq(128, 128, 2, 12, 2) == 30  # starting at the second line
+    assert atomics.min_seq(0, 128, 5, 12, 1 | 2, *ANY) == 20  # entry 1 (state 4) is excluded
+    assert atomics.min_seq(0, 128, 5, 12, 4, *ANY) == 10
+    assert atomics.min_seq(0, 128, 5, 12, 1, *ANY) == 50
+    assert atomics.min_seq(0, 128, 5, 12, 0xFF, *ANY) == 10
+    assert atomics.min_seq(0, 128, 5, 12, 16, *ANY) is None  # nobody qualifies
+    assert atomics.min_seq(0, 128, 0, 12, 0xFF, *ANY) is None  # no entries at all
+    assert atomics.min_seq(128, 128, 2, 12, 2, *ANY) == 30  # starting at the second line
 
 
 def test_min_seq_full_64_bit_values(atomics: _native.Atomics) -> None:
     _lines(atomics, [(U64 - 1, 1), (U64 - 2, 1)])
-    assert atomics.min_seq(0, 128, 2, 12, 1) == U64 - 2
+    assert atomics.min_seq(0, 128, 2, 12, 1, *ANY) == U64 - 2
+
+
+def test_min_seq_refuses_what_the_caller_proves_impossible(atomics: _native.Atomics) -> None:
+    _lines(atomics, [(50, 1), (10, 4), (30, 2)])
+    assert atomics.min_seq(0, 128, 3, 12, 1 | 2, 30, 50, 0xF) == 30
+    with pytest.raises(SegmentError, match="participant 2 is at sequence 30"):
+        atomics.min_seq(0, 128, 3, 12, 1 | 2, 31, 50, 0xF)  # below the bound
+    with pytest.raises(SegmentError, match="participant 0 is at sequence 50"):
+        atomics.min_seq(0, 128, 3, 12, 1 | 2, 0, 49, 0xF)  # above it
+    assert atomics.min_seq(0, 128, 3, 12, 2, 30, 30, 0xF) == 30  # entry 1 is not counted ...
+    _lines(atomics, [(50, 1), (10, 3)])  # ... but its state is checked: two bits
+    with pytest.raises(SegmentError, match="participant 1 has an unknown state 3"):
+        atomics.min_seq(0, 128, 2, 12, 1, *ANY)
+    _lines(atomics, [(50, 1), (10, 16)])  # one bit, not a state
+    with pytest.raises(SegmentError, match="unknown state 16"):
+        atomics.min_seq(0, 128, 2, 12, 1, *ANY)
 
 
 def test_min_seq_errors(atomics: _native.Atomics) -> None:
     with pytest.raises(ValueError):
-        atomics.min_seq(0, 128, -1, 12, 1)
+        atomics.min_seq(0, 128, -1, 12, 1, *ANY)
     with pytest.raises(ValueError):
-        atomics.min_seq(0, -128, 2, 12, 1)
+        atomics.min_seq(0, -128, 2, 12, 1, *ANY)
     with pytest.raises(IndexError):
-        atomics.min_seq(0, 128, SIZE // 128 + 1, 12, 1)  # runs past the buffer
+        atomics.min_seq(0, 128, SIZE // 128 + 1, 12, 1, *ANY)  # runs past the buffer
     with pytest.raises(ValueError, match="aligned"):
-        atomics.min_seq(4, 128, 1, 12, 1)
+        atomics.min_seq(4, 128, 1, 12, 1, *ANY)
     with pytest.raises(ValueError, match="aligned"):
-        atomics.min_seq(0, 128, 1, 10, 1)
+        atomics.min_seq(0, 128, 1, 10, 1, *ANY)
 
 
 # -- bounds, alignment, arguments -------------------------------------------------------------
@@ -721,7 +834,7 @@ def test_release_then_use_raises(atomics: _native.Atomics) -> None:
         lambda: atomics.add64(0, 1),
         lambda: atomics.wait32(0, 0, 0.0),
         lambda: atomics.wake32(0, 1),
-        lambda: atomics.min_seq(0, 128, 1, 12, 1),
+        lambda: atomics.min_seq(0, 128, 1, 12, 1, *ANY),
     ):
         with pytest.raises(ValueError, match="released"):
             call()
@@ -875,3 +988,68 @@ def test_core_to_core_errors() -> None:
     outside = max(ALLOWED_CPUS) + 1  # a CPU this process may not run on
     with pytest.raises(OSError, match=f"CPU {ALLOWED_CPUS[0]} or {outside}"):
         _native.core_to_core_ns(ALLOWED_CPUS[0], outside, 100, 1, 1.0)
+
+
+# -- CRC-32C and payload checksums -----------------------------------------------------------
+
+
+def _crc32c_reference(data: bytes, crc: int = 0) -> int:
+    """CRC-32C bit by bit, as the definition has it."""
+    crc ^= 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_crc32c_matches_the_definition_with_both_kernels() -> None:
+    assert _native.crc32c(b"123456789") == 0xE3069283  # the standard check value
+    assert _native.crc32c(b"") == 0
+    rng = random.Random(7)
+    for n in (1, 7, 8, 9, 63, 64, 65, 1000, 4099):
+        data = rng.randbytes(n)
+        expected = _crc32c_reference(data)
+        assert _native.crc32c(data) == expected, n
+        assert _native.crc32c(data, portable=True) == expected, n
+        assert _native.crc32c(memoryview(data)[1:]) == _crc32c_reference(data[1:])  # unaligned
+        head, tail = data[: n // 3], data[n // 3 :]
+        assert _native.crc32c(tail, _native.crc32c(head)) == expected  # continued
+    assert _native.CRC32C_HARDWARE in (0, 1)
+
+
+def test_checksummed_ring_seals_and_checks_payloads() -> None:
+    mapping = mmap.mmap(-1, SIZE)
+    a = _native.Atomics(mapping)
+    try:
+        args = (a, N_SLOTS, SLOT, DATA_OFF, DESC_OFF)
+        writer = _native.Cursor(*args, W_SEQ, W_MSGS, W_SEQ, SLEEPERS, DATA_FUTEX, 0, key=KEY,
+                                checksum=True)  # fmt: skip
+        writer.bound = N_SLOTS
+        reader = _native.Cursor(*args, R_SEQ, R_MSGS, W_SEQ, W_SLEEPING, SPACE_FUTEX, 1,
+                                key=KEY, checksum=True)  # fmt: skip
+        assert writer.checksum == reader.checksum == 1
+        payload = random.Random(3).randbytes(300)
+        assert writer.put((payload,), RAW, True)
+        assert reader.read_desc(0)[3] == _native.crc32c(payload)
+        mapping[DATA_OFF + 299] ^= 0xFF  # another process writes into the data
+        with pytest.raises(SegmentError, match="fail their checksum"):
+            reader.next()
+        with pytest.raises(SegmentError, match="fail their checksum"):
+            reader.take_bytes(RAW)
+        mapping[DATA_OFF + 299] ^= 0xFF
+        assert reader.take_bytes(RAW) == payload
+        # The slow path: descriptor first, then the data, then the seal, then the publish.
+        writer.write_desc(2, 5, FIRST | CONTIG | RAW << 8, 1)
+        mapping[DATA_OFF + 2 * SLOT : DATA_OFF + 2 * SLOT + 5] = b"hello"
+        writer.seal(2, 5)
+        writer.count_message()
+        writer.publish(1, True)
+        assert reader.read_desc(2)[3] == _native.crc32c(b"hello")
+        assert reader.take_bytes(RAW) == b"hello"
+        with pytest.raises(ValueError, match="past the end"):
+            writer.seal(3, 2 * SLOT)
+    finally:
+        with contextlib.suppress(BufferError):
+            a.release()
+        mapping.close()

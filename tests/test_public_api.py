@@ -19,6 +19,7 @@ EXPECTED_ALL = {
     "GatherQueue",
     "Handle",
     "IdleWait",
+    "InheritedEndpoint",
     "MessageKindError",
     "MessageTooLarge",
     "PickleSerializer",
@@ -31,6 +32,7 @@ EXPECTED_ALL = {
     "SegmentError",
     "SerializationError",
     "Serializer",
+    "SharedMemoryFull",
     "ShmcastError",
     "SpinWait",
     "WaitPolicy",
@@ -39,6 +41,7 @@ EXPECTED_ALL = {
 
 ERRORS = [
     "AttachError",
+    "InheritedEndpoint",
     "MessageKindError",
     "MessageTooLarge",
     "QueueBroken",
@@ -47,6 +50,7 @@ ERRORS = [
     "RoleError",
     "SegmentError",
     "SerializationError",
+    "SharedMemoryFull",
 ]
 
 
@@ -116,6 +120,8 @@ def test_exceptions_hierarchy() -> None:
     assert issubclass(shmcast.AttachError, ValueError)
     assert issubclass(shmcast.MessageTooLarge, ValueError)
     assert issubclass(shmcast.MessageKindError, TypeError)
+    assert issubclass(shmcast.InheritedEndpoint, RuntimeError)  # as a busy endpoint's error
+    assert issubclass(shmcast.SharedMemoryFull, OSError)
     # The others are plain ShmcastErrors, not also built-in categories they are not.
     for name in ("QueueClosed", "QueueBroken", "SegmentError", "RoleError", "SerializationError"):
         assert not issubclass(getattr(shmcast, name), (ValueError, TypeError, TimeoutError)), name

@@ -414,8 +414,7 @@ def test_concurrent_calls_on_one_endpoint_are_refused(make_queue: MakeQueue) -> 
     w, (r,) = make_queue()
     waiting = Background(lambda: r.get(timeout=5))
     deadline = time.monotonic() + 5
-    while r._busy.acquire(blocking=False):  # until the thread holds the endpoint
-        r._busy.release()
+    while not r._guard.busy:  # until the thread holds the endpoint
         assert time.monotonic() < deadline
         time.sleep(0.005)
     with pytest.raises(RuntimeError, match="already in use"):

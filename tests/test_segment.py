@@ -1,8 +1,7 @@
-"""Shared-memory segments (shmcast._segment): create, open, map, unlink, close."""
+"""Shared-memory segments (shmcast._segment): create, reach, map, unlink, close; bad names."""
 
 from __future__ import annotations
 
-import gc
 import os
 import secrets
 import threading
@@ -11,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from shmcast import SegmentError, _native
-from shmcast._segment import PREFIX, SHM_DIR, Segment, new_name
+from shmcast import SegmentError, SharedMemoryFull, _native
+from shmcast._segment import PREFIX, SHM_DIR, Segment, check_name, new_name
 
 
 def _path(name: str) -> str:
@@ -27,28 +26,40 @@ def segment() -> Iterator[Segment]:
     seg.close()
 
 
-def test_new_names_are_prefixed_and_unique() -> None:
+def test_new_names_are_prefixed_unique_and_valid() -> None:
     names = {new_name() for _ in range(1000)}
     assert len(names) == 1000
-    assert all(n.startswith(PREFIX) and "/" not in n for n in names)
+    assert all(n.startswith(PREFIX) and check_name(n) == n for n in names)
 
 
 def test_create_makes_a_private_segment_of_the_size_asked(segment: Segment) -> None:
     assert segment.name.startswith(PREFIX)
-    assert segment.owner is True
     assert segment.size == 8192
-    st = os.stat(_path(segment.name))
+    st = os.stat(_path(segment.name))  # named until unlink()
     assert st.st_size == 8192
     assert st.st_mode & 0o777 == 0o600
+    assert st.st_blocks * 512 >= 8192  # reserved: the memory is there, not only the size
     assert len(segment.buf) == 8192 and not segment.buf.readonly
     assert bytes(segment.buf[:16]) == bytes(16)  # fresh memory is zero
     assert segment.atomics.nbytes == 8192
 
 
-def test_open_maps_the_same_memory(segment: Segment) -> None:
-    other = Segment.open(segment.name)
+def test_unlink_removes_the_name_and_keeps_the_memory(segment: Segment) -> None:
+    segment.unlink()
+    assert not os.path.exists(_path(segment.name))
+    segment.unlink()  # idempotent
+    segment.buf[0:3] = b"abc"
+    assert bytes(segment.buf[0:3]) == b"abc"
+    # Still reachable through the descriptor the creator holds.
+    link = os.readlink(f"/proc/self/fd/{segment.fd}")
+    assert link == f"{SHM_DIR}/{segment.name} (deleted)"
+
+
+def test_attach_maps_the_same_memory_through_the_creators_descriptor(segment: Segment) -> None:
+    segment.unlink()
+    other = Segment.attach(segment.name, os.getpid(), segment.fd)
     try:
-        assert other.owner is False and other.size == segment.size
+        assert other.size == segment.size and other.fd != segment.fd
         segment.buf[100:105] = b"hello"
         assert bytes(other.buf[100:105]) == b"hello"
         other.atomics.store64(8, 77)
@@ -57,41 +68,66 @@ def test_open_maps_the_same_memory(segment: Segment) -> None:
         other.close()
 
 
-def test_only_the_creator_unlinks(segment: Segment) -> None:
-    other = Segment.open(segment.name)
-    other.unlink()  # not the owner: a no-op
-    other.close()
-    del other
-    gc.collect()
-    assert os.path.exists(_path(segment.name))
-    segment.unlink()
-    assert not os.path.exists(_path(segment.name))
-    segment.unlink()  # idempotent
-
-
-def test_mapping_outlives_the_name(segment: Segment) -> None:
-    other = Segment.open(segment.name)
+def test_attach_refuses_what_is_not_that_segment(segment: Segment, tmp_path) -> None:
+    pid = os.getpid()
+    with pytest.raises(SegmentError, match="is gone"):
+        Segment.attach(new_name(), pid, segment.fd)  # the descriptor holds another name
+    other_file = tmp_path / "f"
+    other_file.write_bytes(b"x" * 100)
+    fd = os.open(other_file, os.O_RDONLY)
     try:
-        segment.unlink()
-        segment.buf[0:3] = b"abc"
-        assert bytes(other.buf[0:3]) == b"abc"
+        with pytest.raises(SegmentError, match="is gone"):
+            Segment.attach(segment.name, pid, fd)  # another file at that number
     finally:
-        other.close()
+        os.close(fd)
+    closed_fd = os.dup(segment.fd)
+    os.close(closed_fd)
+    with pytest.raises(SegmentError, match="is gone"):
+        Segment.attach(segment.name, pid, closed_fd)
+    fd = segment.fd
+    bad = [(0, fd), (-5, fd), (1 << 40, fd), (pid, -1), (pid, 1 << 40), (True, fd), ("1", fd)]
+    for pid_, fd_ in bad:
+        with pytest.raises(SegmentError, match="invalid handle"):
+            Segment.attach(segment.name, pid_, fd_)
 
 
-def test_creator_unlinks_when_collected() -> None:
-    seg = Segment.create(4096)
-    name = seg.name
-    seg.close()
-    assert os.path.exists(_path(name))  # close unmaps; the name stays until unlink
-    del seg
-    gc.collect()
-    assert not os.path.exists(_path(name))
+BAD_NAMES = [".", "..", "", "a/b", "x" * 300, "nul\x00byte", "bad\udcffsurrogate", "ümlaut"]
 
 
-def test_close_releases_the_mapping(segment: Segment) -> None:
+@pytest.mark.parametrize("bad", [*BAD_NAMES, 123, None, b"shmcast-0123456789abcdef"])
+def test_bad_names_are_refused(bad: object) -> None:
+    with pytest.raises(SegmentError, match="invalid"):
+        check_name(bad, own=False)
+    with pytest.raises(SegmentError, match="invalid"):
+        Segment.open(bad)  # type: ignore[arg-type]
+    with pytest.raises(SegmentError, match="invalid"):
+        Segment.attach(bad, os.getpid(), 0)  # type: ignore[arg-type]
+
+
+def test_a_directory_or_a_symlink_in_dev_shm_is_refused(tmp_path) -> None:
+    name = PREFIX + "test-dir-" + secrets.token_hex(4)
+    os.mkdir(_path(name))
+    try:
+        with pytest.raises(SegmentError, match=name):
+            Segment.open(name)
+    finally:
+        os.rmdir(_path(name))
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"\0" * 4096)
+    os.symlink(target, _path(name))
+    try:
+        with pytest.raises(SegmentError, match=name):
+            Segment.open(name)  # never followed
+    finally:
+        os.unlink(_path(name))
+
+
+def test_close_releases_the_mapping_and_the_descriptor(segment: Segment) -> None:
+    fd = segment.fd
     segment.close()
-    assert segment.atomics.released
+    assert segment.atomics.released and segment.fd == -1
+    with pytest.raises(OSError):
+        os.fstat(fd)
     with pytest.raises(ValueError):
         segment.buf[0]
     segment.close()  # idempotent
@@ -124,9 +160,6 @@ def test_open_errors() -> None:
     missing = PREFIX + "does-not-exist-" + secrets.token_hex(4)
     with pytest.raises(SegmentError, match="no shared-memory segment named"):
         Segment.open(missing)
-    for bad in ("", "a/b", 123, None):
-        with pytest.raises(SegmentError, match="invalid segment name"):
-            Segment.open(bad)
 
 
 def test_open_empty_segment_is_rejected() -> None:
@@ -145,3 +178,8 @@ def test_create_fails_cleanly_on_an_impossible_size() -> None:
     conftest verifies that nothing is left in /dev/shm)."""
     with pytest.raises(OSError):
         Segment.create(-1)
+
+
+def test_shared_memory_full_is_an_oserror_and_a_shmcast_error() -> None:
+    exc = SharedMemoryFull(28, "no room")
+    assert isinstance(exc, OSError) and exc.errno == 28 and exc.strerror == "no room"

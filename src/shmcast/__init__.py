@@ -8,6 +8,7 @@ docs/ for the guide, docs/protocol.md for the protocol.
 from ._endpoint import Handle, QueueStats
 from ._errors import (
     AttachError,
+    InheritedEndpoint,
     MessageKindError,
     MessageTooLarge,
     QueueBroken,
@@ -16,6 +17,7 @@ from ._errors import (
     RoleError,
     SegmentError,
     SerializationError,
+    SharedMemoryFull,
     ShmcastError,
 )
 from ._gather import GatherQueue
@@ -34,6 +36,7 @@ __all__ = [
     "GatherQueue",
     "Handle",
     "IdleWait",
+    "InheritedEndpoint",
     "MessageKindError",
     "MessageTooLarge",
     "PickleSerializer",
@@ -46,6 +49,7 @@ __all__ = [
     "SegmentError",
     "SerializationError",
     "Serializer",
+    "SharedMemoryFull",
     "ShmcastError",
     "SpinWait",
     "WaitPolicy",

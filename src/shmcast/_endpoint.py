@@ -4,23 +4,46 @@ A concrete queue (:class:`~shmcast.BroadcastQueue`, :class:`~shmcast.GatherQueue
 attaches to a segment and says which ring this endpoint writes (``_sender``) and which it reads
 (``_receive``); everything else, encoding straight into the ring, zero-copy blocks, timeouts,
 closing, lives here once.
+
+**Exceptions at any point.**  A signal handler may raise (KeyboardInterrupt) between any two
+statements of a call.  Every call runs inside the endpoint's native :class:`~shmcast._native.
+Guard`, which is given back whatever the block raises; every change of a position is one native
+call (see ``_ring``); and a message is *delivered or still there*:
+
+- an exception before the native call that takes a message (while waiting, decoding, copying)
+  leaves the message in the queue: it is only released on success, or on a
+  SerializationError (which consumes it, as documented);
+- an exception after that call, before the value reaches the caller, leaves the value in
+  ``_undelivered``, and the next receive returns it first.  The hand-over into
+  ``_undelivered`` runs in ``finally`` clauses and ``except`` handlers, which CPython enters
+  for an exception raised at any instruction of the guarded range, and the receive paths
+  return values through statements that make no call (CPython runs signal handlers only at
+  calls and backward jumps).  What remains: a second exception raised inside that handler.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import threading
+import pickle
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from . import _layout as L
-from ._errors import MessageTooLarge, QueueBroken, QueueClosed, QueueTimeout, SerializationError
-from ._ring import RingReader, RingWriter
+from ._errors import (
+    MessageKindError,
+    MessageTooLarge,
+    QueueBroken,
+    QueueClosed,
+    QueueTimeout,
+    SerializationError,
+)
+from ._native import Guard
+from ._ring import RingReader, RingWriter, _kind_mismatch
 from ._segment import Segment
 from ._serialize import PickleSerializer, Serializer
 from ._wait import WaitPolicy
@@ -28,8 +51,10 @@ from ._wait import WaitPolicy
 
 @dataclass(frozen=True)
 class Handle:
-    """What a peer needs to attach: the segment's name and the nonce that proves it is the same
-    queue.  Small and picklable; pass it to the other processes.
+    """What a peer needs to attach: the segment's name, the nonce that proves it is the same
+    queue, and the creator's pid and open descriptor, through which the segment (which has no
+    name in /dev/shm once created) is reached.  Small and picklable; pass it to the other
+    processes.  Valid while the creator keeps the queue open.
 
     A queue with remote reader slots also records where its writer runs (``host``: boot id and
     network namespace) and how to reach it over the network (``remote``); a reader on another
@@ -38,6 +63,8 @@ class Handle:
 
     name: str
     nonce: int
+    pid: int
+    fd: int
     host: str = ""  #: the writer's host identity ("" when the queue has no remote slots)
     remote: Any = None  #: the remote path's RemoteInfo, or None
 
@@ -81,11 +108,36 @@ def deadline_of(timeout: float | None) -> float | None:
 
 
 def as_bytes_view(part: Any) -> memoryview:
-    """A flat byte view of any contiguous buffer."""
+    """A flat byte view of any contiguous buffer, C or Fortran order (its bytes as they lie in
+    memory).  TypeError for an object without the buffer protocol (or a str), BufferError for
+    a buffer that is not contiguous."""
+    if isinstance(part, str):
+        raise TypeError("a str is not a buffer (encode it first)")
     view = part if isinstance(part, memoryview) else memoryview(part)
-    if view.ndim != 1 or view.format != "B":
-        view = view.cast("B")
-    return view
+    if view.ndim == 1 and view.format == "B":
+        return view
+    if view.c_contiguous:
+        return view.cast("B")
+    return pickle.PickleBuffer(view).raw()  # Fortran order; BufferError if not contiguous
+
+
+def check_parts(parts: Any) -> Sequence[Any]:
+    """The parts a serializer's ``dumps`` returned, if they are a list or tuple of contiguous
+    buffers; SerializationError saying what they are otherwise."""
+    if not isinstance(parts, (list, tuple)):
+        raise SerializationError(
+            f"the serializer's dumps() must return a list or tuple of buffers, not "
+            f"{type(parts).__name__}"
+        )
+    for i, part in enumerate(parts):
+        try:
+            as_bytes_view(part)
+        except (TypeError, ValueError, BufferError) as exc:
+            raise SerializationError(
+                f"part {i} returned by the serializer's dumps() is not a contiguous buffer "
+                f"({type(part).__name__}: {exc})"
+            ) from None
+    return parts
 
 
 def release_quietly(view: memoryview) -> None:
@@ -94,17 +146,14 @@ def release_quietly(view: memoryview) -> None:
         view.release()
 
 
-def close_side(seg: Segment, leave: list[Callable[[], None]], pid: int, creator: bool,
-               unmap: bool = True) -> None:  # fmt: skip
+def close_side(seg: Segment, leave: list[Callable[[], None]], pid: int, unmap: bool = True) -> None:
     """Close one endpoint's side of a segment: ``leave`` (close a writer's ring, detach a
-    reader's), then, for the creator, remove the name, then unmap unless told not to.  Only in
-    the process that opened it: a forked child that inherited the object does nothing."""
+    reader's), then unmap unless told not to.  Only in the process that opened it: a forked
+    child that inherited the object does nothing."""
     if os.getpid() != pid:
         return
     for step in leave:
         step()
-    if creator:
-        seg.unlink()
     if unmap:
         seg.close()
 
@@ -128,19 +177,27 @@ class Endpoint:
     _handle: Handle
     _serializer: Serializer
     _policy: WaitPolicy
-    _closed: bool
+    _guard: Guard
     _finalizer: weakref.finalize
 
-    def _setup(self, seg: Segment, geometry: L.Geometry, handle: Handle, serializer: Serializer,
-               policy: WaitPolicy) -> None:  # fmt: skip
+    def _setup(self, seg: Segment, header: L.Header, handle: Handle, serializer: Serializer,
+               policy: WaitPolicy, what: str) -> None:  # fmt: skip
         self._seg = seg
-        self._geometry = geometry
+        self._geometry = header.geometry
+        self._checksum = header.checksum
         self._handle = handle
         self._serializer = serializer
+        #: Parts from the default serializer are known good; others are checked.
+        self._check_parts = type(serializer) is not PickleSerializer
         self._policy = policy
-        self._closed = False
-        self._busy = threading.Lock()
+        #: One call at a time, in this process only, until closed; unmaps once closed and idle.
+        self._guard = Guard(what, seg.close)
         self._deferred_error: SerializationError | None = None
+        #: (kind, value, sender) of messages taken by a call that an exception interrupted
+        #: after the message left the ring; the next receive returns them first.
+        self._undelivered: list[tuple[int, Any, int]] = []
+        #: The ring index (a gather queue's writer) of the message received last.
+        self._last = -1
         #: The one ring this endpoint reads, when a plain get has just one (a broadcast
         #: reader): get() looks there first, without going through _receive.
         self._fast: RingReader | None = None
@@ -166,7 +223,8 @@ class Endpoint:
 
     @property
     def name(self) -> str:
-        """The shared-memory segment's name (in /dev/shm)."""
+        """The shared-memory segment's name (shown by ``shmcast ls``; it has no entry in
+        /dev/shm once the queue exists)."""
         return self._handle.name
 
     @property
@@ -184,27 +242,20 @@ class Endpoint:
         return self._geometry.capacity
 
     @property
+    def checksum(self) -> bool:
+        """Whether messages carry a CRC-32C that readers check (set by the creator)."""
+        return self._checksum
+
+    @property
     def closed(self) -> bool:
         """True once this endpoint was closed."""
-        return self._closed
+        return self._guard.closed
 
     def __reduce__(self):
         raise TypeError(
             f"a {type(self).__name__} cannot be pickled; send queue.handle to the other "
             f"process and attach there with {type(self).__name__}.attach(handle, ...)"
         )
-
-    def _enter(self) -> None:
-        """Start a call: QueueClosed after close(), RuntimeError if another call is under way.
-        The caller releases ``self._busy`` in a ``finally``.  (A plain method rather than a
-        context manager: it runs twice per message.)"""
-        if self._closed:
-            raise QueueClosed(f"{self!r} is closed")
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(
-                "this queue endpoint is already in use: by another thread, or by an enclosing "
-                "reserve()/view() block of the same thread"
-            )
 
     def _activity(self) -> None:
         if self._policy.tracks_activity:
@@ -217,32 +268,16 @@ class Endpoint:
         is collected.  See the queue's own documentation for what closing means to peers.
 
         May be called from another thread while a call of this endpoint blocks: that call
-        returns with QueueClosed, and the segment is unmapped once it has.
+        returns with QueueClosed, and the segment is unmapped once it has.  In a process forked
+        from the endpoint's own it only forgets the endpoint (the parent's is unaffected).
         """
-        if self._closed:
+        if self._guard.closed:
             return
-        self._closed = True
         job = self._finalizer.detach()  # None if it already ran (interpreter exit)
         if job is not None:
             _obj, close_peer_side, args, _kwargs = job
             close_peer_side(*args, unmap=False)
-        self._unmap_when_idle()
-
-    def _leave(self) -> None:
-        """End a call started by :meth:`_enter`."""
-        self._busy.release()
-        if self._closed:
-            self._unmap_when_idle()
-
-    def _unmap_when_idle(self) -> None:
-        # Whoever finds the endpoint idle unmaps: close() itself, or else the call in flight
-        # on its way out (it sees _closed, set before close() tried the lock).  Unmapping twice
-        # is harmless.
-        if self._busy.acquire(blocking=False):
-            try:
-                self._seg.close()
-            finally:
-                self._busy.release()
+        self._guard.close()  # unmaps now if idle, else when the call in flight leaves
 
     def __enter__(self):
         return self
@@ -258,28 +293,23 @@ class Endpoint:
         Blocks until the readers have freed room for the message (backpressure), up to
         ``timeout`` seconds (None: forever).  Raises SerializationError (nothing sent),
         QueueTimeout (nothing sent), QueueBroken (a reader died), QueueClosed, RoleError (this
-        endpoint cannot send).
+        endpoint cannot send), InheritedEndpoint (used in a forked child).
         """
-        self._enter()
-        try:
+        with self._guard:
             writer = self._sender()
             self._send(writer, self._encode(obj), L.MSG_OBJECT, timeout)
-        finally:
-            self._leave()
 
     def put_bytes(self, data: Any, timeout: float | None = None) -> None:
-        """Send raw bytes (any contiguous buffer: bytes, bytearray, memoryview, numpy array);
-        received with ``get_bytes`` (or ``get``).  Blocks and raises as :meth:`put`."""
-        self._enter()
-        try:
+        """Send raw bytes (any contiguous buffer, C or Fortran order: bytes, bytearray,
+        memoryview, numpy array); received with ``get_bytes`` (or ``get``).  Blocks and raises
+        as :meth:`put`; TypeError for an object that is not a contiguous buffer."""
+        with self._guard:
             writer = self._sender()
             try:
                 view = as_bytes_view(data)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, BufferError) as exc:
                 raise TypeError(f"put_bytes needs a contiguous buffer: {exc}") from None
             self._send(writer, (view,), L.MSG_RAW, timeout)
-        finally:
-            self._leave()
 
     def put_many(self, objs: Iterable[Any], timeout: float | None = None) -> None:
         """Send several objects, in order, publishing them together (fewer wake-ups).
@@ -289,8 +319,7 @@ class Endpoint:
         error the messages before the failing one have been sent: the exception's ``sent``
         attribute says how many.  Raises as :meth:`put`.
         """
-        self._enter()
-        try:
+        with self._guard:
             writer = self._sender()
             deadline = deadline_of(timeout)
             sent = 0
@@ -303,16 +332,15 @@ class Endpoint:
                 raise
             finally:
                 writer.flush()
-        finally:
-            self._leave()
 
     def _encode(self, obj: Any) -> Any:
         try:
-            return self._serializer.dumps(obj)
+            parts = self._serializer.dumps(obj)
         except Exception as exc:
             raise SerializationError(
                 f"cannot serialize {type(obj).__name__} object: {exc}"
             ) from exc
+        return check_parts(parts) if self._check_parts else parts
 
     def _send(self, writer: RingWriter, parts: Any, kind: int, timeout: float | None,
               deadline: float | None = None, publish: bool = True) -> None:  # fmt: skip
@@ -334,12 +362,15 @@ class Endpoint:
         views = [p if type(p) is bytes else as_bytes_view(p) for p in parts]
         total = sum(len(v) for v in views)
         if total <= self._geometry.capacity:
-            k, region = writer.begin_contiguous(total, deadline, timeout)
-            pos = 0
-            for v in views:
-                region[pos : pos + len(v)] = v
-                pos += len(v)
-            writer.commit_contiguous(k, total, kind, publish)
+            k, region = writer.begin_contiguous(total, kind, deadline, timeout)
+            try:
+                pos = 0
+                for v in views:
+                    region[pos : pos + len(v)] = v
+                    pos += len(v)
+            finally:
+                release_quietly(region)
+            writer.commit_contiguous(k, total, publish)
         else:
             writer.write_streamed([memoryview(v) for v in views], total, kind, deadline, timeout)
         self._activity()
@@ -360,18 +391,15 @@ class Endpoint:
                 f"cannot reserve {nbytes} bytes: the ring holds {self._geometry.capacity} at "
                 "once (put_bytes streams any size; or create the queue with more or larger slots)"
             )
-        self._enter()
-        try:
+        with self._guard:
             writer = self._sender()
-            k, region = writer.begin_contiguous(nbytes, deadline_of(timeout), timeout)
+            k, region = writer.begin_contiguous(nbytes, L.MSG_RAW, deadline_of(timeout), timeout)
             try:
                 yield region
-                writer.commit_contiguous(k, nbytes, L.MSG_RAW)
-                self._activity()
             finally:
                 release_quietly(region)
-        finally:
-            self._leave()
+            writer.commit_contiguous(k, nbytes)
+            self._activity()
 
     # -- receiving ----------------------------------------------------------------------------
 
@@ -381,89 +409,141 @@ class Endpoint:
             error, self._deferred_error = self._deferred_error, None
             raise error
 
+    def _take_undelivered(self, want_kind: int | None) -> tuple[int, Any, int]:
+        """``(kind, value, sender)`` of the first message an interrupted call took;
+        MessageKindError if it is not of ``want_kind`` (it stays).  Makes no call once the
+        check is done (see the module docstring)."""
+        entry = self._undelivered[0]
+        if want_kind is not None and entry[0] != want_kind:
+            raise MessageKindError(_kind_mismatch(entry[0]))
+        del self._undelivered[0]
+        self._last = entry[2]
+        return entry
+
     def _get(self, timeout: float | None, source: int | None, want_kind: int | None) -> Any:
-        self._enter()
+        handed = None  # (kind, value, sender) of a message taken out of the ring for good
         try:
-            self._raise_deferred()
-            check_timeout(timeout)
-            # The fast path: with one ring to read, a contiguous message already published is
-            # found by one native call, without the general machinery of _receive; raw bytes
-            # are even copied out and released by that same call.
-            fast = self._fast
-            if fast is not None and want_kind == L.MSG_RAW:
-                raw = fast.cursor.take_bytes(L.MSG_RAW)
-                if raw is not None:
-                    self._activity()
-                    return raw
-            head = None if fast is None else fast.cursor.next()
-            if head is not None and (want_kind is None or head[0] == want_kind):
-                kind, off, total, slots = head
-                ring, data = fast, self._seg.buf[off : off + total]
-            else:
-                ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, want_kind,
-                                                        source)  # fmt: skip
-            try:
-                if kind == L.MSG_RAW:
-                    return bytes(data)
-                return self._decode(data, copy=slots != 0)
-            finally:
-                ring.finish_message(slots)
-                self._activity()
-        finally:
-            self._leave()
+            with self._guard:
+                if self._undelivered:
+                    handed = self._take_undelivered(want_kind)
+                    return handed[1]
+                self._raise_deferred()
+                check_timeout(timeout)
+                # The fast path: with one ring to read, a contiguous message already published
+                # is found by one native call, without the general machinery of _receive; raw
+                # bytes are even copied out and released by that same call.
+                fast = self._fast
+                if fast is not None and want_kind == L.MSG_RAW:
+                    cursor = fast.cursor
+                    taken = cursor.msgs
+                    try:
+                        raw = cursor.take_bytes(L.MSG_RAW)
+                    finally:
+                        if cursor.msgs != taken:
+                            handed = (L.MSG_RAW, cursor.last, self._last)
+                            cursor.last = None
+                    if raw is not None:
+                        self._activity()
+                        return raw
+                head = None if fast is None else fast.cursor.next()
+                if head is not None and (want_kind is None or head[0] == want_kind):
+                    kind, off, total, slots = head
+                    ring, data = fast, self._seg.buf[off : off + total]
+                else:
+                    ring, kind, data, slots = self._receive(
+                        deadline_of(timeout), timeout, want_kind, source
+                    )
+                cursor = ring.cursor
+                try:
+                    value = bytes(data) if kind == L.MSG_RAW else self._decode(data, slots != 0)
+                except SerializationError:
+                    cursor.finish(slots, False)  # consumed, as documented
+                    raise
+                # Any other exception leaves the message in the queue.  From here on it is
+                # handed over, to the caller or, if interrupted, to the next call.
+                taken = cursor.msgs
+                try:
+                    cursor.finish(slots, False)
+                finally:
+                    if cursor.msgs != taken:
+                        handed = (kind, value, self._last)
+                        self._activity()
+                return value
+        except BaseException:
+            if handed is not None:
+                self._undelivered.insert(0, handed)
+            raise
 
     def _get_many(self, max_count: int, timeout: float | None, source: int | None) -> list[Any]:
         check_max_count(max_count)
-        self._enter()
+        taken_out: list[tuple[int, Any, int]] = []  # (kind, value, sender) taken for good
+        out: list[Any] = []  # their values, returned
         try:
-            self._raise_deferred()
-            out: list[Any] = []
-            rings: set[RingReader] = set()
-            deadline = deadline_of(timeout)
-            try:
-                while len(out) < max_count:
-                    try:
-                        ring, kind, data, slots = self._receive(deadline, timeout, None, source)
-                    except (QueueTimeout, QueueClosed, QueueBroken):
-                        if out:
-                            break  # deliver what we have; the condition shows on the next call
-                        raise
-                    rings.add(ring)
-                    try:
-                        out.append(bytes(data) if kind == L.MSG_RAW else
-                                   self._decode(data, copy=slots != 0))  # fmt: skip
-                    except SerializationError as exc:
-                        if not out:
+            with self._guard:
+                while self._undelivered and len(taken_out) < max_count:
+                    taken_out.append(self._take_undelivered(None))
+                    out.append(taken_out[-1][1])
+                if out:
+                    return out
+                self._raise_deferred()
+                rings: set[RingReader] = set()
+                deadline = deadline_of(timeout)
+                try:
+                    while len(out) < max_count:
+                        try:
+                            ring, kind, data, slots = self._receive(deadline, timeout, None,
+                                                                    source)  # fmt: skip
+                        except (QueueTimeout, QueueClosed, QueueBroken):
+                            if out:
+                                break  # deliver what we have; the condition shows next call
                             raise
-                        self._deferred_error = exc  # raised by the next call, in order
-                        break
-                    finally:
-                        ring.finish_message(slots, defer=True)
-                    deadline = time.monotonic()  # after the first: only what is there now
-            finally:
-                for ring in rings:
-                    ring.flush()
-                self._activity()
-            return out
-        finally:
-            self._leave()
+                        rings.add(ring)
+                        cursor = ring.cursor
+                        try:
+                            value = bytes(data) if kind == L.MSG_RAW else self._decode(
+                                data, slots != 0
+                            )  # fmt: skip
+                        except SerializationError as exc:
+                            cursor.finish(slots, True)
+                            if not out:
+                                raise
+                            self._deferred_error = exc  # raised by the next call, in order
+                            break
+                        taken = cursor.msgs
+                        try:
+                            cursor.finish(slots, True)
+                        finally:
+                            if cursor.msgs != taken:
+                                taken_out.append((kind, value, self._last))
+                                out.append(value)
+                        deadline = time.monotonic()  # after the first: only what is there now
+                finally:
+                    for ring in rings:
+                        ring.flush()
+                    self._activity()
+                return out
+        except BaseException:
+            self._undelivered[:0] = taken_out
+            raise
 
     @contextmanager
     def _view(self, timeout: float | None, source: int | None) -> Iterator[Any]:
-        self._enter()
-        try:
+        with self._guard:
+            if self._undelivered:
+                yield self._take_undelivered(None)[1]
+                return
             self._raise_deferred()
             ring, kind, data, slots = self._receive(deadline_of(timeout), timeout, None, source)
-            given = data.toreadonly() if kind == L.MSG_RAW else data
+            # Read-only, so that no reader can change what the others receive: the raw view,
+            # and every buffer a decoded object is built on (numpy arrays come out read-only).
+            given = data.toreadonly()
             try:
-                yield given if kind == L.MSG_RAW else self._decode(data, copy=False)
+                yield given if kind == L.MSG_RAW else self._decode(given, False)
             finally:
                 release_quietly(given)
                 release_quietly(data)
                 ring.finish_message(slots)
                 self._activity()
-        finally:
-            self._leave()
 
     def _decode(self, data: memoryview, copy: bool) -> Any:
         try:

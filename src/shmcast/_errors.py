@@ -1,6 +1,12 @@
-"""The exceptions shmcast raises: one hierarchy under :class:`ShmcastError`."""
+"""The exceptions shmcast raises: one hierarchy under :class:`ShmcastError`.
+
+Only these (and the built-in TypeError / ValueError for bad arguments) escape shmcast's calls on
+purpose: whatever a corrupted or hostile segment holds becomes a :class:`SegmentError`.
+"""
 
 from __future__ import annotations
+
+from . import _native
 
 
 class ShmcastError(Exception):
@@ -29,8 +35,10 @@ class QueueTimeout(ShmcastError, TimeoutError):
 
 
 class SegmentError(ShmcastError):
-    """A handle does not lead to a usable queue: the segment is gone, not shmcast's, of another
-    layout version, corrupted, or another queue than the handle was made for."""
+    """A handle does not lead to a usable queue (the segment is gone, not shmcast's, of another
+    layout version, corrupted, or another queue than the handle was made for), or a queue in use
+    was found corrupted: a sequence, length, state or pid in the segment that no participant
+    could have written.  A corrupted queue is not repaired; close it."""
 
 
 class AttachError(ShmcastError, ValueError):
@@ -53,3 +61,17 @@ class MessageTooLarge(ShmcastError, ValueError):
 class SerializationError(ShmcastError):
     """The serializer could not encode an object (nothing was sent) or decode a message (the
     message is consumed; the cause is chained)."""
+
+
+class SharedMemoryFull(ShmcastError, OSError):
+    """A new queue does not fit in /dev/shm: the message says how much it needs and how much is
+    free.  Raised by the constructor; nothing is left behind."""
+
+
+class InheritedEndpoint(ShmcastError, RuntimeError):
+    """An endpoint was used in a process other than the one that created or attached it (a
+    child forked after the parent attached).  The parent's stream is untouched; the child must
+    attach an index of its own."""
+
+
+_native.set_errors(SegmentError, QueueClosed, InheritedEndpoint)

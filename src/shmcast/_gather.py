@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,20 +25,11 @@ from ._endpoint import (
     close_side,
     deadline_of,
 )
-from ._errors import QueueClosed, QueueTimeout, RoleError
-from ._liveness import is_alive
+from ._errors import QueueClosed, RoleError
 from ._native import scan
+from ._participants import announce, check_index, claim_line, read_participant
 from ._queue import create_segment, open_segment, wait_all_attached
-from ._ring import (
-    RingReader,
-    RingWriter,
-    SlowWait,
-    SpinSlots,
-    announce,
-    check_index,
-    claim_line,
-    log,
-)
+from ._ring import RingReader, RingWriter, SlowWait, SpinSlots, log, timeout_error
 from ._serialize import Serializer
 from ._wait import WaitPolicy, resolve_policy
 
@@ -59,7 +51,7 @@ class _AnyWriter:
 
     def ready(self) -> bool:
         q = self._q
-        return scan(q._cursors, 0) >= 0 or q._all_writers_closed() or q._closed
+        return scan(q._cursors, 0) >= 0 or q._all_writers_closed() or q.closed
 
     def sleep(self, timeout: float) -> bool:
         q = self._q
@@ -108,8 +100,8 @@ class GatherQueue(Endpoint):
 
     Messages from one writer arrive in the order it sent them; taking from any writer is fair
     (round robin over the writers that have something).  Geometry, wait policies, serializer,
-    timeouts, zero-copy blocks and errors are as for :class:`~shmcast.BroadcastQueue`; the
-    geometry is per writer's ring.
+    timeouts, zero-copy blocks, checksums and errors are as for
+    :class:`~shmcast.BroadcastQueue`; the geometry is per writer's ring.
 
     Liveness: a writer blocked by a dead reader raises QueueBroken; the reader, once it has
     read everything a dead writer published, raises QueueBroken naming it.  Closing: the
@@ -126,13 +118,16 @@ class GatherQueue(Endpoint):
         slot_size: int = DEFAULT_SLOT_SIZE,
         wait: str | WaitPolicy | None = None,
         serializer: Serializer | None = None,
+        checksum: bool = False,
     ) -> None:
         policy = resolve_policy(wait)
         serializer = check_serializer(serializer)
-        seg, header = create_segment(L.KIND_GATHER, n_writers, n_slots, slot_size)
+        seg, header, handle = create_segment(L.KIND_GATHER, n_writers, n_slots, slot_size, checksum)
         g = header.geometry
-        self._setup(seg, g, Handle(seg.name, header.nonce), serializer, policy)
-        self._rings = [RingReader(seg, g.ring(j), 0, policy) for j in range(n_writers)]
+        self._setup(seg, header, handle, serializer, policy, f"GatherQueue reader of {seg.name}")
+        self._rings = [
+            RingReader(seg, g.ring(j), 0, policy, header=header) for j in range(n_writers)
+        ]
         for j, ring in enumerate(self._rings):
             ring.label = f"{seg.name} (reader, from writer {j})"
             ring.writer_name = f"writer {j}"
@@ -142,10 +137,9 @@ class GatherQueue(Endpoint):
         self._reader_lines = [g.ring(j).reader_line(0) for j in range(n_writers)]
         self._cursors = [ring.cursor for ring in self._rings]
         self._next = 0
-        self._last = -1
         self._any = _AnyWriter(self)
         leave = [ring.detach for ring in self._rings]
-        self._finalizer = weakref.finalize(self, close_side, seg, leave, os.getpid(), True)
+        self._finalizer = weakref.finalize(self, close_side, seg, leave, os.getpid())
 
     @classmethod
     def attach(
@@ -168,7 +162,7 @@ class GatherQueue(Endpoint):
             index = check_index(writer, g.n_peers, "writer")
             line = g.peer_line(index)
             claim_line(seg.atomics, line, f"writer index {index}")
-            ring = RingWriter(seg, g.ring(index), policy)
+            ring = RingWriter(seg, g.ring(index), policy, header=header)
             ring.reader_required = True
             ring.label = f"{seg.name} (writer {index})"
             seg.atomics.store32(line + L.STATE, L.ATTACHED)
@@ -177,12 +171,13 @@ class GatherQueue(Endpoint):
             seg.close()
             raise
         self = cls.__new__(cls)
-        self._setup(seg, g, handle, serializer, policy)
+        what = f"GatherQueue writer {index} of {seg.name}"
+        self._setup(seg, header, handle, serializer, policy, what)
         self._rings = []
         self._writer = ring
         self._index = index
         self._reader_state = g.ring(index).reader_line(0) + L.STATE
-        self._finalizer = weakref.finalize(self, close_side, seg, [ring.close], os.getpid(), False)
+        self._finalizer = weakref.finalize(self, close_side, seg, [ring.close], os.getpid())
         return self
 
     # -- properties ---------------------------------------------------------------------------
@@ -205,7 +200,7 @@ class GatherQueue(Endpoint):
         return (
             f"<GatherQueue {role} name={self.name!r} writers={self.n_writers} "
             f"slots={self.n_slots}x{self.slot_size} wait={self._policy.name!r} "
-            f"{'closed' if self._closed else 'open'}>"
+            f"{'closed' if self.closed else 'open'}>"
         )
 
     def stats(self) -> QueueStats:
@@ -225,8 +220,7 @@ class GatherQueue(Endpoint):
     def wait_until_ready(self, timeout: float | None = None) -> None:
         """Block until every writer index has been attached (QueueTimeout names the missing)."""
         deadline = deadline_of(timeout)
-        if self._closed:
-            raise QueueClosed(f"{self!r} is closed")
+        self._guard.check()
         wait_all_attached(self._seg, self._geometry, deadline, self._policy.slice)
 
     # -- the put/get family -------------------------------------------------------------------
@@ -243,22 +237,20 @@ class GatherQueue(Endpoint):
         return self._seg.atomics.load32(self._geometry.peer_line(j) + L.STATE)
 
     def _all_writers_closed(self) -> bool:
-        # No writer line is expected or attached any more: one native look at every line.
+        # No writer line is expected or attached any more: one native look at every line
+        # (which also refuses a state word that holds none of the four states).
         first = self._geometry.peer_line(0) + L.SEQ
         return (
             self._seg.atomics.min_seq(first, L.GATHER_BLOCK, self.n_writers, L.STATE - L.SEQ,
-                                      L.GATING) is None
+                                      L.GATING, 0, (1 << 64) - 1, L.STATES) is None
         )  # fmt: skip
 
     def _raise_if_writer_dead(self) -> None:
         a = self._seg.atomics
         for j, ring in enumerate(self._rings):
-            line = self._geometry.peer_line(j)
-            if a.load32(line + L.STATE) != L.ATTACHED:
-                continue
-            pid, start = a.load64(line + L.PID), a.load64(line + L.START)
+            p = read_participant(a, self._geometry.peer_line(j), f"writer {j}")
             # Death first, data second (see RingReader.tick).
-            if not is_alive(pid, start) and not ring.has_data():
+            if p.state == L.ATTACHED and not p.alive() and not ring.has_data():
                 raise ring.broken()
 
     def _receive(self, deadline, timeout, want_kind, source):
@@ -286,13 +278,15 @@ class GatherQueue(Endpoint):
             # and then closes between the two looks is then seen with its message.
             all_closed = self._all_writers_closed()
             if scan(cursors, self._next) >= 0:
-                continue
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise timeout_error("get", timeout)
+                continue  # slots were published meanwhile (each pass consumes some)
             if all_closed:
                 raise QueueClosed("every writer closed the gather queue and all was read")
             self._any.slow.start()
             if not self._policy.wait(self._any, deadline):
-                raise QueueTimeout("get timed out" + (f" after {timeout:g} s" if timeout else ""))
-            if self._closed:
+                raise timeout_error("get", timeout)
+            if self.closed:
                 raise QueueClosed("the queue was closed while get was waiting")
 
     def get(self, timeout: float | None = None, writer: int | None = None) -> Any:

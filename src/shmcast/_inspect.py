@@ -5,21 +5,27 @@ Three library functions and the three subcommands of the ``shmcast`` command lin
 - :func:`inspect_queue` reads one queue's segment and returns a :class:`QueueState`: its
   geometry, its creator, and for every ring the writer's published sequence and each reader's
   consumed sequence, lag, state, pid, liveness and whether it sleeps;
-- :func:`list_segments` describes every ``shmcast-*`` entry of ``/dev/shm`` (:class:`SegmentInfo`),
-  including the ones that are not shmcast queues, of another layout version, or unreadable;
-- :func:`cleanup` removes the names of *orphaned* segments: valid shmcast queues whose creator
-  and every recorded participant are dead.  A segment with any live process, and any entry that
-  is not a valid shmcast queue of this layout version, is left alone.
+- :func:`list_segments` describes every shmcast segment it can find (:class:`SegmentInfo`): the
+  live ones, which have no name in /dev/shm (see ``_segment``) and are found through the
+  descriptors their processes hold (``/proc/*/fd``, where they show as ``/dev/shm/NAME
+  (deleted)``), and every ``shmcast-*`` entry still named in /dev/shm, including the ones that
+  are not shmcast queues, of another layout version, or unreadable;
+- :func:`cleanup` removes the names of *orphaned* segments: named shmcast queues whose creator
+  and every recorded participant are dead (what a creator killed while it created a queue
+  leaves).  A segment with any live process, an unnamed one, and any entry that is not a valid
+  shmcast queue of this layout version, is left alone.
 
-Reading is strictly passive: the segment is opened ``O_RDONLY`` and mapped ``PROT_READ``; no
-participant line is claimed and no word is written, so inspecting a queue cannot disturb it.
+Reading is strictly passive and cannot fault: the segment is opened ``O_RDONLY`` and read with
+``pread`` (never mapped), so a segment that another process truncates or removes while it is
+read gives a short read, reported as such, and never a SIGBUS; no participant line is claimed
+and no word is written, so inspecting a queue cannot disturb it.  Only processes of the same
+user (or all, for root) can be looked at.
 
-Consistency: a live queue changes while it is read.  Each 64-bit and 32-bit word is read with
-one aligned load (a native-order ``memoryview`` item, which is how the native atomics store
-them), and such a load is atomic on x86-64, so no single value is ever torn; but the values of
-different words come from slightly different instants.  One ordering is kept on purpose: in each
-ring the readers' sequences are read *before* the writer's, so that a lag (``write_seq -
-read_seq``) is never negative.
+Consistency: a live queue changes while it is read; the values of different words come from
+slightly different instants.  The control region is read twice, and each ring's readers are
+taken from the first read and its writer from the second, so that a lag (``write_seq -
+read_seq``) is never negative for a queue that is not corrupted.  Values read from a corrupted
+segment are shown as they are, never trusted (a pid that cannot be a process is not alive).
 
 Subcommands (for the ``shmcast`` command line; see :data:`COMMANDS`): each has an
 ``add_*_arguments(parser)`` that declares its options and a ``run_*(args) -> int`` that prints
@@ -33,9 +39,9 @@ import contextlib
 import dataclasses
 import json
 import logging
-import mmap
 import os
 import stat
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -45,7 +51,7 @@ from typing import Any
 from . import _layout as L
 from ._errors import SegmentError
 from ._liveness import is_alive
-from ._segment import PREFIX, SHM_DIR
+from ._segment import PREFIX, SHM_DIR, check_name
 
 log = logging.getLogger("shmcast")
 
@@ -169,7 +175,8 @@ class QueueState:
 
 @dataclass(frozen=True)
 class SegmentInfo:
-    """One ``shmcast-*`` entry of /dev/shm, from :func:`list_segments`.
+    """One shmcast segment, from :func:`list_segments`: a live queue (unnamed, found through
+    the descriptors its processes hold) or a ``shmcast-*`` entry of /dev/shm.
 
     For an entry whose ``status`` is not ``"ok"``, ``detail`` says what is wrong and the queue
     fields are None; such an entry is never an orphan (cleanup leaves it alone).
@@ -187,10 +194,13 @@ class SegmentInfo:
     live_pids: tuple[int, ...] = ()
     orphan: bool = False
     created_ns: int | None = None
+    where: str = "named"  #: "named" (an entry of /dev/shm) or "unnamed" (a live queue)
+    holders: tuple[int, ...] = ()  #: processes that hold the segment open
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["live_pids"] = list(self.live_pids)
+        data["holders"] = list(self.holders)
         data["created"] = None if self.created_ns is None else _format_time(self.created_ns)
         return data
 
@@ -206,75 +216,135 @@ def _normalize_name(name: str) -> str:
         if name.startswith(prefix):
             name = name[len(prefix) :]
             break
-    if not name or "/" in name or name in (".", ".."):
-        raise SegmentError(f"invalid segment name {name!r}")
-    return name
+    return check_name(name, own=False)
 
 
-class _Words:
-    """Aligned single loads of the native-order words of a read-only mapping.
+@dataclass(frozen=True)
+class _Location:
+    """Where a segment can be opened: by its name in /dev/shm, or else through a descriptor
+    that a live process holds (``holders``: every pid seen holding one)."""
 
-    An item of a ``memoryview`` cast to ``"Q"`` or ``"I"`` is copied out with one fixed-size
-    ``memcpy`` from an aligned address, which compiles to one load: atomic on x86-64, so a word
-    that another process updates is seen either before or after the update, never half of each.
-    """
+    name: str
+    named: bool
+    holders: tuple[int, ...] = ()
+    path: str = ""  #: the path to open: /dev/shm/NAME or /proc/PID/fd/FD
 
-    def __init__(self, buf: memoryview, end: int) -> None:
-        self._region = buf[:end]
-        self._u64 = self._region.cast("Q")
-        self._u32 = self._region.cast("I")
+    @property
+    def where(self) -> str:
+        return "named" if self.named else "unnamed"
+
+
+_DELETED = " (deleted)"
+
+
+def _held_segments() -> dict[str, list[tuple[int, int]]]:
+    """``name -> [(pid, fd), ...]`` for every shmcast segment a visible process holds open,
+    named or not (read from /proc/*/fd; processes of other users are skipped)."""
+    held: dict[str, list[tuple[int, int]]] = {}
+    prefix = f"{SHM_DIR}/{PREFIX}"
+    try:
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return held
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone, or not ours to look at
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                name = target[len(SHM_DIR) + 1 :].removesuffix(_DELETED)
+                held.setdefault(name, []).append((pid, int(fd)))
+    return held
+
+
+def _named_segments() -> list[str]:
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    return sorted(e for e in entries if e.startswith(PREFIX))
+
+
+def _locations(only: str | None = None) -> dict[str, _Location]:
+    """Every segment that can be found (or only the one called ``only``), by name."""
+    named = set(_named_segments())
+    held = _held_segments()
+    names = (named | set(held)) if only is None else {only} & (named | set(held))
+    out = {}
+    for name in sorted(names):
+        holders = tuple(sorted({pid for pid, _fd in held.get(name, ())}))
+        if name in named:
+            out[name] = _Location(name, True, holders, os.path.join(SHM_DIR, name))
+        else:
+            pid, fd = held[name][0]
+            out[name] = _Location(name, False, holders, f"/proc/{pid}/fd/{fd}")
+    return out
+
+
+class _Snapshot:
+    """The bytes of a segment's control region, read with pread, as native-order words."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
 
     def u64(self, off: int) -> int:
-        assert off % 8 == 0
-        return self._u64[off >> 3]
+        return struct.unpack_from("<Q", self._data, off)[0]
 
     def u32(self, off: int) -> int:
-        assert off % 4 == 0
-        return self._u32[off >> 2]
+        return struct.unpack_from("<I", self._data, off)[0]
 
-    def release(self) -> None:
-        self._u64.release()
-        self._u32.release()
-        self._region.release()
+
+def _pread(fd: int, size: int, name: str) -> bytes:
+    """``size`` bytes from offset 0; _Unusable if the file is shorter now (truncated)."""
+    try:
+        data = os.pread(fd, size, 0)
+    except OSError as exc:
+        raise _Unusable(STATUS_UNREADABLE, name, f"cannot read: {exc.strerror}") from None
+    if len(data) < size:
+        raise _Unusable(STATUS_CORRUPT, name, f"truncated while being read ({len(data)} bytes)")
+    return data
 
 
 @contextlib.contextmanager
-def _mapped_read_only(name: str) -> Iterator[memoryview]:
-    """Map /dev/shm/``name`` read-only.  Raises _Unusable (missing, unreadable, not a file,
-    empty)."""
-    path = os.path.join(SHM_DIR, name)
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # a FIFO must not block
+def _opened_read_only(loc: _Location) -> Iterator[tuple[int, int]]:
+    """Open the segment read-only; yield ``(fd, size)``.  Raises _Unusable (missing,
+    unreadable, not a file, empty)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY  # a FIFO must not block
+    if loc.named:
+        flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags)
+        fd = os.open(loc.path, flags)
     except FileNotFoundError:
-        raise _Unusable(_STATUS_MISSING, name, "no such segment") from None
+        raise _Unusable(_STATUS_MISSING, loc.name, "no such segment") from None
     except OSError as exc:
-        raise _Unusable(STATUS_UNREADABLE, name, f"cannot open: {exc.strerror}") from None
+        raise _Unusable(STATUS_UNREADABLE, loc.name, f"cannot open: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
+        if not loc.named and os.readlink(f"/proc/self/fd/{fd}").removesuffix(_DELETED) != (
+            f"{SHM_DIR}/{loc.name}"
+        ):
+            raise _Unusable(_STATUS_MISSING, loc.name, "its last holder let it go")
         if not stat.S_ISREG(st.st_mode):
-            raise _Unusable(STATUS_NOT_SHMCAST, name, "not a regular file")
+            raise _Unusable(STATUS_NOT_SHMCAST, loc.name, "not a regular file")
         if st.st_size == 0:
-            raise _Unusable(STATUS_NOT_SHMCAST, name, "empty (or still being created)")
-        try:
-            mapping = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
-        except OSError as exc:
-            raise _Unusable(STATUS_UNREADABLE, name, f"cannot map: {exc.strerror}") from None
+            raise _Unusable(STATUS_NOT_SHMCAST, loc.name, "empty (or still being created)")
+        yield fd, st.st_size
     finally:
         os.close(fd)
-    buf = memoryview(mapping)
-    try:
-        yield buf
-    finally:
-        buf.release()
-        mapping.close()
 
 
-def _read_header(buf: memoryview, name: str) -> L.Header:
-    """Validate the header, classifying what is wrong (raises _Unusable)."""
-    if len(buf) < L.HEADER.size:
-        raise _Unusable(STATUS_NOT_SHMCAST, name, f"too small ({len(buf)} bytes)")
-    magic, version = bytes(buf[0:8]), L.HEADER.unpack_from(buf, 0)[1]
+def _read_header(data: bytes, size: int, name: str) -> L.Header:
+    """Validate the header, classifying what is wrong (raises _Unusable).  ``data`` holds at
+    least the header's bytes when the file (of ``size`` bytes) has that many."""
+    if size < L.HEADER.size or len(data) < L.HEADER.size:
+        raise _Unusable(STATUS_NOT_SHMCAST, name, f"too small ({size} bytes)")
+    magic, version = data[0:8], L.HEADER.unpack_from(data, 0)[1]
     if magic != L.MAGIC:
         why = "no header (still being created?)" if magic == bytes(8) else f"bad magic {magic!r}"
         raise _Unusable(STATUS_NOT_SHMCAST, name, why)
@@ -285,7 +355,7 @@ def _read_header(buf: memoryview, name: str) -> L.Header:
             f"layout version {version} (this shmcast reads version {L.LAYOUT_VERSION})",
         )
     try:
-        return L.Header.read(buf, name)
+        return L.Header.read(data, name, size)
     except SegmentError as exc:
         reason = str(exc).removeprefix(f"segment {name!r} ").removeprefix("has a ")
         raise _Unusable(STATUS_CORRUPT, name, reason) from None
@@ -311,12 +381,14 @@ class _Liveness:
 
 
 def _read_ring(
-    words: _Words, g: L.Geometry, r: int, alive: _Liveness
+    first: _Snapshot, second: _Snapshot, g: L.Geometry, r: int, alive: _Liveness
 ) -> tuple[RingState, list[int]]:
-    """One ring's state; also returns the raw reader ``sleeping`` flags."""
+    """One ring's state, its readers from the ``first`` read and its writer from the
+    ``second``; also returns the raw reader ``sleeping`` flags."""
     ring = g.ring(r)
     # Readers first, the writer last: write_seq only grows and read_seq never passes it, so a
     # lag computed from these reads is never negative.
+    words = first
     raw_readers = []
     for i in range(ring.n_readers):
         line = ring.reader_line(i)
@@ -330,7 +402,7 @@ def _read_ring(
                 words.u64(line + L.MSGS),
             )
         )
-    w = ring.writer
+    w, words = ring.writer, second
     w_pid, w_start = words.u64(w + L.PID), words.u64(w + L.START)
     writer = WriterState(
         index=0 if g.kind == L.KIND_BROADCAST else r,
@@ -359,21 +431,20 @@ def _read_ring(
     return RingState(r, writer, tuple(readers)), [s for _, s, *_ in raw_readers]
 
 
-def _snapshot(buf: memoryview, name: str) -> tuple[QueueState, int]:
-    """Read a mapped segment; return its state and its nonce."""
-    header = _read_header(buf, name)
+def _snapshot(fd: int, size: int, name: str) -> tuple[QueueState, int]:
+    """Read an open segment; return its state and its nonce."""
+    head = _pread(fd, min(size, L.HEADER.size), name)
+    header = _read_header(head, size, name)
     g = header.geometry
-    words = _Words(buf, g.desc_off)
-    try:
-        alive = _Liveness()
-        sleepers = words.u32(L.SLEEPERS_OFF)
-        rings, flags = [], []
-        for r in range(g.n_rings):
-            ring, ring_flags = _read_ring(words, g, r, alive)
-            rings.append(ring)
-            flags.append(any(ring_flags))
-    finally:
-        words.release()
+    first = _Snapshot(_pread(fd, g.desc_off, name))
+    second = _Snapshot(_pread(fd, g.desc_off, name))
+    alive = _Liveness()
+    sleepers = second.u32(L.SLEEPERS_OFF)
+    rings, flags = [], []
+    for r in range(g.n_rings):
+        ring, ring_flags = _read_ring(first, second, g, r, alive)
+        rings.append(ring)
+        flags.append(any(ring_flags))
     if g.kind == L.KIND_GATHER and sleepers and not any(flags):
         # The gather reader waiting for *any* writer counts itself in `sleepers` only (it sets
         # no ring's flag): it waits for data on every ring.
@@ -391,7 +462,7 @@ def _snapshot(buf: memoryview, name: str) -> tuple[QueueState, int]:
         n_slots=g.n_slots,
         slot_size=g.slot_size,
         capacity=g.capacity,
-        size=len(buf),
+        size=size,
         creator_pid=header.creator_pid,
         creator_alive=alive(header.creator_pid, header.creator_start),
         created_ns=header.created_ns,
@@ -401,49 +472,47 @@ def _snapshot(buf: memoryview, name: str) -> tuple[QueueState, int]:
     return state, header.nonce
 
 
-def _inspect(name: str) -> tuple[QueueState, int]:
-    with _mapped_read_only(name) as buf:
-        return _snapshot(buf, name)
+def _inspect(loc: _Location) -> tuple[QueueState, int]:
+    with _opened_read_only(loc) as (fd, size):
+        return _snapshot(fd, size, loc.name)
 
 
 def inspect_queue(name: str) -> QueueState:
     """Read the queue in segment ``name`` (``shmcast-...``, also accepted with a leading ``/``
     or ``/dev/shm/``) without attaching to it or changing any word.
 
-    Any process of the segment's user may call it, at any time; it never blocks.  Raises
-    SegmentError when there is no such segment, it cannot be read, it is not a shmcast queue,
-    it has another layout version, or its header is corrupted (the message says which);
-    TypeError for a name that is not a str.
+    The segment is found by its name in /dev/shm or, for a live queue (which has none),
+    through a descriptor one of its processes holds.  Any process of the segment's user may
+    call it, at any time; it never blocks.  Raises SegmentError when there is no such segment,
+    it cannot be read, it is not a shmcast queue, it has another layout version, or its header
+    is corrupted (the message says which); TypeError for a name that is not a str.
     """
-    return _inspect(_normalize_name(name))[0]
+    name = _normalize_name(name)
+    loc = _locations(only=name).get(name)
+    if loc is None:
+        raise _Unusable(_STATUS_MISSING, name, "no such segment")
+    return _inspect(loc)[0]
 
 
-def _segment_names() -> list[str]:
+def _file_size(loc: _Location) -> int:
     try:
-        entries = os.listdir(SHM_DIR)
-    except FileNotFoundError:
-        return []
-    return sorted(e for e in entries if e.startswith(PREFIX))
-
-
-def _file_size(name: str) -> int:
-    try:
-        return os.lstat(os.path.join(SHM_DIR, name)).st_size
+        return os.stat(loc.path).st_size
     except OSError:
         return 0
 
 
-def _probe(name: str) -> tuple[SegmentInfo, int | None] | None:
-    """Describe one entry (None if it vanished meanwhile); also its nonce when valid."""
+def _probe(loc: _Location) -> tuple[SegmentInfo, int | None] | None:
+    """Describe one segment (None if it vanished meanwhile); also its nonce when valid."""
     try:
-        state, nonce = _inspect(name)
+        state, nonce = _inspect(loc)
     except _Unusable as exc:
         if exc.status == _STATUS_MISSING:
             return None
-        return SegmentInfo(name, _file_size(name), exc.status, exc.reason), None
+        info = SegmentInfo(loc.name, _file_size(loc), exc.status, exc.reason)
+        return dataclasses.replace(info, where=loc.where, holders=loc.holders), None
     live = state.live_pids
     info = SegmentInfo(
-        name=name,
+        name=loc.name,
         size=state.size,
         status=STATUS_OK,
         detail="",
@@ -453,21 +522,25 @@ def _probe(name: str) -> tuple[SegmentInfo, int | None] | None:
         creator_alive=state.creator_alive,
         participants_alive=len(live),
         live_pids=live,
-        orphan=not live,
+        orphan=loc.named and not live and not loc.holders,
         created_ns=state.created_ns,
+        where=loc.where,
+        holders=loc.holders,
     )
     return info, nonce
 
 
 def list_segments() -> list[SegmentInfo]:
-    """Every ``shmcast-*`` entry of /dev/shm, sorted by name, read-only.
+    """Every shmcast segment that can be found, sorted by name, read-only: the live ones
+    (unnamed, held open by their processes) and every ``shmcast-*`` entry still named in
+    /dev/shm.
 
     Entries that are not shmcast queues of this layout version are included with their status
-    (and never marked orphan).  Never blocks; an entry removed while being listed is skipped.
+    (and never marked orphan).  Never blocks; a segment gone while being listed is skipped.
     """
     infos = []
-    for name in _segment_names():
-        probed = _probe(name)
+    for loc in _locations().values():
+        probed = _probe(loc)
         if probed is not None:
             infos.append(probed[0])
     return infos
@@ -496,7 +569,8 @@ def orphan_reason(info: SegmentInfo) -> str:
 def _remove_if_still_orphan(info: SegmentInfo, nonce: int) -> str | None:
     """Re-read the segment just before removing its name: it must still hold the same queue
     and still be an orphan.  Returns None if removed, else why not."""
-    probed = _probe(info.name)
+    loc = _locations(only=info.name).get(info.name)
+    probed = None if loc is None or not loc.named else _probe(loc)
     if probed is None:
         return "already gone"
     again, again_nonce = probed
@@ -516,19 +590,20 @@ def _remove_if_still_orphan(info: SegmentInfo, nonce: int) -> str | None:
 def plan_and_cleanup(dry_run: bool = True, names: Iterable[str] | None = None) -> CleanupReport:
     """:func:`cleanup` with the whole story: what was kept and left alone, and why.
 
-    ``names`` restricts the work to those entries (default: every ``shmcast-*`` entry).
+    ``names`` restricts the work to those segments (default: every ``shmcast-*`` entry of
+    /dev/shm; a live queue, which has no name there, is kept if it is named explicitly).
     """
+    located = _locations()
     if names is None:
-        wanted = _segment_names()
+        wanted = [name for name, loc in located.items() if loc.named]
         not_found: list[str] = []
     else:
-        existing = set(_segment_names())
         normalized = [_normalize_name(n) for n in names]
-        wanted = [n for n in normalized if n in existing]
-        not_found = [n for n in normalized if n not in existing]
+        wanted = [n for n in normalized if n in located]
+        not_found = [n for n in normalized if n not in located]
     report = CleanupReport(dry_run, [], [], [], not_found, [])
     for name in wanted:
-        probed = _probe(name)
+        probed = _probe(located[name])
         if probed is None:
             report.not_found.append(name)
             continue
@@ -684,19 +759,19 @@ def format_queue_state(q: QueueState) -> str:
 def format_segment_list(infos: list[SegmentInfo]) -> str:
     """The table printed by ``shmcast ls``."""
     if not infos:
-        return f"no {PREFIX}* segments in {SHM_DIR}"
-    headers = ["NAME", "KIND", "SIZE", "CREATOR", "ALIVE", "LIVE", "ORPHAN", "STATUS"]
+        return f"no shmcast segments (none held by a process, no {PREFIX}* entry in {SHM_DIR})"
+    headers = ["NAME", "KIND", "SIZE", "WHERE", "CREATOR", "ALIVE", "LIVE", "ORPHAN", "STATUS"]
     rows = []
     for s in infos:
         if s.status == STATUS_OK:
             rows.append(
-                [s.name, s.kind or "?", _format_size(s.size), str(s.creator_pid),
+                [s.name, s.kind or "?", _format_size(s.size), s.where, str(s.creator_pid),
                  _yes_no(bool(s.creator_alive)), str(s.participants_alive),
                  _yes_no(s.orphan), "ok"]
             )  # fmt: skip
         else:
             status = f"{s.status}: {s.detail}"
-            rows.append([s.name, "-", _format_size(s.size), "-", "-", "-", "-", status])
+            rows.append([s.name, "-", _format_size(s.size), s.where, "-", "-", "-", "-", status])
     return _table(headers, rows)
 
 
@@ -737,7 +812,8 @@ def add_ls_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    """List every shmcast-* segment in /dev/shm with its creator and live processes."""
+    """List the shmcast segments (live queues and names left in /dev/shm) with their creator
+    and live processes."""
     infos = list_segments()
     if args.json:
         print(json.dumps([s.to_json() for s in infos], indent=2))
@@ -817,7 +893,7 @@ COMMANDS: dict[
 #: Subcommand name -> one-line help.
 SUMMARIES: dict[str, str] = {
     "inspect": "Show one queue's sequences, lags, sleepers and peers (read-only)",
-    "ls": "List the shmcast segments in /dev/shm",
+    "ls": "List the shmcast segments: live queues, and names left in /dev/shm",
     "cleanup": "Remove segments whose every process is dead (dry run unless --yes)",
 }
 

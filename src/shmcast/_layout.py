@@ -17,7 +17,7 @@ writers, each with the one reader).  Layout::
                                               gather: per writer j, three lines: its writer
                                               line, the reader's line for ring j, and ring j's
                                               space_futex
-    desc_off          32 * n_slots * rings    slot descriptors, ring after ring (128-aligned)
+    desc_off          64 * n_slots * rings    slot descriptors, ring after ring (128-aligned)
     data_off          ring_bytes * rings      slot data (4096-aligned; each ring page-aligned)
 
 Header (little-endian)::
@@ -35,6 +35,8 @@ Header (little-endian)::
     +64  u64  created_ns       wall clock at creation
     +72  u64  desc_off
     +80  u64  data_off
+    +88  u32  options          OPT_* bits: how the creator set the queue up
+    +92  u32  reserved         zero
 
 Participant line (the same shape for writers and readers)::
 
@@ -50,13 +52,24 @@ Participant line (the same shape for writers and readers)::
 Each 128-byte line (two 64-byte lines, so that the adjacent-line prefetcher does not couple
 neighbours) is written on the fast path by one process only.  Sequences are 64-bit and never wrap.
 
-Slot descriptor (slot *j* of a ring at ``desc_off + 32 * j``)::
+Slot descriptor (slot *j* of a ring at ``desc_off + 64 * j``: one cache line each, so that
+the writer filling one slot's descriptor never shares a line with a reader of the previous)::
 
-    +0   u64  total            message length (FIRST), or slots in the run (PAD)
-    +8   u32  nbytes           payload bytes in this slot
+    +0   u64  total            message length (FIRST, CONT), or slots in the run (PAD)
+    +8   u32  check            a hash of the other fields keyed by the nonce
     +12  u32  flags            FLAG_* bits, and the message kind in bits 8..15
     +16  u64  msg_no           message number, the same in every slot of a message
-    +24  u64  reserved
+    +24  u64  seq              the sequence of the slot it describes (not its index)
+    +32  u32  crc              with OPT_CHECKSUM: CRC-32C of the payload it describes; else 0
+    +36  28   unused           zero
+
+A slot carries ``min(slot_size, bytes left)`` of its message: all of it for a contiguous message
+(the first slot's descriptor covers the run), ``slot_size`` for every slot of a streamed message
+but its last.  ``seq`` and ``check`` let a reader refuse a descriptor left from an earlier lap,
+moved there by a stray process or copied from another queue, ``crc`` a payload another process
+wrote into (docs/protocol.md, "Trust").  ``crc`` covers the whole message for a contiguous one,
+the slot's own bytes for each slot of a streamed one.
+Only the first slot of a contiguous message or of a padding run has a descriptor of its own.
 """
 
 from __future__ import annotations
@@ -67,7 +80,7 @@ from dataclasses import dataclass
 from ._errors import SegmentError
 
 MAGIC = b"SHMCAST\x00"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 KIND_BROADCAST = 1
 KIND_GATHER = 2
 KIND_NAMES = {KIND_BROADCAST: "broadcast", KIND_GATHER: "gather"}
@@ -75,9 +88,11 @@ KIND_NAMES = {KIND_BROADCAST: "broadcast", KIND_GATHER: "gather"}
 LINE = 128
 PAGE = 4096
 SLOT_ALIGN = 64
-DESC_SIZE = 32
+DESC_SIZE = 64
 
-HEADER = struct.Struct("<8sIIQQIIQQQQQQ")
+HEADER = struct.Struct("<8sIIQQIIQQQQQQII")
+OPT_CHECKSUM = 1 << 0  #: payloads carry a CRC-32C, which readers check
+OPTIONS = OPT_CHECKSUM  #: every option this version knows
 
 # Fixed lines.
 BCAST_WRITER_OFF = 1 * LINE
@@ -104,6 +119,7 @@ ATTACHED = 2
 DETACHED = 4  # left cleanly (a writer: closed); the index may be taken again
 DROPPED = 8  # found dead and dropped by its peer
 GATING = EXPECTED | ATTACHED
+STATES = EXPECTED | ATTACHED | DETACHED | DROPPED  #: a state word holds exactly one of these
 STATE_NAMES = {EXPECTED: "expected", ATTACHED: "attached", DETACHED: "detached", DROPPED: "dropped"}
 
 # Descriptor flags.
@@ -116,7 +132,6 @@ KIND_MASK = 0xFF << KIND_SHIFT
 MSG_RAW = 1  # bytes from put_bytes / reserve
 MSG_OBJECT = 2  # an object encoded by the queue's serializer
 
-DESC = struct.Struct("<QIIQQ")
 
 MAX_PEERS = 1024
 MAX_SLOTS = 1 << 20
@@ -241,6 +256,12 @@ class Header:
     creator_pid: int
     creator_start: int
     created_ns: int
+    options: int = 0  #: OPT_* bits
+
+    @property
+    def checksum(self) -> bool:
+        """Payloads carry a CRC-32C."""
+        return bool(self.options & OPT_CHECKSUM)
 
     def pack_into(self, buf: memoryview) -> None:
         """Write everything but the magic (the creator writes the magic last)."""
@@ -248,16 +269,18 @@ class Header:
         HEADER.pack_into(
             buf, 0, b"\0" * 8, self.version, g.kind, self.nonce, g.total_size, g.n_peers,
             g.n_slots, g.slot_size, self.creator_pid, self.creator_start, self.created_ns,
-            g.desc_off, g.data_off,
+            g.desc_off, g.data_off, self.options, 0,
         )  # fmt: skip
 
     @classmethod
-    def read(cls, buf: memoryview, name: str) -> Header:
-        """Parse and validate a header; SegmentError says what is wrong with it."""
+    def read(cls, buf: memoryview | bytes, name: str, size: int | None = None) -> Header:
+        """Parse and validate a header; SegmentError says what is wrong with it.  ``size`` is
+        the segment's size (default: ``len(buf)``, for a mapping of all of it)."""
+        size = len(buf) if size is None else size
         if len(buf) < HEADER.size:
             raise SegmentError(f"segment {name!r} is too small to be a shmcast queue")
         (magic, version, kind, nonce, total, n_peers, n_slots, slot_size, pid, start, created,
-         desc_off, data_off) = HEADER.unpack_from(buf, 0)  # fmt: skip
+         desc_off, data_off, options, _reserved) = HEADER.unpack_from(buf, 0)  # fmt: skip
         if magic != MAGIC:
             raise SegmentError(f"segment {name!r} is not a shmcast queue (bad magic {magic!r})")
         if version != LAYOUT_VERSION:
@@ -274,8 +297,10 @@ class Header:
         expected = (geometry.desc_off, geometry.data_off, geometry.total_size)
         if expected != (desc_off, data_off, total):
             raise SegmentError(f"segment {name!r} has a corrupted header (inconsistent offsets)")
-        if total > len(buf):
+        if total > size:
             raise SegmentError(
-                f"segment {name!r} is truncated: its header says {total} bytes, found {len(buf)}"
+                f"segment {name!r} is truncated: its header says {total} bytes, found {size}"
             )
-        return cls(version, nonce, geometry, pid, start, created)
+        if options & ~OPTIONS:
+            raise SegmentError(f"segment {name!r} has a corrupted header (options {options:#x})")
+        return cls(version, nonce, geometry, pid, start, created, options)

@@ -7,6 +7,15 @@ from collections.abc import Iterator
 
 _SELF: tuple[int, int] | None = None
 
+#: The largest pid Linux can hand out (PID_MAX_LIMIT on 64-bit systems).  A pid word beyond it,
+#: read from a segment, is corruption, not a process.
+PID_MAX = 1 << 22
+
+
+def plausible_pid(pid: int) -> bool:
+    """True if ``pid`` (any int, e.g. read from shared memory) can be a process id."""
+    return 0 < pid <= PID_MAX
+
 
 def stat_fields(pid: int) -> list[bytes] | None:
     """Fields 3.. of /proc/PID/stat (so index 0 is the state letter, field 3), or None when
@@ -51,9 +60,9 @@ def is_alive(pid: int, start_time: int) -> bool:
     """True while the process ``pid`` exists and is the one that started at ``start_time``.
 
     A zombie (exited, not yet reaped) counts as dead.  A start time of 0 (unknown) checks
-    existence only.
+    existence only.  Any int is accepted: one that cannot be a pid is not alive.
     """
-    if pid <= 0:
+    if not plausible_pid(pid):
         return False
     try:
         os.kill(pid, 0)

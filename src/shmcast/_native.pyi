@@ -1,4 +1,4 @@
-"""Typed interface of the native core (see _native.c)."""
+"""Typed interface of the native core (see _csrc/)."""
 
 from collections.abc import Buffer, Sequence
 
@@ -48,7 +48,7 @@ class Atomics:
         """Drop the buffer (BufferError while a thread waits in wait32)."""
 
 class Cursor:
-    """One endpoint's position in one ring, and its per-message fast path (see _native.c).
+    """One endpoint's position in one ring, and its per-message fast path (see _csrc/).
 
     Built once per ring endpoint over the segment's :class:`Atomics`; offsets are checked
     then.  Not thread-safe: the queue endpoint serializes calls.  After the Atomics object is

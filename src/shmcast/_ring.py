@@ -19,7 +19,17 @@ as P1..P6.  In brief:
   gating sequence (the minimum ``read_seq``) and recomputes it, in one native call, only when the
   cache says the ring is full;
 - a waiter that must sleep announces itself, re-checks, and sleeps on a futex word for at most one
-  slice (P3/P4), so that it also looks at its peer's liveness once per slice.
+  slice (P3/P4), so that it also looks at its peer's liveness once per slice;
+- nothing read from the segment is trusted (docs/protocol.md, "Trust"): every sequence is
+  checked against what its writer can have written (the Cursor's ``observe`` and the bounds
+  given to ``min_seq``), every descriptor against its slot's sequence and its check word, every
+  length against the ring and its message, every state and pid by
+  :func:`~shmcast._participants.read_participant`.  An impossible value raises SegmentError at
+  once; every loop over slots is bounded by the ring's geometry;
+- every change of an endpoint's position is one native call (``publish``, ``release``,
+  ``finish``), so an exception raised between two statements (a signal handler's
+  KeyboardInterrupt) never leaves the position and the stored sequence out of step, and a
+  streamed message's progress is derived from the position, never kept beside it.
 
 Who may call what: a :class:`RingWriter` belongs to the one writer process, a :class:`RingReader`
 to the process attached at its index.  Neither is thread-safe; the queue serializes calls.
@@ -32,7 +42,6 @@ import time
 
 from . import _layout as L
 from ._errors import (
-    AttachError,
     MessageKindError,
     MessageTooLarge,
     QueueBroken,
@@ -40,8 +49,8 @@ from ._errors import (
     QueueTimeout,
     SegmentError,
 )
-from ._liveness import identity, is_alive
-from ._native import EARLY_WRAP_MIN, Cursor
+from ._native import EARLY_WRAP_MIN, Cursor, crc32c
+from ._participants import announce, read_participant
 from ._segment import Segment
 from ._wait import WaitPolicy
 
@@ -49,101 +58,30 @@ log = logging.getLogger("shmcast")
 
 _DEC = 0xFFFFFFFF  # adding this to a u32 subtracts one
 _WAKE_ALL = 0
+_FLAG_BITS = L.FLAG_FIRST | L.FLAG_CONT | L.FLAG_PAD | L.FLAG_CONTIG
+_KINDS = (L.MSG_RAW, L.MSG_OBJECT)
 #: While the readers keep up, large messages (``EARLY_WRAP_MIN`` bytes and up) use only about
 #: this much of the ring, so that it stays in the processor's cache; see
 #: :meth:`RingWriter._early_wrap`.
 HOT_BYTES = 4 << 20
 
 
-def _timeout_error(what: str, timeout_of: float | None) -> QueueTimeout:
+def timeout_error(what: str, timeout_of: float | None) -> QueueTimeout:
+    """The QueueTimeout a blocking ``what`` raises when its ``timeout`` ran out."""
     return QueueTimeout(f"{what} timed out" + (f" after {timeout_of:g} s" if timeout_of else ""))
-
-
-def initialize(seg: Segment, header: L.Header) -> None:
-    """Write a fresh segment's header and control words (creator only, before any handle is
-    given out: the hand-over of the handle orders these stores before any peer's loads).
-
-    Broadcast: the creator is the writer, every reader index is *expected*.  Gather: the
-    creator is the reader (of every ring), every writer index is *expected*.
-    """
-    buf, a, g = seg.buf, seg.atomics, header.geometry
-    header.pack_into(buf)
-    pid, start = identity()
-    for r in range(g.n_rings):
-        ring = g.ring(r)
-        if g.kind == L.KIND_BROADCAST:
-            mine, theirs = [ring.writer], [ring.reader_line(i) for i in range(ring.n_readers)]
-        else:
-            mine, theirs = [ring.reader_line(0)], [ring.writer]
-        for line in mine:
-            a.store64(line + L.PID, pid)
-            a.store64(line + L.START, start)
-            a.store32(line + L.STATE, L.ATTACHED)
-        for line in theirs:
-            a.store32(line + L.STATE, L.EXPECTED)
-    buf[0:8] = L.MAGIC  # last: a half-initialised segment never passes validation
-
-
-def claim_line(a, line: int, what: str) -> int:
-    """Take the participant line at ``line`` for the calling process; return its old state.
-
-    The line is free if it is *expected*, *detached*, or held by a process that died.
-    AttachError otherwise.  Ownership is the compare-exchange of the pid word; the caller then
-    sets the state (P5).
-    """
-    pid, start = identity()
-    state = a.load32(line + L.STATE)
-    old_pid, old_start = a.load64(line + L.PID), a.load64(line + L.START)
-    if old_pid and state != L.DETACHED and is_alive(old_pid, old_start):
-        who = "this process" if old_pid == pid else f"pid {old_pid}"
-        raise AttachError(f"{what} is already attached by {who}")
-    if not a.cas64(line + L.PID, old_pid, pid):
-        raise AttachError(f"{what} was taken by another process just now")
-    a.store64(line + L.START, start)
-    return state
-
-
-def check_index(index: object, count: int, what: str) -> int:
-    """Validate a reader or writer index (AttachError with the valid range)."""
-    if not isinstance(index, int) or isinstance(index, bool):
-        raise AttachError(f"{what} index must be an int, not {type(index).__name__}")
-    if not 0 <= index < count:
-        raise AttachError(
-            f"{what} index {index} is out of range: this queue has {count} {what}(s), "
-            f"indices 0 to {count - 1}"
-        )
-    return index
-
-
-def event_wait(a, futex_off: int, ready, deadline: float | None, slice_: float, tick=None) -> bool:
-    """Wait for a rare state change announced by P5 (bump ``futex_off``, wake all).
-
-    The futex word is read *before* ``ready()`` is evaluated, so a change made after the check
-    makes ``wait32`` return at once: no wake-up is lost.  Returns ``ready()``'s final answer.
-    """
-    while True:
-        seen = a.load32(futex_off)
-        if ready():
-            return True
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            return False
-        if tick is not None:
-            tick()
-        a.wait32(futex_off, seen, slice_ if deadline is None else min(slice_, deadline - now))
-
-
-def announce(a, futex_off: int) -> None:
-    """The other half of :func:`event_wait`: bump the word and wake every waiter (P5)."""
-    a.add32(futex_off, 1)
-    a.wake32(futex_off, _WAKE_ALL)
 
 
 class RingWriter:
     """The writer's side of one ring: claim free slots, fill, publish."""
 
     def __init__(
-        self, seg: Segment, ring: L.RingLayout, policy: WaitPolicy, on_dead_reader: str = "raise"
+        self,
+        seg: Segment,
+        ring: L.RingLayout,
+        policy: WaitPolicy,
+        on_dead_reader: str = "raise",
+        *,
+        header: L.Header,
     ) -> None:
         if on_dead_reader not in ("raise", "drop"):
             raise ValueError(f"on_dead_reader must be 'raise' or 'drop', not {on_dead_reader!r}")
@@ -161,6 +99,7 @@ class RingWriter:
             self._a, ring.n_slots, ring.slot_size, ring.data_off, ring.desc_off,
             ring.writer + L.SEQ, ring.writer + L.MSGS, ring.writer + L.SEQ,
             ring.sleepers, ring.data_futex, _WAKE_ALL, count_off=ring.announced,
+            key=header.nonce, checksum=header.checksum,
         )  # fmt: skip
         # Large messages stay within the first HOT_BYTES of the ring while the readers keep
         # up (see begin_contiguous); cursor.early is where the next look at that is due.
@@ -184,8 +123,14 @@ class RingWriter:
     # -- the Waiter protocol, for space (P4) --------------------------------------------------
 
     def _gating(self) -> int:
-        ring = self._ring
-        m = self._a.min_seq(ring.readers, L.LINE, ring.n_readers, L.STATE - L.SEQ, L.GATING)
+        ring, c = self._ring, self.cursor
+        # A gating reader has consumed only published slots (at most ``stored``), and is never
+        # more than a ring behind the writer's position (I1, and "Joining late" for a reader
+        # that takes an index over): anything else in its sequence word is corruption.
+        m = self._a.min_seq(
+            ring.readers, L.LINE, ring.n_readers, L.STATE - L.SEQ, L.GATING,
+            max(0, c.pos - self._n), c.stored, L.STATES,
+        )  # fmt: skip
         if m is None:
             if self.reader_required:
                 self._orphaned = True
@@ -222,14 +167,15 @@ class RingWriter:
         blockers = []
         for i in range(ring.n_readers):
             line = ring.reader_line(i)
-            state, seq = a.load32(line + L.STATE), a.load64(line + L.SEQ)
-            if not state & L.GATING or seq >= limit:
+            p = read_participant(a, line, f"reader {i}")
+            seq = a.load64(line + L.SEQ)
+            if not p.state & L.GATING or seq >= limit:
                 continue
-            if state == L.EXPECTED:
+            if p.state == L.EXPECTED:
                 blockers.append(f"reader {i} (not attached yet)")
                 continue
-            pid, start = a.load64(line + L.PID), a.load64(line + L.START)
-            if is_alive(pid, start):
+            pid = p.pid
+            if p.alive():
                 blockers.append(f"reader {i} (pid {pid}, alive) is {w - seq} slots behind")
                 continue
             # pid 0 on an attached line: a remote reader its publisher found dead (it went
@@ -241,7 +187,7 @@ class RingWriter:
                     announce(a, L.ATTACH_FUTEX_OFF)
                 continue
             raise QueueBroken(
-                f"reader {i} ({who}) died without releasing slot {a.load64(line + L.SEQ)}; "
+                f"reader {i} ({who}) died without releasing slot {seq}; "
                 "the writer cannot reuse it (on_dead_reader='drop' goes on without it)",
                 peer=f"reader {i}",
                 pid=pid,
@@ -266,7 +212,7 @@ class RingWriter:
             self.waits += 1
             self._slow.start()
             if not self.policy.wait(self, deadline):
-                raise _timeout_error("put", timeout)
+                raise timeout_error("put", timeout)
         if self.closing:
             raise QueueClosed("the queue was closed while put was waiting")
         if self._orphaned:
@@ -275,33 +221,22 @@ class RingWriter:
     def publish(self, k: int) -> None:
         """Make the next ``k`` filled slots, and any held back, visible (P1) and wake sleeping
         readers (P3)."""
-        self.cursor.pos += k
-        self.cursor.flush()
+        self.cursor.publish(k, True)
 
     def flush(self) -> None:
         """Publish the slots held back by ``publish=False``."""
         self.cursor.flush()
 
-    def _desc(self, seq: int, total: int, nbytes: int, flags: int, msg_no: int) -> None:
-        L.DESC.pack_into(
-            self._buf, self._ring.desc_at(seq % self._n), total, nbytes, flags, msg_no, 0
-        )
-
-    def _count_message(self) -> int:
-        c = self.cursor
-        msg_no = c.msgs
-        c.msgs = msg_no + 1
-        self._a.store64(self._ring.writer + L.MSGS, c.msgs)
-        return msg_no
-
     def begin_contiguous(
-        self, total: int, deadline: float | None, timeout: float | None = None
+        self, total: int, kind: int, deadline: float | None, timeout: float | None = None
     ) -> tuple[int, memoryview]:
-        """Claim room for a contiguous message of ``total`` bytes; return (slots, region).
+        """Claim room for a contiguous message of ``total`` bytes of ``kind``; return (slots,
+        region).
 
         The region is writable until :meth:`commit_contiguous`; nothing is published before
         that, so abandoning it sends nothing.  A run of padding is published first if the
-        message would otherwise wrap around the end of the ring.
+        message would otherwise wrap around the end of the ring.  The message's descriptor is
+        stored now, before the caller's data (the order readers check, docs/protocol.md).
         """
         slot, n = self._slot, self._n
         k = max(1, -(-total // slot))
@@ -318,10 +253,11 @@ class RingWriter:
             pad = self._early_wrap(idx, k)
         if pad:
             self.claim(pad, deadline, timeout)
-            self._desc(c.pos, pad, 0, L.FLAG_PAD, c.msgs)
+            c.write_desc(c.pos, pad, L.FLAG_PAD, c.msgs)
             self.publish(pad)
             idx = 0
         self.claim(k, deadline, timeout)
+        c.write_desc(c.pos, total, L.FLAG_FIRST | L.FLAG_CONTIG | (kind << L.KIND_SHIFT), c.msgs)
         off = self._ring.data_at(idx)
         return k, self._buf[off : off + total]
 
@@ -353,15 +289,14 @@ class RingWriter:
         c.early = lap_end + self._hot
         return n - idx
 
-    def commit_contiguous(self, k: int, total: int, kind: int, publish: bool = True) -> None:
-        """Publish the message begun by :meth:`begin_contiguous`; with ``publish=False`` hold it
-        back until :meth:`flush` (or the next publish, or a wait for space) to batch."""
-        flags = L.FLAG_FIRST | L.FLAG_CONTIG | (kind << L.KIND_SHIFT)
-        self._desc(self.cursor.pos, total, min(total, self._slot), flags, self._count_message())
-        if publish:
-            self.publish(k)
-        else:
-            self.cursor.pos += k
+    def commit_contiguous(self, k: int, total: int, publish: bool = True) -> None:
+        """Publish the message of ``total`` bytes begun by :meth:`begin_contiguous`; with
+        ``publish=False`` hold it back until :meth:`flush` (or the next publish, or a wait for
+        space) to batch."""
+        c = self.cursor
+        c.seal(c.pos, total)  # its checksum, if the queue has them
+        c.count_message()  # the number its descriptor carries; an interruption here spends it
+        c.publish(k, publish)
 
     def write_streamed(
         self,
@@ -377,9 +312,9 @@ class RingWriter:
         readers see the next message start with another number and drop the unfinished one.
         """
         slot, n = self._slot, self._n
-        msg_no = self._count_message()
-        source = _Source(parts)
         c = self.cursor
+        msg_no = c.count_message()
+        source = _Source(parts)
         done = 0
         flags = L.FLAG_FIRST | (kind << L.KIND_SHIFT)
         while done < total:
@@ -387,11 +322,13 @@ class RingWriter:
             idx = c.pos % n
             b = min(c.bound - c.pos, n - idx, -(-(total - done) // slot))
             nbytes = min(total - done, b * slot)
+            for j in range(b):  # descriptors before data, as readers check them
+                c.write_desc(c.pos + j, total, flags, msg_no)
+                flags = L.FLAG_CONT | (kind << L.KIND_SHIFT)
             off = self._ring.data_at(idx)
             source.copy_into(self._buf[off : off + nbytes])
             for j in range(b):
-                self._desc(c.pos + j, total, min(slot, nbytes - j * slot), flags, msg_no)
-                flags = L.FLAG_CONT | (kind << L.KIND_SHIFT)
+                c.seal(c.pos + j, min(slot, nbytes - j * slot))
             done += nbytes
             self.publish(b)
 
@@ -488,21 +425,32 @@ class _Source:
 
 
 class _Partial:
-    """A streamed message being assembled by a reader (kept across a get() timeout)."""
+    """A streamed message being assembled by a reader (kept across a get() timeout).
 
-    __slots__ = ("data", "filled", "kind", "msg_no")
+    Its progress is not stored: the bytes copied so far are ``(cursor.pos - first) *
+    slot_size`` (every slot of a streamed message but its last is full), so a call interrupted
+    between a copy and the release that follows it leaves nothing inconsistent; ``data`` is cut
+    back to that length before each copy.  ``data`` grows with the slots as they arrive, so
+    memory follows what the writer actually sent, never the length its first slot claims.
+    """
 
-    def __init__(self, msg_no: int, kind: int, total: int) -> None:
+    __slots__ = ("data", "first", "kind", "msg_no", "total")
+
+    def __init__(self, msg_no: int, kind: int, total: int, first: int) -> None:
         self.msg_no = msg_no
         self.kind = kind
-        self.data = bytearray(total)
-        self.filled = 0
+        self.total = total
+        self.first = first
+        self.data = bytearray()
 
 
 class RingReader:
     """A reader's side of one ring: wait for published slots, read them, release them."""
 
-    def __init__(self, seg: Segment, ring: L.RingLayout, index: int, policy: WaitPolicy) -> None:
+    def __init__(
+        self, seg: Segment, ring: L.RingLayout, index: int, policy: WaitPolicy, *,
+        header: L.Header,
+    ) -> None:  # fmt: skip
         self._a = seg.atomics
         self._buf = seg.buf
         self._ring = ring
@@ -521,6 +469,7 @@ class RingReader:
             self._a, ring.n_slots, ring.slot_size, ring.data_off, ring.desc_off,
             self._seq_off, self._line + L.MSGS, self._wseq_off,
             ring.writer + L.SLEEPING, ring.space_futex, 1,
+            key=header.nonce, checksum=header.checksum,
         )  # fmt: skip
         c.bound = c.pos
         self._target = 0
@@ -564,19 +513,18 @@ class RingReader:
     # -- the Waiter protocol, for data (P3) -----------------------------------------------------
 
     def has_data(self) -> bool:
-        """True when the slot at our sequence is published.  (Acquire load, P1.)"""
-        w = self._a.load64(self._wseq_off)
-        if w > self.cursor.pos:
-            self.cursor.bound = w
-            return True
-        return False
+        """True when the slot at our sequence is published.  (Acquire load, P1; checked.)"""
+        return self.cursor.observe() > self.cursor.pos
+
+    def _writer_state(self) -> int:
+        state = self._a.load32(self._wstate_off)
+        if state not in L.STATE_NAMES:
+            raise SegmentError(f"corrupted queue: the {self.writer_name} has an unknown state")
+        return state
 
     def ready(self) -> bool:
-        a = self._a
-        state = a.load32(self._wstate_off)  # P6: state before sequence
-        w = a.load64(self._wseq_off)
-        if w >= self._target:
-            self.cursor.bound = w
+        state = self._writer_state()  # P6: state before sequence
+        if self.cursor.observe() >= self._target:
             return True
         return bool(state & (L.DETACHED | L.DROPPED)) or self.closing
 
@@ -601,19 +549,17 @@ class RingReader:
     def tick(self) -> None:
         """A dead writer: once everything it published is read, raise QueueBroken.
         After a long wait, log whom we wait for."""
-        a, line = self._a, self._ring.writer
         # Death first, sequence second: a writer that publishes and then dies between our two
         # looks must not be declared drained (its last message is still to be read).
-        state = a.load32(self._wstate_off)
-        pid, start = a.load64(line + L.PID), a.load64(line + L.START)
-        dead = state == L.ATTACHED and not is_alive(pid, start)
-        if a.load64(self._wseq_off) >= self._target:
+        p = read_participant(self._a, self._ring.writer, f"the {self.writer_name}")
+        dead = p.state == L.ATTACHED and not p.alive()
+        if self.cursor.observe() >= self._target:
             return
         if dead:
             raise self.broken()
         waited = self._slow.due(self.policy)
         if waited is not None:
-            who = "not attached yet" if state == L.EXPECTED else f"pid {pid}, alive"
+            who = "not attached yet" if p.state == L.EXPECTED else f"pid {p.pid}, alive"
             log.log(
                 self.warn_level,
                 "get on %s has waited %.1f s for %s (%s); nothing new since sequence %d",
@@ -621,7 +567,7 @@ class RingReader:
             )  # fmt: skip
 
     def broken(self) -> QueueBroken:
-        pid = self._a.load64(self._ring.writer + L.PID)
+        pid = read_participant(self._a, self._ring.writer, f"the {self.writer_name}").pid
         return QueueBroken(
             f"{self.writer_name} (pid {pid}) died; everything it published has been read",
             peer=self.writer_name,
@@ -632,30 +578,24 @@ class RingReader:
 
     def wait_published(self, count: int, deadline: float | None, timeout: float | None) -> None:
         """Block until slots ``[r, r+count)`` are published (I2).
-        QueueTimeout, QueueClosed (writer closed, all read), QueueBroken (writer died)."""
-        target = self.cursor.pos + count
-        if target <= self.cursor.bound:
+        QueueTimeout, QueueClosed (writer closed, all read), QueueBroken (writer died),
+        SegmentError (the writer's sequence is impossible)."""
+        c = self.cursor
+        target = c.pos + count
+        if target <= c.bound:
             return
         self._target = target
-        if self.ready() and self.cursor.bound >= target:
+        if self.ready() and c.bound >= target:
             return
         self.flush()  # the writer may be waiting for the slots we hold back
         self.waits += 1
         self._slow.start()
         if not self.policy.wait(self, deadline):
-            raise _timeout_error("get", timeout)
+            raise timeout_error("get", timeout)
         if self.closing:
             raise QueueClosed("the queue was closed while get was waiting")
-        if self.cursor.bound < target:
-            self.cursor.bound = self._a.load64(self._wseq_off)  # re-read after seeing closed (P6)
-            if self.cursor.bound < target:
-                raise QueueClosed("the writer closed the queue and everything it sent was read")
-
-    def release(self, k: int) -> None:
-        """Hand ``k`` more slots, and any held back, to the writer (P2) and wake it if it
-        sleeps for space (P4)."""
-        self.cursor.pos += k
-        self.cursor.flush()
+        if c.bound < target and c.observe() < target:  # re-read after seeing closed (P6)
+            raise QueueClosed("the writer closed the queue and everything it sent was read")
 
     def flush(self) -> None:
         """Release the slots that :meth:`finish_message` held back (``defer=True``)."""
@@ -663,11 +603,18 @@ class RingReader:
 
     def finish_message(self, k: int, defer: bool = False) -> None:
         """Count a delivered message and release its ``k`` slots; with ``defer=True`` hold the
-        release back until :meth:`flush` (to batch; only for messages already copied out)."""
+        release back until :meth:`flush` (to batch; only for messages already copied out).
+        SegmentError, nothing released, if the slots were reused while they were read."""
         self.cursor.finish(k, defer)
 
     def _corrupt(self, why: str) -> SegmentError:
         return SegmentError(f"corrupted slot at sequence {self.cursor.pos}: {why}")
+
+    def _kind_of(self, flags: int) -> int:
+        kind = (flags & L.KIND_MASK) >> L.KIND_SHIFT
+        if kind not in _KINDS or flags & ~(_FLAG_BITS | L.KIND_MASK):
+            raise self._corrupt(f"flags {flags:#x}")
+        return kind
 
     def next_message(
         self, deadline: float | None, timeout: float | None, want_kind: int | None = None
@@ -677,9 +624,11 @@ class RingReader:
         For a contiguous message ``data`` lies in the ring and the caller must call
         ``finish_message(slots)`` once done with it; for a streamed one ``data`` is private and
         ``slots`` is 0.  With ``want_kind`` given, a message of another kind raises
-        MessageKindError and stays in the queue.
+        MessageKindError and stays in the queue.  A pass that skipped slots without finding a
+        message looks at the deadline: a writer that keeps publishing slots to skip cannot hold
+        the call past its timeout.
         """
-        n, slot, buf, ring, c = self._n, self._slot, self._buf, self._ring, self.cursor
+        buf, c = self._buf, self.cursor
         while True:
             if self._partial is not None:
                 if want_kind is not None and self._partial.kind != want_kind:
@@ -689,7 +638,7 @@ class RingReader:
                     return done
                 continue
             # The fast path: a contiguous message is published at our position (one native
-            # call: the acquire load of write_seq, P1, and the descriptor).
+            # call: the acquire load of write_seq, P1, and the checked descriptor).
             fast = c.next()
             if fast is not None:
                 kind, off, total, k = fast
@@ -699,40 +648,46 @@ class RingReader:
             if c.pos >= c.bound:  # next() found nothing published: wait, then look again
                 self.wait_published(1, deadline, timeout)
                 continue
-            # Published, but declined by next(): padding, a streamed message, or corruption.
+            # Published, but declined by next(): padding or a streamed message.
             head = self._head()
             if head is None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise timeout_error("get", timeout)
                 continue
+            if head[1] & L.FLAG_CONTIG:
+                continue  # a contiguous message after padding: next() takes it
             total, flags, msg_no = head
-            kind = (flags & L.KIND_MASK) >> L.KIND_SHIFT
+            kind = self._kind_of(flags)
             if want_kind is not None and kind != want_kind:
                 raise MessageKindError(_kind_mismatch(kind))
-            if flags & L.FLAG_CONTIG:
-                idx = c.pos % n
-                k = max(1, -(-total // slot))
-                if idx + k > n:
-                    raise self._corrupt(f"contiguous message of {total} bytes runs past the end")
-                self.wait_published(k, deadline, timeout)  # published with one store: no wait
-                off = ring.data_at(idx)
-                return kind, buf[off : off + total], k
-            self._partial = _Partial(msg_no, kind, total)
+            if total <= self._n * self._slot:
+                raise self._corrupt(f"a streamed message of {total} bytes fits the ring")
+            self._partial = _Partial(msg_no, kind, total, c.pos)
 
     def _head(self) -> tuple[int, int, int] | None:
         """Skip published padding and orphaned continuation slots; return ``(total, flags,
         msg_no)`` of the message starting at our sequence, or None if no published slot is
-        left.  Never blocks."""
-        n, buf, ring = self._n, self._buf, self._ring
-        while self.cursor.pos < self.cursor.bound or self.has_data():
-            idx = self.cursor.pos % n
-            total, _nbytes, flags, msg_no, _ = L.DESC.unpack_from(buf, ring.desc_at(idx))
-            if flags & L.FLAG_PAD:
-                if not 0 < total <= n - idx:
+        left (or a ring's worth was skipped: the caller looks at its deadline, then again).
+        Never blocks."""
+        n, c = self._n, self.cursor
+        for _ in range(n + 1):
+            if c.pos >= c.bound and c.observe() <= c.pos:
+                return None
+            total, flags, msg_no, _crc = c.read_desc(c.pos)
+            bits = flags & _FLAG_BITS
+            if bits == L.FLAG_PAD:
+                if not 0 < total <= n - c.pos % n:
                     raise self._corrupt(f"padding run of {total} slots")
-                self.release(total)
-            elif not flags & L.FLAG_FIRST:
-                self.release(1)  # the tail of a message we joined late or that was abandoned
-            else:
+                if c.pos + total > c.bound and c.pos + total > c.observe():
+                    raise self._corrupt("padding run published in part")  # one store (P1)
+                c.release(total)
+            elif bits == L.FLAG_CONT:
+                self._kind_of(flags)
+                c.release(1)  # the tail of a message we joined late or that was abandoned
+            elif bits in (L.FLAG_FIRST, L.FLAG_FIRST | L.FLAG_CONTIG):
                 return total, flags, msg_no
+            else:
+                raise self._corrupt(f"flags {flags:#x}")
         return None
 
     def poll(self) -> bool:
@@ -743,37 +698,67 @@ class RingReader:
         return self.cursor.next() is not None or self._head() is not None
 
     def _stream(self, deadline: float | None, timeout: float | None):
-        """Copy published slots of the partial message out, releasing them as we go."""
+        """Copy published slots of the partial message out, releasing them as we go.  Returns
+        ``(kind, data, 0)`` once complete, None if the writer abandoned the message."""
         p = self._partial
         assert p is not None
         n, slot, buf, ring, c = self._n, self._slot, self._buf, self._ring, self.cursor
-        total = len(p.data)
-        while p.filled < total:
+        total = p.total
+        cont = L.FLAG_CONT | (p.kind << L.KIND_SHIFT)
+        while True:
+            filled = (c.pos - p.first) * slot
+            if filled >= total:
+                break
+            del p.data[filled:]  # what a call interrupted after a copy added
             self.wait_published(1, deadline, timeout)
             idx = c.pos % n
             # Look at the published slots up to the ring's end and the message's last slot.
-            avail = min(c.bound - c.pos, n - idx, -(-(total - p.filled) // slot))
-            run = nbytes_run = 0
+            avail = min(c.bound - c.pos, n - idx, -(-(total - filled) // slot))
+            run = 0
+            crcs = []
             for j in range(avail):
-                t, nb, flags, msg_no, _ = L.DESC.unpack_from(buf, ring.desc_at(idx + j))
-                first_ok = flags & L.FLAG_FIRST and p.filled == 0 and j == 0
-                cont_ok = flags & L.FLAG_CONT and (p.filled > 0 or j > 0)
-                if msg_no != p.msg_no or t != total or not (first_ok or cont_ok):
+                seq = c.pos + j
+                t, flags, msg_no, crc = c.read_desc(seq)
+                want = L.FLAG_FIRST | (p.kind << L.KIND_SHIFT) if seq == p.first else cont
+                if flags == want and msg_no == p.msg_no and t == total:
+                    run += 1
+                    crcs.append(crc)
+                elif seq != p.first and flags & (L.FLAG_FIRST | L.FLAG_PAD):
                     break  # the writer abandoned this message; the next one starts here
-                if nb > slot or p.filled + nbytes_run + nb > total:
-                    raise self._corrupt(f"slot of {nb} bytes overflows the message")
-                run += 1
-                nbytes_run += nb
+                else:
+                    raise SegmentError(
+                        f"corrupted slot at sequence {seq}: not the next slot of message "
+                        f"{p.msg_no} ({total} bytes)"
+                    )
             if run:
                 off = ring.data_at(idx)
-                p.data[p.filled : p.filled + nbytes_run] = buf[off : off + nbytes_run]
-                p.filled += nbytes_run
-                self.release(run)
+                p.data += buf[off : off + min(run * slot, total - filled)]
+                if c.checksum:
+                    self._check_payloads(p.data, filled, c.pos, crcs)
+                c.release(run)  # checked again, then handed back (P2)
             if run < avail:
                 self._partial = None
                 return None
+            if (
+                deadline is not None
+                and time.monotonic() >= deadline
+                and c.pos < p.first + (-(-total // slot))
+            ):
+                raise timeout_error("get", timeout)  # the part copied so far is kept
         self._partial = None
         return p.kind, memoryview(p.data), 0
+
+    def _check_payloads(self, data: bytearray, start: int, seq: int, crcs: list[int]) -> None:
+        """The slots copied into ``data`` from ``start`` on, one CRC-32C each (checksums)."""
+        slot = self._slot
+        with memoryview(data) as view:
+            for j, crc in enumerate(crcs):
+                piece = view[start + j * slot : start + (j + 1) * slot]
+                if crc32c(piece) != crc:
+                    raise SegmentError(
+                        f"corrupted message at sequence {seq + j}: its {len(piece)} bytes fail "
+                        "their checksum (another process wrote into the ring)"
+                    )
 
     @property
     def read_seq(self) -> int:

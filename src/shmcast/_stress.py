@@ -482,8 +482,8 @@ def _read_line(a: Any, line: int) -> _Line:
 
 
 @contextlib.contextmanager
-def _mapped(name: str) -> Iterator[Any]:
-    seg = Segment.open(name)
+def _mapped(handle: Handle) -> Iterator[Any]:
+    seg = Segment.attach(handle.name, handle.pid, handle.fd)
     try:
         yield seg.atomics
     finally:
@@ -497,7 +497,7 @@ def queue_state(steps: BroadcastQueue, replies: GatherQueue,
     ``focus`` are marked.  For diagnostics only (plain snapshots, taken while peers run)."""
     out: list[str] = []
     try:
-        with _mapped(steps.name) as a:
+        with _mapped(steps.handle) as a:
             g = L.Geometry(L.KIND_BROADCAST, steps.n_readers, steps.n_slots, steps.slot_size)
             ring = g.ring()
             w = _read_line(a, ring.writer)
@@ -517,7 +517,7 @@ def queue_state(steps: BroadcastQueue, replies: GatherQueue,
     except SegmentError as exc:
         out.append(f"step queue: cannot map its segment: {exc}")
     try:
-        with _mapped(replies.name) as a:
+        with _mapped(replies.handle) as a:
             g = L.Geometry(L.KIND_GATHER, replies.n_writers, replies.n_slots, replies.slot_size)
             out.append(
                 f"reply queue {replies.name} (gather, {g.n_slots} slots per writer): "

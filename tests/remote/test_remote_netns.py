@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _faults import unlink_segment
 from _netns import NetnsPair, netns_pair
 from _procs import (
     OBJECT,
@@ -131,14 +130,11 @@ def test_the_writer_killed_across_namespaces(pair: NetnsPair) -> None:
         arrived, arrived_child = group.back_channel()
         far = group.start(in_netns, pair.reader_ns, remote_reader_until_broken, handle, 1, {},
                           arrived_child, len(plan))  # fmt: skip
-        try:
-            assert report.poll(60) and report.recv() == "sent"
-            assert arrived.poll(60) and arrived.recv() == "got"
-            control.send("die")
-            far_result, local_result = group.result(far), group.result(local)
-            assert group.join(writer) == -signal.SIGKILL
-        finally:
-            assert unlink_segment(handle.name), "a killed writer leaves its segment behind"
+        assert report.poll(60) and report.recv() == "sent"
+        assert arrived.poll(60) and arrived.recv() == "got"
+        control.send("die")
+        far_result, local_result = group.result(far), group.result(local)
+        assert group.join(writer) == -signal.SIGKILL
     for got in (far_result, local_result):
         assert got["error"] == "QueueBroken" and got["peer"] == "writer"
         assert len(got["got"]) == len(plan)  # everything it sent, then the error

@@ -206,7 +206,6 @@ class _ShmcastWriter(Writer):
         import shmcast
 
         self.queue = shmcast.BroadcastQueue(n_readers, wait=wait)
-        record_resource(os.path.join("/dev/shm", self.queue.name))
 
     def reader_handle(self, index: int) -> Any:
         return self.queue.handle
@@ -353,7 +352,6 @@ class _ShmcastGatherReplies(ReplyPath):
         import shmcast
 
         self._queue = shmcast.GatherQueue(n_workers, wait=self.wait)
-        record_resource(os.path.join("/dev/shm", self._queue.name))
         return [self._queue.handle] * n_workers
 
     def worker_open(self, forward: Any, index: int) -> ReplySender:

@@ -27,15 +27,15 @@ def require_zmq() -> None:
         raise ImportError(INSTALL_HINT) from exc
 
 
-def start_publisher(seg: Any, geometry: Any, nonce: int,
-                    options: RemoteOptions) -> tuple[Any, RemoteInfo]:  # fmt: skip
+def start_publisher(seg: Any, header: Any, options: RemoteOptions) -> tuple[Any, RemoteInfo]:
     """Bind the writer's socket and start its publisher thread (writer's constructor only);
     return the publisher and the handle's RemoteInfo."""
     require_zmq()
     from ._publisher import Publisher
 
+    geometry = header.geometry
     options, ipv6, indices = options.checked(geometry.n_peers)
-    publisher = Publisher(seg, geometry, nonce, options, indices, ipv6)
+    publisher = Publisher(seg, header, options, indices, ipv6)
     info = RemoteInfo(publisher.endpoint, indices, geometry.n_peers, publisher.public_key, ipv6)
     return publisher, info
 
@@ -44,7 +44,7 @@ def remote_reader(handle: Any, reader: int, **options: Any) -> Any:
     """A remote reader endpoint for ``BroadcastQueue.attach`` (see there)."""
     from .._endpoint import Handle
     from .._errors import AttachError
-    from .._ring import check_index
+    from .._participants import check_index
 
     if not isinstance(handle, Handle):
         raise TypeError(

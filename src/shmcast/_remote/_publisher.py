@@ -44,8 +44,9 @@ import zmq
 
 from .. import _layout as L
 from .._errors import AttachError, QueueClosed, QueueTimeout
+from .._participants import announce
 from .._queue import attach_reader_ring
-from .._ring import RingReader, announce
+from .._ring import RingReader
 from .._segment import Segment
 from .._wait import FutexWait
 from . import _wire as W
@@ -91,13 +92,14 @@ class Publisher:
     handle can carry the actual port), starts its thread, and runs until :meth:`finish`.
     """
 
-    def __init__(self, seg: Segment, geometry: L.Geometry, nonce: int,
-                 options: RemoteOptions, indices: tuple[int, ...], ipv6: bool) -> None:  # fmt: skip
+    def __init__(self, seg: Segment, header: L.Header, options: RemoteOptions,
+                 indices: tuple[int, ...], ipv6: bool) -> None:  # fmt: skip
         self._seg = seg
         self._a = seg.atomics
-        self._geometry = geometry
+        self._header = header
+        self._geometry = geometry = header.geometry
         self._ring = geometry.ring()
-        self._nonce = nonce
+        self._nonce = header.nonce
         self._opts = options
         self._indices = frozenset(indices)
         self._sessions: dict[bytes, Session] = {}
@@ -319,7 +321,7 @@ class Publisher:
         if old is not None:
             self._forget(old)
         try:
-            ring = attach_reader_ring(self._seg, self._geometry, index, self._ring_wait,
+            ring = attach_reader_ring(self._seg, self._header, index, self._ring_wait,
                                       f"{self._seg.name} (remote reader {index})")  # fmt: skip
         except AttachError as exc:
             self._send_reject(ident, str(exc))

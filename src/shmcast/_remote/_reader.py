@@ -44,6 +44,7 @@ from .._errors import (
     SegmentError,
     SerializationError,
 )
+from .._native import Guard
 from .._queue import BroadcastQueue
 from .._serialize import Serializer
 from .._wait import WaitPolicy, resolve_policy
@@ -73,7 +74,10 @@ class RemoteReader(BroadcastQueue):
         self._handle = handle
         self._index = index
         self._closed = False
-        self._busy = threading.Lock()
+        #: The endpoint's call guard, as a local reader's (one call at a time, in this
+        #: process only, QueueClosed after close); there is no segment to unmap.
+        self._guard = Guard(f"BroadcastQueue remote reader {index} of {handle.name}", _nothing)
+        self._undelivered: list[tuple[int, Any, int]] = []
         self._deferred_error: SerializationError | None = None
         self._fast = None
         self._info = info
@@ -357,8 +361,7 @@ class RemoteReader(BroadcastQueue):
         return self._decode(data, copy=copy)
 
     def _get(self, timeout: float | None, source: int | None, want_kind: int | None) -> Any:
-        self._enter()
-        try:
+        with self._guard:
             self._raise_deferred()
             self._wait_message(deadline_of(timeout), timeout)
             kind, data = self._buf[0]
@@ -373,13 +376,10 @@ class RemoteReader(BroadcastQueue):
                 return self._decode_remote(kind, data, copy=True)
             finally:
                 self._consume(data)
-        finally:
-            self._leave()
 
     def _get_many(self, max_count: int, timeout: float | None, source: int | None) -> list[Any]:
         check_max_count(max_count)
-        self._enter()
-        try:
+        with self._guard:
             self._raise_deferred()
             out: list[Any] = []
             self._wait_message(deadline_of(timeout), timeout)
@@ -399,22 +399,18 @@ class RemoteReader(BroadcastQueue):
                 finally:
                     self._consume(data)
             return out
-        finally:
-            self._leave()
 
     @contextmanager
     def _view(self, timeout: float | None, source: int | None) -> Iterator[Any]:
-        self._enter()
-        try:
+        with self._guard:
             self._raise_deferred()
             self._wait_message(deadline_of(timeout), timeout)
             kind, data = self._buf.popleft()
             try:
-                yield self._decode_remote(kind, data, copy=False)
+                # Read-only, as a local reader's view: the raw view and an object's buffers.
+                yield self._decode_remote(kind, data.toreadonly(), copy=False)
             finally:
                 self._consume(data)
-        finally:
-            self._leave()
 
     # -- the rest of the endpoint -------------------------------------------------------------
 
@@ -466,9 +462,6 @@ class RemoteReader(BroadcastQueue):
                 else:
                     self._pump(most)
 
-    def _leave(self) -> None:
-        self._busy.release()
-
     def close(self) -> None:
         """Detach (idempotent): tell the writer (BYE), so it stops waiting for this index and
         another reader may take it; close the socket.  Also done at exit and on collection."""
@@ -476,8 +469,13 @@ class RemoteReader(BroadcastQueue):
             return
         self._closed = True
         self._finalizer()
+        self._guard.close()
         if self._beater is not threading.current_thread():
             self._beater.join(5)
+
+
+def _nothing() -> None:
+    """What the guard calls once closed and idle: the socket is closed by close() itself."""
 
 
 def _beat_loop(ref: weakref.ref[RemoteReader], stop: threading.Event) -> None:
