@@ -208,6 +208,15 @@ class ProcessGroup:
         self._child_ends.append(child_end)
         return parent_end, child_end
 
+    def back_channel(
+        self,
+    ) -> tuple[multiprocessing.connection.Connection, multiprocessing.connection.Connection]:
+        """A one-way pipe ``(parent_end, child_end)`` from child to parent: pass ``child_end``
+        to :meth:`start` and ``recv`` on ``parent_end``."""
+        parent_end, child_end = self.context.Pipe(duplex=False)
+        self._child_ends.append(child_end)
+        return parent_end, child_end
+
     def start(self, target: Callable, *args: Any, label: str | None = None) -> Child:
         """Start ``target(*args)`` in a new process (``target`` must be module-level)."""
         receive, send = self.context.Pipe(duplex=False)
@@ -363,10 +372,16 @@ def message_object(seed: int, number: int, size: int) -> tuple[str, int, bytes]:
 def send_plan(queue: Any, seed: int, plan: Sequence[tuple[str, int]], timeout: float) -> None:
     """Writer side: send every message of ``plan`` (``(kind, size)`` pairs) in order."""
     for number, (kind, size) in enumerate(plan):
-        if kind == RAW:
-            queue.put_bytes(message_payload(seed, number, size), timeout=timeout)
-        else:
-            queue.put(message_object(seed, number, size), timeout=timeout)
+        send_plan_one(queue, seed, number, kind, size, timeout)
+
+
+def send_plan_one(queue: Any, seed: int, number: int, kind: str, size: int,
+                  timeout: float) -> None:  # fmt: skip
+    """Send message ``number`` of a plan (see :func:`send_plan`)."""
+    if kind == RAW:
+        queue.put_bytes(message_payload(seed, number, size), timeout=timeout)
+    else:
+        queue.put(message_object(seed, number, size), timeout=timeout)
 
 
 def _describe(data: Any) -> str:
@@ -787,3 +802,130 @@ def group_member(kind: str, where: str, rank: int, world_size: int, writer_rank:
 
         dist.destroy_process_group()
     return result
+
+
+# -- remote readers (tests/remote) ---------------------------------------------------------------
+
+
+def in_netns(netns: str | None, target: Callable, *args: Any) -> Any:
+    """Enter the network namespace ``netns`` (None: stay), then run ``target(*args)``."""
+    if netns:
+        from _netns import enter_netns
+
+        enter_netns(netns)
+    return target(*args)
+
+
+def remote_reader_plan(
+    handle: Any, reader: int, seed: int, plan: Sequence[tuple[str, int]], options: dict[str, Any]
+) -> dict[str, Any]:
+    """Attach as ``reader`` (``options``: ``attach`` keywords, plus ``slow``: seconds to sleep
+    before each get, ``pause``: before the first), check every message of ``plan`` and the
+    close after it; return the :func:`check_plan` summary with ``network``: whether the
+    network path was taken."""
+    from shmcast import BroadcastQueue
+
+    options = dict(options)
+    slow = options.pop("slow", 0.0)
+    pause = options.pop("pause", 0.0)  # seconds before the first get
+    timeout = options.pop("timeout", 30.0)
+    with BroadcastQueue.attach(handle, reader, **options) as queue:
+        network = bool(getattr(queue, "remote", False))
+        time.sleep(pause)
+        if slow:
+            get = queue.get
+
+            def slow_get(timeout: float | None = None) -> Any:
+                time.sleep(slow)
+                return get(timeout=timeout)
+
+            queue.get = slow_get  # type: ignore[method-assign]
+        summary = check_plan(queue, seed, plan, timeout, expect_close=True)
+    return {**summary, "network": network}
+
+
+def remote_reader_read_and_hold(
+    handle: Any, reader: int, read: int, report: multiprocessing.connection.Connection,
+    options: dict[str, Any],
+) -> None:  # fmt: skip
+    """Attach, read ``read`` messages, tell the parent (``"read"`` on ``report``), then hold
+    on, reading nothing, until the parent kills or stops this process (two minutes at most):
+    a remote reader that dies or goes silent mid-stream."""
+    from shmcast import BroadcastQueue
+
+    queue = BroadcastQueue.attach(handle, reader, **options)
+    for _ in range(read):
+        queue.get(timeout=30)
+    report.send("read")
+    time.sleep(120)
+    queue.close()
+
+
+def remote_reader_until_broken(handle: Any, reader: int, options: dict[str, Any],
+                               report: Any = None, report_at: int = 0) -> dict:  # fmt: skip
+    """Attach and read until an error; return the messages and the error, and how long after
+    the last message it came.  With ``report``: send ``"got"`` once ``report_at`` came."""
+    from shmcast import BroadcastQueue, ShmcastError
+
+    queue = BroadcastQueue.attach(handle, reader, **options)
+    got = []
+    started = time.monotonic()
+    try:
+        while True:
+            got.append(queue.get_bytes(timeout=30))
+            started = time.monotonic()
+            if report is not None and len(got) == report_at:
+                report.send("got")
+    except ShmcastError as exc:
+        after = time.monotonic() - started
+        return {"got": got, "error": type(exc).__name__, "message": str(exc),
+                "peer": getattr(exc, "peer", None), "after": after}  # fmt: skip
+    finally:
+        queue.close()
+
+
+def remote_writer(
+    report: multiprocessing.connection.Connection,
+    control: multiprocessing.connection.Connection,
+    n_readers: int,
+    remote: dict[str, Any],
+    geometry: dict[str, Any],
+    seed: int,
+    plan: Sequence[tuple[str, int]],
+    then: str = "close",
+) -> dict[str, Any]:
+    """A writer with remote slots (``remote``: RemoteOptions keywords): report the handle,
+    wait for every reader, send ``plan``, then ``"close"`` (and return its stats), or report
+    ``"sent"`` and wait to be killed (``"die"``: a writer that dies mid-stream)."""
+    from shmcast import BroadcastQueue, QueueBroken, RemoteOptions
+
+    queue = BroadcastQueue(n_readers, remote=RemoteOptions(**remote), **geometry)
+    report.send(queue.handle)
+    queue.wait_until_ready(timeout=30)
+    if then == "until-broken":  # send until a reader is found dead; say how long that took
+        for number, (_kind, size) in enumerate(plan):
+            started = time.monotonic()
+            try:
+                queue.put_bytes(message_payload(seed, number, size), timeout=30)
+            except QueueBroken as exc:
+                queue.close()
+                return {"sent": number, "peer": exc.peer, "message": str(exc),
+                        "blocked_s": time.monotonic() - started}  # fmt: skip
+        queue.close()
+        return {"sent": len(plan), "peer": None}
+    started = time.monotonic()
+    most_in_flight = most_bytes = 0
+    for number, (kind, size) in enumerate(plan):
+        send_plan_one(queue, seed, number, kind, size, timeout=30)
+        for state in queue._publisher.stats().values():
+            most_in_flight = max(most_in_flight, state["sent"] - state["acked"])
+            most_bytes = max(most_bytes, state["in_flight_bytes"])
+    elapsed = time.monotonic() - started
+    if then == "die":
+        report.send("sent")
+        control.poll(120)
+        os.kill(os.getpid(), signal.SIGKILL)
+    stats = queue.stats()
+    queue.close()
+    return {"stats": stats, "elapsed": elapsed, "most_in_flight": most_in_flight,
+            "most_in_flight_bytes": most_bytes}  # fmt: skip

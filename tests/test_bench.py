@@ -482,3 +482,31 @@ def test_wake_floor_probe_builds_and_measures(tmp_path: Path) -> None:
         assert len(figures) == 3 and all(0 <= us < 10_000_000 for us in figures), out
     bad = subprocess.run([str(exe), "1", "0"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.timeout(180)
+def test_remote_cases_run_on_loopback_and_across_namespaces(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("zmq")
+    code, doc = run_bench(
+        tmp_path,
+        "--remote",
+        "--quick",
+        "--impl", "shmcast-remote,zmq-tcp,shmcast-remote-netns,zmq-tcp-netns",
+        "--workload", "latency:1KiB,throughput:64B",
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    netns = doc["implementations"]["shmcast-remote-netns"]
+    if netns["status"] != "ok":  # no namespaces on this machine: said so, loopback still ran
+        assert "namespace" in netns["reason"] or "root" in netns["reason"]
+    ran = {c["impl"] for c in doc["cases"]}
+    assert {"shmcast-remote", "zmq-tcp"} <= ran
+    for case in doc["cases"]:
+        assert case["status"] == "ok", (case["impl"], case["detail"])
+        assert case["readers"] == 1 and case["net"] in ("loopback", "netns")
+        assert all(r["ok"] for r in case["verification"]["readers"])
+    ratios = [r for r in doc["ratios"] if r["impl"] == "shmcast-remote"]
+    assert ratios and all(r["best_other"] == "zmq-tcp" and r["net"] == "loopback" for r in ratios)
+    assert "== shmcast-remote against vLLM" in out

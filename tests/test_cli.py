@@ -346,3 +346,13 @@ def test_verifier_counts_lost_repeated_and_undecodable_messages():
     ]
     report = bad.report(0, "closed")
     assert report["errors"] == 3 and report["end_count"] is None
+
+
+def test_demo_remote_reader_gets_every_message():
+    """One reader receives over the network: from another network namespace where the
+    machine allows it, else over loopback (the header says which)."""
+    pytest.importorskip("zmq")
+    proc = run_cli("demo", "--remote", "--messages", "300", "--no-numpy", *SMALL)
+    assert_demo_ok(proc, 300)
+    assert "remote: reader 1 " in proc.stdout
+    assert "network namespace" in proc.stdout or "loopback" in proc.stdout

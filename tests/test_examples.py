@@ -27,6 +27,7 @@ DOCS_WITH_RUNNABLE_CODE = [
     ROOT / "README.md",
     ROOT / "docs" / "guide.md",
     ROOT / "docs" / "vllm.md",
+    ROOT / "docs" / "remote.md",
 ]
 TIMEOUT = 90  # seconds per script (below pytest's own 120 s, so that this kills first)
 

@@ -27,6 +27,7 @@ EXPECTED_ALL = {
     "QueueClosed",
     "QueueStats",
     "QueueTimeout",
+    "RemoteOptions",
     "RoleError",
     "SegmentError",
     "SerializationError",

@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._gather import GatherQueue
 from ._queue import BroadcastQueue
+from ._remote import RemoteOptions
 from ._serialize import PickleSerializer, Serializer
 from ._wait import BackoffWait, FutexWait, IdleWait, SpinWait, WaitPolicy
 
@@ -43,6 +44,7 @@ __all__ = [
     "QueueClosed",
     "QueueStats",
     "QueueTimeout",
+    "RemoteOptions",
     "RoleError",
     "SegmentError",
     "SerializationError",

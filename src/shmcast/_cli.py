@@ -36,6 +36,7 @@ SUBCOMMANDS: dict[str, str] = {
     "inspect": "._inspect",
     "ls": "._inspect",
     "cleanup": "._inspect",
+    "keygen": "._remote._keygen",
 }
 
 

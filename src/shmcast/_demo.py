@@ -204,6 +204,7 @@ class DemoConfig:
     numpy: bool = False
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
     kill_reader: int | None = None
+    remote: bool = False  #: the last reader receives over the network (see _remote_setup)
 
     @classmethod
     def checked(
@@ -219,6 +220,7 @@ class DemoConfig:
         numpy: bool | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         kill_reader: int | None = None,
+        remote: bool = False,
     ) -> DemoConfig:
         """Validate and fill in defaults; ValueError says what is wrong.
 
@@ -277,6 +279,7 @@ class DemoConfig:
             numpy=numpy,
             stall_timeout=stall_timeout,
             kill_reader=kill_reader,
+            remote=remote,
         )
 
 
@@ -459,12 +462,24 @@ class _Verifier:
 
 
 def _reader_main(
-    handle: Any, index: int, plan: MessagePlan, wait: str, stall_timeout: float, conn: Any
-) -> None:
+    handle: Any, index: int, plan: MessagePlan, wait: str, stall_timeout: float, conn: Any,
+    remote: tuple[str | None, bool] | None = None,
+) -> None:  # fmt: skip
     """Body of reader process ``index``: attach, receive and verify until the queue closes,
     then send a report (a dict) through ``conn``.  Every get has a timeout; the parent
-    handles Ctrl-C (the reader ignores SIGINT and stops when the writer closes the queue)."""
+    handles Ctrl-C (the reader ignores SIGINT and stops when the writer closes the queue).
+    ``remote``: (network namespace to enter or None, force the network path): a reader that
+    receives over the network."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    options: dict[str, Any] = {}
+    if remote is not None:
+        netns, force = remote
+        if netns:
+            from ._remote._netns import enter_netns
+
+            enter_netns(netns)  # before any socket: the reader lives on "another host"
+        # The demo's own network, made for this run: pickled objects are trusted on it.
+        options = {"network": True if force else None, "allow_pickle": True}
     from ._errors import QueueClosed, SerializationError
     from ._queue import BroadcastQueue
 
@@ -477,7 +492,7 @@ def _reader_main(
     verifier = _Verifier(plan)
     stopped_by = ""
     try:
-        with BroadcastQueue.attach(handle, index, wait=wait) as queue:
+        with BroadcastQueue.attach(handle, index, wait=wait, **options) as queue:
             while True:
                 try:
                     with queue.view(timeout=get_timeout) as msg:
@@ -699,11 +714,15 @@ def _execute(config: DemoConfig, out: TextIO | None, progress: bool) -> DemoResu
         kill_readers()
 
     watchdog = _Watchdog(config.stall_timeout + WATCHDOG_MARGIN, stalled)
+    network = contextlib.ExitStack()
+    remote = _remote_setup(config, network, say) if config.remote else None
     try:
         queue = BroadcastQueue(
-            config.readers, n_slots=config.n_slots, slot_size=config.slot_size, wait=config.wait
-        )
+            config.readers, n_slots=config.n_slots, slot_size=config.slot_size, wait=config.wait,
+            remote=None if remote is None else remote.options,
+        )  # fmt: skip
     except (ValueError, TypeError) as exc:
+        network.close()
         raise DemoConfigError(str(exc)) from exc
     try:
         capacity = queue.capacity
@@ -719,11 +738,14 @@ def _execute(config: DemoConfig, out: TextIO | None, progress: bool) -> DemoResu
             + (" or " if config.messages and config.seconds else "")
             + (f"{config.seconds:g} s" if config.seconds else "")
         )
+        if remote is not None:
+            say(f"remote: reader {config.readers - 1} {remote.where}")
         for i in range(config.readers):
             parent_conn, child_conn = ctx.Pipe(duplex=False)
+            far = remote.reader if remote is not None and i == config.readers - 1 else None
             p = ctx.Process(
                 target=_reader_main,
-                args=(queue.handle, i, plan, config.wait, config.stall_timeout, child_conn),
+                args=(queue.handle, i, plan, config.wait, config.stall_timeout, child_conn, far),
                 name=f"shmcast-demo-reader-{i}",
                 daemon=True,
             )
@@ -807,6 +829,7 @@ def _execute(config: DemoConfig, out: TextIO | None, progress: bool) -> DemoResu
     finally:
         queue.close()  # readers drain what was published, then see QueueClosed
         _collect(processes, conns, readers, config.stall_timeout + 10.0, failures)
+        network.close()
     result = _judge(
         config, readers, failures, sent, sent_bytes, send_start, send_end, kinds,
         interrupted, writer_waits,
@@ -817,6 +840,58 @@ def _execute(config: DemoConfig, out: TextIO | None, progress: bool) -> DemoResu
 
 class _StartupFailed(Exception):
     pass
+
+
+@dataclass
+class _Remote:
+    """How ``--remote`` runs: the writer's RemoteOptions, what the remote reader process
+    needs (its namespace, whether to force the network path) and a line for the header."""
+
+    options: Any
+    reader: tuple[str | None, bool]
+    where: str
+
+
+def _remote_setup(config: DemoConfig, stack: contextlib.ExitStack,
+                  say: Callable[[str], None]) -> _Remote:  # fmt: skip
+    """The last reader receives over the network: from another network namespace (a veth
+    pair made for the run; this process and its other readers move into the writer's
+    namespace until the run ends), or, where namespaces cannot be made, over loopback.
+    Needs pyzmq (UsageError-worthy ImportError otherwise)."""
+    from ._remote import RemoteOptions, require_zmq
+    from ._remote._netns import NetnsUnavailable, enter_netns, netns_pair
+
+    require_zmq()
+    last = (config.readers - 1,)
+    try:
+        pair = stack.enter_context(netns_pair())
+    except NetnsUnavailable as exc:
+        say(f"remote: network namespaces are not available here ({exc}); the remote reader "
+            "connects over loopback instead")  # fmt: skip
+        return _Remote(RemoteOptions(bind="tcp://127.0.0.1:0", readers=last), (None, True),
+                       "receives over TCP on loopback (127.0.0.1)")  # fmt: skip
+    # This thread (and so every process started from now on) goes into the writer's
+    # namespace; the original one is re-entered when the run ends, before the pair goes.
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    stack.callback(os.close, home)
+    stack.callback(_setns_fd, home)
+    enter_netns(pair.writer_ns)
+    return _Remote(
+        RemoteOptions(bind=pair.bind(), readers=last),
+        (pair.reader_ns, False),
+        f"runs in network namespace {pair.reader_ns} and receives over TCP across a veth pair "
+        f"from the writer in {pair.writer_ns} ({pair.writer_v4})",
+    )
+
+
+def _setns_fd(fd: int) -> None:
+    """Re-enter the network namespace open at ``fd`` (the one this thread started in)."""
+    import ctypes
+
+    from ._remote._netns import CLONE_NEWNET
+
+    if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "cannot return to the original network namespace")
 
 
 def _collect(
@@ -997,6 +1072,7 @@ def run_demo(
     numpy: bool | None = None,
     stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     kill_reader: int | None = None,
+    remote: bool = False,
     out: TextIO | None = None,
     progress: bool = True,
 ) -> DemoResult:
@@ -1022,6 +1098,7 @@ def run_demo(
         numpy=numpy,
         stall_timeout=stall_timeout,
         kill_reader=kill_reader,
+        remote=remote,
     )
     return _execute(config, out, progress)
 
@@ -1112,6 +1189,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(the demo then fails, on purpose)",
     )  # fmt: skip
     parser.add_argument(
+        "--remote", action="store_true",
+        help="the last reader receives over the network (ZeroMQ TCP), from another network "
+        "namespace when the machine allows it (root), else over loopback; needs pyzmq",
+    )  # fmt: skip
+    parser.add_argument(
         "-q", "--quiet", action="store_true", help="no progress lines, only the final report"
     )
 
@@ -1132,12 +1214,13 @@ def run(args: argparse.Namespace) -> int:
             numpy=False if args.no_numpy else None,
             stall_timeout=args.stall_timeout,
             kill_reader=args.kill_reader,
+            remote=args.remote,
         )
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
     try:
         result = _execute(config, sys.stdout, progress=not args.quiet)
-    except DemoConfigError as exc:
+    except (DemoConfigError, ImportError) as exc:
         raise UsageError(str(exc)) from None
     print(format_report(result), flush=True)
     if result.interrupted:

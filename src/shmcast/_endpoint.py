@@ -55,12 +55,19 @@ class Handle:
     """What a peer needs to attach: the segment's name, the nonce that proves it is the same
     queue, and the creator's pid and open descriptor, through which the segment (which has no
     name in /dev/shm once created) is reached.  Small and picklable; pass it to the other
-    processes.  Valid while the creator keeps the queue open."""
+    processes.  Valid while the creator keeps the queue open.
+
+    A queue with remote reader slots also records where its writer runs (``host``: boot id and
+    network namespace) and how to reach it over the network (``remote``); a reader on another
+    host attaches through the network with the same handle.
+    """
 
     name: str
     nonce: int
     pid: int
     fd: int
+    host: str = ""  #: the writer's host identity ("" when the queue has no remote slots)
+    remote: Any = None  #: the remote path's RemoteInfo, or None
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,12 @@ def check_timeout(timeout: float | None) -> None:
         raise TypeError(f"timeout must be a number of seconds or None, not {timeout!r}")
     if timeout < 0:
         raise ValueError(f"timeout must be >= 0, got {timeout}")
+
+
+def check_max_count(max_count: object) -> None:
+    """ValueError unless ``max_count`` (of ``get_many``) is a positive int."""
+    if not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 1:
+        raise ValueError(f"max_count must be a positive int, got {max_count!r}")
 
 
 def deadline_of(timeout: float | None) -> float | None:
@@ -492,8 +505,7 @@ class Endpoint:
             raise
 
     def _get_many(self, max_count: int, timeout: float | None, source: int | None) -> list[Any]:
-        if not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 1:
-            raise ValueError(f"max_count must be a positive int, got {max_count!r}")
+        check_max_count(max_count)
         taken_out: list[tuple[int, Any, int]] = []  # (kind, value, sender) taken for good
         out: list[Any] = []  # their values, returned
         try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import time
 import weakref
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from . import _layout as L
@@ -21,6 +23,7 @@ from ._endpoint import (
 from ._errors import QueueTimeout, RoleError, SegmentError
 from ._liveness import identity
 from ._participants import announce, check_index, claim_line, event_wait, initialize
+from ._remote._options import KeyPair, RemoteOptions, host_identity
 from ._ring import RingReader, RingWriter
 from ._segment import Segment
 from ._serialize import Serializer
@@ -88,6 +91,33 @@ def wait_all_attached(seg: Segment, geometry: L.Geometry, deadline: float | None
         raise QueueTimeout(f"wait_until_ready timed out; not attached yet: {missing}")
 
 
+def _is_remote(handle: Any) -> bool:
+    """True when ``handle``'s writer serves remote readers and runs on another host (or
+    network namespace) than the caller."""
+    return (
+        isinstance(handle, Handle)
+        and handle.remote is not None
+        and bool(handle.host)
+        and handle.host != host_identity()
+    )
+
+
+def attach_reader_ring(seg: Segment, header: L.Header, index: int, policy: WaitPolicy,
+                       label: str) -> RingReader:  # fmt: skip
+    """Take reader line ``index`` for the calling process (docs/protocol.md, "Joining late"):
+    a fresh index reads from the first message, one that was detached or whose process died
+    from the writer's current position.  AttachError if a live process holds it."""
+    ring = RingReader(seg, header.geometry.ring(), index, policy, header=header)
+    ring.label = label
+    line = header.geometry.peer_line(index)
+    if claim_line(seg.atomics, line, f"reader index {index}") == L.EXPECTED:
+        seg.atomics.store32(line + L.STATE, L.ATTACHED)
+    else:
+        ring.rejoin()
+    announce(seg.atomics, L.ATTACH_FUTEX_OFF)
+    return ring
+
+
 class BroadcastQueue(Endpoint):
     """A shared-memory broadcast queue: one writer, ``n_readers`` readers.
 
@@ -138,16 +168,27 @@ class BroadcastQueue(Endpoint):
         wait: str | WaitPolicy | None = None,
         serializer: Serializer | None = None,
         on_dead_reader: str = "raise",
+        remote: RemoteOptions | None = None,
         checksum: bool = False,
     ) -> None:
         policy = resolve_policy(wait)
         serializer = check_serializer(serializer)
+        if remote is not None:
+            if not isinstance(remote, RemoteOptions):
+                raise TypeError(f"remote must be a RemoteOptions, not {type(remote).__name__}")
+            remote.checked(n_readers if isinstance(n_readers, int) else 1)
         seg, header, handle = create_segment(
             L.KIND_BROADCAST, n_readers, n_slots, slot_size, checksum
         )
+        publisher = None
         try:
             writer = RingWriter(seg, header.geometry.ring(), policy, on_dead_reader, header=header)
             writer.label = f"{seg.name} (writer)"
+            if remote is not None:
+                from ._remote import start_publisher
+
+                publisher, info = start_publisher(seg, header, remote)
+                handle = dataclasses.replace(handle, host=host_identity(), remote=info)
         except BaseException:
             seg.close()
             raise
@@ -155,7 +196,10 @@ class BroadcastQueue(Endpoint):
         self._setup(seg, header, handle, serializer, policy, what)
         self._writer: RingWriter | None = writer
         self._reader: RingReader | None = None
-        self._finalizer = weakref.finalize(self, close_side, seg, [writer.close], os.getpid())
+        self._publisher = publisher
+        # The publisher reads the ring: it finishes (sends what is left) before the unmap.
+        leave = [writer.close] if publisher is None else [writer.close, publisher.finish]
+        self._finalizer = weakref.finalize(self, close_side, seg, leave, os.getpid())
 
     @classmethod
     def attach(
@@ -165,6 +209,10 @@ class BroadcastQueue(Endpoint):
         *,
         wait: str | WaitPolicy | None = None,
         serializer: Serializer | None = None,
+        network: bool | None = None,
+        key: KeyPair | None = None,
+        allow_pickle: bool = False,
+        connect_timeout: float | None = None,
     ) -> BroadcastQueue:
         """Attach the calling process as reader ``reader`` of the queue behind ``handle``.
 
@@ -173,21 +221,31 @@ class BroadcastQueue(Endpoint):
         such queue, not shmcast's, another layout version, corrupted, or a stale handle),
         AttachError (index out of range, or attached by a live process), TypeError (not a
         Handle).
+
+        Remote readers (docs/remote.md): when the queue has remote slots and the handle says
+        its writer runs on another host (another boot id or network namespace), the reader
+        connects over ZeroMQ instead, and behaves the same.  ``network``: None (default)
+        decides from the handle, True forces the network path (for a reader on the writer's
+        host, such as over loopback), False forces shared memory.  ``key``: this reader's
+        CURVE key pair, when the writer requires one.  ``allow_pickle``: accept pickled
+        objects from a writer that is not authenticated with CURVE (off by default: unpickling
+        data from an unauthenticated peer runs whatever it says).  ``connect_timeout``: how
+        long to wait for the writer's answer (default 30 s; SegmentError then).
         """
+        if network or (network is None and _is_remote(handle)):
+            from ._remote import remote_reader
+
+            return remote_reader(
+                handle, reader, wait=wait, serializer=serializer, key=key,
+                allow_pickle=allow_pickle, connect_timeout=connect_timeout,
+            )  # fmt: skip
         policy = resolve_policy(wait)
         serializer = check_serializer(serializer)
         seg, header = open_segment(handle, L.KIND_BROADCAST, "broadcast queue")
         try:
             g = header.geometry
             index = check_index(reader, g.n_peers, "reader")
-            ring = RingReader(seg, g.ring(), index, policy, header=header)
-            ring.label = f"{seg.name} (reader {index})"
-            line = g.peer_line(index)
-            if claim_line(seg.atomics, line, f"reader index {index}") == L.EXPECTED:
-                seg.atomics.store32(line + L.STATE, L.ATTACHED)
-            else:
-                ring.rejoin()
-            announce(seg.atomics, L.ATTACH_FUTEX_OFF)
+            ring = attach_reader_ring(seg, header, index, policy, f"{seg.name} (reader {index})")
         except BaseException:
             seg.close()
             raise
@@ -196,8 +254,30 @@ class BroadcastQueue(Endpoint):
         self._setup(seg, header, handle, serializer, policy, what)
         self._writer = None
         self._reader = self._fast = ring
+        self._publisher = None
         self._finalizer = weakref.finalize(self, close_side, seg, [ring.detach], os.getpid())
         return self
+
+    # Remote readers: after the writer published slots, its publisher sends them at once
+    # (docs/remote.md, "The publisher").
+    def _send(self, writer, parts, kind, timeout, deadline=None, publish=True) -> None:
+        super()._send(writer, parts, kind, timeout, deadline, publish)
+        if self._publisher is not None and publish:
+            self._publisher.kick()
+
+    def put_many(self, objs, timeout=None) -> None:
+        try:
+            super().put_many(objs, timeout)
+        finally:
+            if self._publisher is not None:
+                self._publisher.kick()
+
+    @contextmanager
+    def reserve(self, nbytes: int, timeout: float | None = None) -> Iterator[memoryview]:
+        with super().reserve(nbytes, timeout) as region:
+            yield region
+        if self._publisher is not None:
+            self._publisher.kick()
 
     # -- properties ---------------------------------------------------------------------------
 

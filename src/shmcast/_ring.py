@@ -178,13 +178,16 @@ class RingWriter:
             if p.alive():
                 blockers.append(f"reader {i} (pid {pid}, alive) is {w - seq} slots behind")
                 continue
+            # pid 0 on an attached line: a remote reader its publisher found dead (it went
+            # silent or lost its connection; docs/protocol.md, "Remote readers").
+            who = f"pid {pid}" if pid else "remote, its connection lost or silent"
             if self.on_dead_reader == "drop":
                 if a.cas32(line + L.STATE, L.ATTACHED, L.DROPPED):
-                    log.warning("reader %d (pid %d) died; dropped it", i, pid)
+                    log.warning("reader %d (%s) died; dropped it", i, who)
                     announce(a, L.ATTACH_FUTEX_OFF)
                 continue
             raise QueueBroken(
-                f"reader {i} (pid {pid}) died without releasing slot {seq}; "
+                f"reader {i} ({who}) died without releasing slot {seq}; "
                 "the writer cannot reuse it (on_dead_reader='drop' goes on without it)",
                 peer=f"reader {i}",
                 pid=pid,

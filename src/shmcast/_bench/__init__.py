@@ -13,6 +13,7 @@ The CLI registers :func:`add_arguments` and :func:`run` as the ``bench`` subcomm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
@@ -137,6 +138,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "BroadcastQueue per worker",
     )
     parser.add_argument(
+        "--remote",
+        action="store_true",
+        help="the remote cases: readers over TCP, on loopback and across two network "
+        "namespaces (shmcast-remote, zmq-tcp, vllm-mq-remote and their -netns variants; "
+        "latency dict/1KiB, throughput 64B/1MiB; 1 reader unless --readers)",
+    )
+    parser.add_argument(
         "--list", action="store_true", help="list the implementations and whether installed"
     )
 
@@ -241,21 +249,55 @@ def _memcpy_references(cases: list[Any]) -> dict[str, dict[str, float]]:
     return {str(size): memcpy_bandwidth(size) for size in sizes}
 
 
+def _network_envs(runnable: dict[str, Any], implementations: dict[str, dict[str, Any]],
+                  stack: contextlib.ExitStack) -> dict[str, dict[str, str]]:  # fmt: skip
+    """The environment of each remote implementation's leader: the writer's address, and for
+    the ``-netns`` ones the two namespaces, made once for the run (removed when ``stack``
+    closes).  An implementation that needs namespaces the machine cannot make is recorded
+    as unavailable and dropped from ``runnable``."""
+    from .remote_adapters import BIND_HOST_ENV, READER_NETNS_ENV, WRITER_NETNS_ENV
+
+    envs: dict[str, dict[str, str]] = {}
+    pair = None
+    for name, (_spec, cls) in list(runnable.items()):
+        net = getattr(cls, "net", "local")
+        if net == "loopback":
+            envs[name] = {BIND_HOST_ENV: "127.0.0.1"}
+        elif net == "netns":
+            if pair is None:
+                from .._remote._netns import NetnsUnavailable, netns_pair
+
+                try:
+                    pair = stack.enter_context(netns_pair())
+                except NetnsUnavailable as exc:
+                    pair = str(exc)
+            if isinstance(pair, str):
+                implementations[name] = {"status": "unavailable", "reason": pair}
+                _progress(f"{name}: unavailable: network namespaces: {pair}")
+                del runnable[name]
+                continue
+            envs[name] = {BIND_HOST_ENV: pair.writer_v4, WRITER_NETNS_ENV: pair.writer_ns,
+                          READER_NETNS_ENV: pair.reader_ns}  # fmt: skip
+    return envs
+
+
 def _start_leader(
     name: str,
     spec_cls: tuple[str, Any],
     args: argparse.Namespace,
     workdir: Path,
     implementations: dict[str, dict[str, Any]],
+    env: dict[str, str] | None = None,
 ) -> Any:
-    """Start the leader of implementation ``name``; record it in ``implementations``.
-    Returns the leader, or None when the implementation cannot run (recorded as such)."""
+    """Start the leader of implementation ``name`` (with ``env`` added to its environment);
+    record it in ``implementations``.  Returns the leader, or None when the implementation
+    cannot run (recorded as such)."""
     from .adapters import ShmcastAdapter
     from .runner import Leader
 
     spec_name, cls = spec_cls
     options = {"replies": args.shmcast_replies} if issubclass(cls, ShmcastAdapter) else {}
-    leader = Leader(spec_name, options, workdir, args.start_method, lambda event: None)
+    leader = Leader(spec_name, options, workdir, args.start_method, lambda event: None, env)
     t0 = time.monotonic()
     event = leader.start()
     if event["event"] != "ready":
@@ -286,9 +328,18 @@ def run(args: argparse.Namespace) -> int:
     """
     from . import adapters, report
     from .plan import PlanOptions, plan_cases
+    from .remote_adapters import REMOTE_ADAPTERS, REMOTE_WORKLOADS
     from .runner import Leader
 
-    impl_names = [n for item in (args.impl or list(adapters.ADAPTERS)) for n in _csv(item)]
+    remote_names = [cls.name for cls in REMOTE_ADAPTERS]
+    default = (
+        remote_names if args.remote else [n for n in adapters.ADAPTERS if n not in remote_names]
+    )
+    impl_names = [n for item in (args.impl or default) for n in _csv(item)]
+    if args.remote and not args.workload:
+        args.workload = list(REMOTE_WORKLOADS)
+    if args.remote and not args.readers:
+        args.readers = (1,)
     if args.list:
         for name in adapters.ADAPTERS:
             missing = adapters.missing_modules(adapters.ADAPTERS[name].requires)
@@ -333,10 +384,15 @@ def run(args: argparse.Namespace) -> int:
             _progress(f"{cls.name}: not installed ({reason})")
         else:
             runnable[cls.name] = (spec_name, cls)
+
+    def runs(spec: Any, name: str) -> bool:
+        supported = runnable[name][1].workloads
+        return supported is None or spec.workload in supported
+
     if args.order == "case":  # each case for every implementation in turn
-        one_round = [(spec, name) for spec in cases for name in runnable]
+        one_round = [(spec, name) for spec in cases for name in runnable if runs(spec, name)]
     else:
-        one_round = [(spec, name) for name in runnable for spec in cases]
+        one_round = [(spec, name) for name in runnable for spec in cases if runs(spec, name)]
     order = [(r, spec, name) for r in range(args.rounds) for spec, name in one_round]
     _progress(
         f"shmcast bench: {len(runnable)} implementation(s) x {len(cases)} case(s), "
@@ -346,13 +402,16 @@ def run(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     leaders: dict[str, Leader] = {}
     interrupted = False
+    networks = contextlib.ExitStack()
+    envs = _network_envs(runnable, implementations, networks)
     try:
         for done, (round_index, spec, name) in enumerate(order, 1):
             if implementations.get(name, {}).get("status", "ok") != "ok":
                 continue
             leader = leaders.get(name)
             if leader is None:
-                leader = _start_leader(name, runnable[name], args, workdir, implementations)
+                leader = _start_leader(name, runnable[name], args, workdir, implementations,
+                                       envs.get(name))  # fmt: skip
                 if leader is None:
                     continue
                 leaders[name] = leader
@@ -360,6 +419,7 @@ def run(args: argparse.Namespace) -> int:
             outcome = leader.run(spec)
             case = {
                 "impl": name,
+                "net": getattr(runnable[name][1], "net", "local"),
                 "round": round_index,
                 **{k: v for k, v in spec.as_dict().items() if k != "extra"},
                 **outcome.result,
@@ -381,6 +441,7 @@ def run(args: argparse.Namespace) -> int:
                 leader.kill()
             else:
                 leader.stop()
+        networks.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
     doc: dict[str, Any] = {

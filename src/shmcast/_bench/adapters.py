@@ -185,6 +185,8 @@ class Adapter:
     preload: ClassVar[tuple[str, ...]] = ()
     #: Distribution names whose versions are recorded in the results.
     distributions: ClassVar[tuple[str, ...]] = ()
+    #: The workloads it runs (None: all).
+    workloads: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -603,7 +605,8 @@ def _ipc_address() -> tuple[str, str]:
 
 
 class _ZmqWriter(Writer):
-    def __init__(self, n_readers: int) -> None:
+    def __init__(self, n_readers: int, bind: str | None = None) -> None:
+        """Over ``ipc://`` (a socket file of the run), or at ``bind`` (a tcp address)."""
         import zmq
 
         self.n_readers = n_readers
@@ -611,8 +614,13 @@ class _ZmqWriter(Writer):
         self.socket = self.context.socket(zmq.XPUB)  # XPUB: sees each subscription
         self.socket.setsockopt(zmq.SNDHWM, _ZMQ_HWM)
         self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.address, self._path = _ipc_address()
-        self.socket.bind(self.address)
+        if bind is None:
+            self.address, self._path = _ipc_address()
+            self.socket.bind(self.address)
+        else:
+            self._path = ""
+            self.socket.bind(bind)
+            self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def reader_handle(self, index: int) -> Any:
         return self.address
@@ -631,8 +639,9 @@ class _ZmqWriter(Writer):
     def close(self) -> None:
         self.socket.close(linger=1000)
         self.context.term()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path)
+        if self._path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
 
 
 class _ZmqReader(Reader):
@@ -902,6 +911,10 @@ ADAPTERS: dict[str, type[Adapter]] = {
         ShmcastVllmAdapter,
     )
 }
+
+from .remote_adapters import REMOTE_ADAPTERS  # noqa: E402  (it builds on the classes above)
+
+ADAPTERS.update((cls.name, cls) for cls in REMOTE_ADAPTERS)
 
 
 def resolve(spec: str) -> type[Adapter]:

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from .adapters import Adapter, ReplyCollector
+from .remote_adapters import enter_case_netns
 from .workloads import READERS, REPLYING, WRITERS, CaseSpec, summarize
 
 
@@ -43,6 +44,7 @@ def reader_main(
     """Body of reader process ``index`` (a multiprocessing target).  Never raises: a failure
     is reported on ``control`` as ``("error", traceback)``."""
     try:
+        enter_case_netns("reader")  # remote cases across namespaces: the reader's side
         spec = CaseSpec.from_dict(spec_data)
         adapter = adapter_cls(**options)
         reader = adapter.open_reader(handle, index)

@@ -39,6 +39,9 @@ def _versions(names: tuple[str, ...]) -> dict[str, str]:
 
 
 def main(argv: list[str]) -> int:
+    from .remote_adapters import enter_case_netns
+
+    enter_case_netns("writer")  # remote cases across namespaces: before any socket exists
     cmd_fd, event_fd, config = int(argv[1]), int(argv[2]), json.loads(argv[3])
     events = os.fdopen(event_fd, "w", buffering=1)
     commands = os.fdopen(cmd_fd, "r")

@@ -17,6 +17,12 @@ from typing import Any
 
 SCHEMA = "shmcast-bench/1"
 VLLM = "vllm-mq"
+#: vLLM's queue on each network a case can run on: shared memory ("local"), or its remote
+#: path over loopback or across network namespaces (``remote_adapters.py``).
+VLLM_BY_NET = {"local": VLLM, "loopback": "vllm-mq-remote", "netns": "vllm-mq-remote-netns"}
+#: The shmcast implementation each ratio table is about, per network.
+SHMCAST_BY_NET = {"local": "shmcast-futex", "loopback": "shmcast-remote",
+                  "netns": "shmcast-remote-netns"}  # fmt: skip
 
 #: workload -> [(metric key, label, higher is better)]
 METRICS: dict[str, list[tuple[str, str, bool]]] = {
@@ -138,24 +144,26 @@ def compute_ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Over several rounds, the medians (:func:`merge_rounds`) are compared."""
     fastest = fastest_core_to_core(cases)
     cases = merge_rounds(cases)
-    by_key: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = {}
+    by_key: dict[tuple[str, str, str, int], dict[str, dict[str, Any]]] = {}
     for case in cases:
         if case["status"] == "ok":
-            key = (case["workload"], case["variant"], case["readers"])
+            net = case.get("net", "local")  # cases compare only with cases on their network
+            key = (net, case["workload"], case["variant"], case["readers"])
             by_key.setdefault(key, {})[case["impl"]] = case
     ratios = []
-    for (workload, variant, readers), impls in by_key.items():
+    for (net, workload, variant, readers), impls in by_key.items():
+        vllm = VLLM_BY_NET.get(net, VLLM)
         for metric, label, higher in METRICS.get(workload, []):
             others = {
                 name: c["metrics"].get(metric)
                 for name, c in impls.items()
-                if not is_shmcast(name) and name != VLLM and c["metrics"].get(metric) is not None
+                if not is_shmcast(name) and name != vllm and c["metrics"].get(metric) is not None
             }
             best_name = None
             if others:
                 pick = max if higher else min
                 best_name = pick(others, key=lambda n: others[n])
-            vllm_value = impls[VLLM]["metrics"].get(metric) if VLLM in impls else None
+            vllm_value = impls[vllm]["metrics"].get(metric) if vllm in impls else None
             for name, case in impls.items():
                 if not is_shmcast(name):
                     continue
@@ -163,6 +171,7 @@ def compute_ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 ratios.append(
                     {
                         "impl": name,
+                        "net": net,
                         "workload": workload,
                         "variant": variant,
                         "readers": readers,
@@ -179,7 +188,7 @@ def compute_ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         ),
                         "placement": {
                             "shmcast": placement(case, fastest),
-                            "vllm": placement(impls[VLLM], fastest) if VLLM in impls else None,
+                            "vllm": placement(impls[vllm], fastest) if vllm in impls else None,
                             "best_other": (
                                 placement(impls[best_name], fastest) if best_name else None
                             ),
@@ -338,13 +347,20 @@ def format_tables(doc: dict[str, Any]) -> str:
             out.append(f"{name:<16} {info['status']}: {info.get('reason', '')}")
         out.append("")
     out.extend(_memcpy_table(merged, doc.get("memcpy_mb_per_s") or {}, fastest))
-    ratios = [r for r in doc.get("ratios", []) if r["impl"] == "shmcast-futex"]
+    for net, ours in SHMCAST_BY_NET.items():
+        out.extend(_ratio_table(doc, ours, VLLM_BY_NET[net]))
+    return "\n".join(out)
+
+
+def _ratio_table(doc: dict[str, Any], ours: str, vllm: str) -> list[str]:
+    """The factors of ``ours`` against vLLM (``vllm``) and the best other comparator."""
+    out: list[str] = []
+    ratios = [r for r in doc.get("ratios", []) if r["impl"] == ours]
     if ratios:
         out.append(
-            "== shmcast-futex against vLLM and the best other comparator "
-            "(factor > 1: shmcast better) =="
+            f"== {ours} against vLLM and the best other comparator (factor > 1: shmcast better) =="
         )
-        headers = ["case", "metric", "shmcast", "vllm-mq", "x vllm", "best other", "value",
+        headers = ["case", "metric", "shmcast", vllm, "x vllm", "best other", "value",
                    "x best", "CPUs (ours/vllm/best)"]  # fmt: skip
         rows = [
             [
@@ -362,7 +378,7 @@ def format_tables(doc: dict[str, Any]) -> str:
         ]
         out.append(_table(headers, rows))
         out.append("")
-    return "\n".join(out)
+    return out
 
 
 def _memcpy_table(

@@ -111,7 +111,9 @@ class Leader:
         workdir: Path,
         start_method: str,
         on_event: Callable[[dict[str, Any]], None],
+        extra_env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_env = dict(extra_env or {})
         self.impl = impl
         self.options = options
         self.workdir = workdir
@@ -139,6 +141,7 @@ class Leader:
         env[adapters.TMPDIR_ENV] = str(self.tmpdir)
         env["VLLM_RPC_BASE_PATH"] = str(self.tmpdir)  # where vLLM puts its ipc:// sockets
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         config = {"impl": self.impl, "options": self.options, "start_method": self.start_method}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
