@@ -12,6 +12,8 @@
  *   - guard.c: the Guard type, the call guard of an endpoint (one call at a
  *     time, refused after close and in a forked child);
  *   - crc32c.c: CRC-32C for the optional payload checksums;
+ *   - load.c: `runnable_tasks`, how crowded the CPUs are, for the futex
+ *     wait policy's choice between spinning and sleeping;
  *   - probe.c: `core_to_core_ns`, a diagnostic for benchmarks, the round trip
  *     of one cache line between two CPUs (too fast to see from Python);
  *   - this file: shm_open / shm_unlink, which the standard library does not
@@ -94,6 +96,8 @@ static PyMethodDef module_methods[] = {
      "scan(cursors, start) -> int: the first reader cursor (round robin) with a published slot, or -1."},
     {"shm_open", native_shm_open, METH_VARARGS, "shm_open(name, flags, mode) -> fd (close-on-exec)."},
     {"shm_unlink", native_shm_unlink, METH_VARARGS, "shm_unlink(name): remove a shared-memory name."},
+    {"runnable_tasks", shmcast_runnable_tasks, METH_NOARGS,
+     "runnable_tasks() -> int: tasks runnable now on the machine (/proc/loadavg), or -1."},
 #if defined(__linux__)
     {"core_to_core_ns", shmcast_core_to_core_ns, METH_VARARGS,
      "core_to_core_ns(cpu_a, cpu_b, rounds, batches, timeout) -> [float]: mean round trip of a "

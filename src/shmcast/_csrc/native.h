@@ -106,6 +106,9 @@ PyObject *shmcast_crc32c_py(PyObject *mod, PyObject *args, PyObject *kwds);
 /* guard.c: count forks in the child, from module initialisation on. */
 int shmcast_guard_init(void);
 
+/* load.c: how crowded the CPUs are (a hint for the wait policy). */
+PyObject *shmcast_runnable_tasks(PyObject *mod, PyObject *args);
+
 #if defined(__linux__)
 /* probe.c */
 PyObject *shmcast_core_to_core_ns(PyObject *mod, PyObject *args);
