@@ -47,6 +47,8 @@ class _AnyWriter:
         spin = SpinSlots(queue._seg.atomics)
         self.begin_spin = spin.begin
         self.end_spin = spin.end
+        self.count_spin = spin.count
+        self.spinning = spin.spinning
 
     def ready(self) -> bool:
         q = self._q

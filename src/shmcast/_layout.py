@@ -12,7 +12,8 @@ writers, each with the one reader).  Layout::
     384               128                     data_futex    (u32 at +0): readers sleep here
     512               128                     broadcast: space_futex (u32)      (gather: unused)
     640               128                     attach_futex  (u32 at +0): attach/detach events
-    768               128                     spinners      (u32 at +0): processes spinning now
+    768               128                     spinners      (u32 at +0): processes spinning eagerly
+                                              spinning      (u32 at +4): processes spinning now
     896               ...                     broadcast: one reader line per reader
                                               gather: per writer j, three lines: its writer
                                               line, the reader's line for ring j, and ring j's
@@ -102,6 +103,7 @@ DATA_FUTEX_OFF = 3 * LINE
 BCAST_SPACE_FUTEX_OFF = 4 * LINE
 ATTACH_FUTEX_OFF = 5 * LINE
 SPINNERS_OFF = 6 * LINE
+SPINNING_OFF = SPINNERS_OFF + 4  # every process spinning now, eager or polite (a hint)
 PEERS_OFF = 7 * LINE
 GATHER_BLOCK = 3 * LINE  # per writer: writer line, reader line, space futex
 

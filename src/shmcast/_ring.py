@@ -119,6 +119,8 @@ class RingWriter:
         self._spin = SpinSlots(self._a)
         self.begin_spin = self._spin.begin
         self.end_spin = self._spin.end
+        self.count_spin = self._spin.count
+        self.spinning = self._spin.spinning
 
     # -- the Waiter protocol, for space (P4) --------------------------------------------------
 
@@ -358,17 +360,28 @@ class RingWriter:
 
 
 class SpinSlots:
-    """The segment's ``spinners`` count: at most ``limit`` of its processes spin eagerly at once.
+    """The segment's ``spinners`` count: at most ``limit`` of its processes spin eagerly at once;
+    and its ``spinning`` count: how many spin now, eagerly or politely.
 
-    Only the spin phase of :class:`~shmcast.FutexWait` uses it, on its slow path (a wait that
-    found nothing); a process refused a place spins politely or sleeps.  A process killed while
-    spinning leaves the count one too high: one eager spinner fewer from then on, never a hang.
+    Only the spin phase of :class:`~shmcast.FutexWait` uses them, on its slow path (a wait that
+    found nothing); a process refused a place spins politely or sleeps, and ``spinning`` tells
+    its look at the CPUs' load (:class:`~shmcast._wait.CpuLoad`) which runnable tasks only
+    spin.  A process killed while spinning leaves a count one too high: one eager spinner fewer
+    from then on, or one runnable task taken for a spinner, never a hang.  Both are hints,
+    outside the protocol: nothing waits on them.
     """
 
     __slots__ = ("_a",)
 
     def __init__(self, atomics) -> None:
         self._a = atomics
+
+    def count(self, delta: int) -> None:
+        self._a.add32(L.SPINNING_OFF, delta & 0xFFFFFFFF)
+
+    def spinning(self) -> int:
+        n = self._a.load32(L.SPINNING_OFF)
+        return n if n < 1 << 16 else 0  # a count gone below zero (corrupted): none
 
     def begin(self, limit: int) -> bool:
         if limit <= 0:
@@ -503,6 +516,8 @@ class RingReader:
         self._spin = SpinSlots(self._a)
         self.begin_spin = self._spin.begin
         self.end_spin = self._spin.end
+        self.count_spin = self._spin.count
+        self.spinning = self._spin.spinning
 
     # -- attach / detach (P5) -----------------------------------------------------------------
 
