@@ -39,6 +39,7 @@ class ScriptedWaiter:
         self.ticks = 0
         self.may_spin = True  # what begin_spin answers
         self.spins = self.spins_ended = 0
+        self.spinning_now = 0  # what count_spin counted
 
     def ready(self) -> bool:
         self.ready_calls += 1
@@ -65,6 +66,12 @@ class ScriptedWaiter:
     def end_spin(self) -> None:
         self.spins_ended += 1
 
+    def count_spin(self, delta: int) -> None:
+        self.spinning_now += delta
+
+    def spinning(self) -> int:
+        return self.spinning_now
+
 
 class FutexWaiter(ScriptedWaiter):
     """A Waiter that sleeps on a real futex word (nobody ever wakes it)."""
@@ -77,6 +84,26 @@ class FutexWaiter(ScriptedWaiter):
         self.sleeps.append(timeout)
         self.atomics.wait32(0, 0, timeout)
         return False
+
+
+class FakeLoad:
+    """What the policies' look at the run queues finds (``runnable_tasks``), set by a test."""
+
+    def __init__(self) -> None:
+        self.running = 1  # this process alone: every other CPU is free
+
+    def __call__(self) -> int:
+        return self.running
+
+
+@pytest.fixture(autouse=True)
+def load(monkeypatch: pytest.MonkeyPatch) -> FakeLoad:
+    """The machine's load as the wait policies see it: free unless a test says otherwise (the
+    real one depends on whatever else runs)."""
+    fake = FakeLoad()
+    monkeypatch.setattr(_wait, "runnable_tasks", fake)
+    monkeypatch.setattr(_wait, "LOAD", _wait.CpuLoad())
+    return fake
 
 
 @pytest.fixture
@@ -423,3 +450,123 @@ def test_idle_spins_while_busy_and_sleeps_when_idle(sleep_calls: list[float]) ->
     policy.activity()  # busy again
     assert policy.wait(ScriptedWaiter(ready_on=4), time.monotonic() + 30) is True
     assert sleep_calls == []
+
+
+# -- FutexWait under load (CpuLoad) ------------------------------------------------------------
+
+CROWDED = 1000  # runnable tasks: more than any test machine has CPUs
+
+
+def test_futex_wait_sleeps_in_quanta_instead_of_spinning_while_crowded(load: FakeLoad) -> None:
+    load.running = CROWDED
+    waiter = ScriptedWaiter(ready_on=6)  # one look before the wait, then one per quantum
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=300)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    assert waiter.spins == 0, "nobody spins while every core is taken"
+    assert waiter.sleeps and all(t == pytest.approx(300e-6) for t in waiter.sleeps)
+
+
+def test_futex_wait_spins_again_once_a_core_is_free(load: FakeLoad) -> None:
+    load.running = CROWDED
+    waiter = ScriptedWaiter()
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=1000)
+    freed = threading.Timer(0.02, lambda: setattr(load, "running", 1))
+    ready = threading.Timer(0.05, waiter.event.set)
+    freed.start()
+    ready.start()
+    try:
+        assert policy.wait(waiter, time.monotonic() + 10) is True
+    finally:
+        freed.cancel()
+        ready.cancel()
+    assert len(waiter.sleeps) >= 5, "slept in quanta while crowded"
+    assert waiter.spins == 1 and waiter.spins_ended == 1, "then spun, and gave the place back"
+    assert waiter.spinning_now == 0
+
+
+def test_futex_wait_spin_stops_when_the_cores_fill_up(load: FakeLoad) -> None:
+    waiter = ScriptedWaiter()
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=1000)
+    crowd = threading.Timer(0.02, lambda: setattr(load, "running", CROWDED))
+    ready = threading.Timer(0.1, waiter.event.set)
+    crowd.start()
+    ready.start()
+    try:
+        assert policy.wait(waiter, time.monotonic() + 10) is True
+    finally:
+        crowd.cancel()
+        ready.cancel()
+    assert waiter.spins >= 1 and waiter.spins == waiter.spins_ended
+    assert len(waiter.sleeps) >= 10, "left the spin for quanta of sleep"
+    assert waiter.spinning_now == 0
+
+
+def test_futex_wait_counts_itself_among_spinners_while_it_spins(load: FakeLoad) -> None:
+    seen: list[int] = []
+
+    class Counting(ScriptedWaiter):
+        def ready(self) -> bool:
+            seen.append(self.spinning_now)
+            return super().ready()
+
+    waiter = Counting(ready_on=20)
+    waiter.may_spin = False  # polite spin
+    assert FutexWait(spin_us=1_000_000, min_spin_us=1_000_000).wait(waiter, None) is True
+    assert seen[0] == 0 and set(seen[1:]) == {1}
+    assert waiter.spinning_now == 0
+
+
+def test_spinners_of_the_queue_are_not_counted_as_work(load: FakeLoad) -> None:
+    # Every runnable task but this one is a spinner of the queue: the cores are free for work.
+    load.running = CROWDED
+    waiter = ScriptedWaiter(ready_on=50)
+    waiter.spinning_now = CROWDED - 1
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    assert waiter.sleeps == [] and waiter.spins == 1
+
+
+def test_futex_wait_without_detection_spins_whatever_the_load(load: FakeLoad) -> None:
+    load.running = CROWDED
+    waiter = ScriptedWaiter(ready_on=50)
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, detect_crowding=False)
+    assert policy.wait(waiter, time.monotonic() + 10) is True
+    assert waiter.sleeps == [] and waiter.spins == 1
+
+
+def test_cpu_load_looks_at_most_once_per_period(load: FakeLoad) -> None:
+    cpu = _wait.CpuLoad()
+    cpus = len(os.sched_getaffinity(0))
+    load.running = cpus + 1
+    assert cpu.crowded(100.0, 1) is True  # cpus others at work
+    assert cpu.crowded(100.0, 2) is False  # one of them only spins
+    load.running = 1
+    assert cpu.crowded(100.0 + cpu.period / 2, 1) is True, "the last look still stands"
+    assert cpu.looks == 1
+    assert cpu.crowded(100.0 + cpu.period, 1) is False
+    assert cpu.looks == 2
+
+
+def test_cpu_load_without_proc_is_never_crowded(load: FakeLoad) -> None:
+    load.running = -1  # runnable_tasks() could not read /proc/loadavg
+    assert _wait.CpuLoad().crowded(1.0, 0) is False
+
+
+def test_runnable_tasks_reads_the_run_queues() -> None:
+    running = _native.runnable_tasks()
+    with open("/proc/loadavg") as f:
+        total = int(f.read().split()[3].split("/")[1])
+    assert 1 <= running <= total  # this process is running while it asks
+
+
+def test_the_queue_counts_its_spinners_in_the_segment() -> None:
+    with (
+        BroadcastQueue(1, n_slots=4, slot_size=64) as queue,
+        BroadcastQueue.attach(queue.handle, reader=0) as reader,
+    ):
+        ring, writer = reader._reader, queue._writer
+        assert ring.spinning() == 0
+        ring.count_spin(1)
+        assert writer.spinning() == 1  # the writer sees the reader's spin
+        ring.count_spin(-1)
+        assert writer.spinning() == 0

@@ -6,9 +6,10 @@ the Dekker handshake of docs/protocol.md P3/P4) and what to look at periodically
 timeouts, dead peers, diagnostics).  Every policy calls ``tick`` at least once per ``slice``
 seconds and never sleeps longer than one slice, so a dead peer is always noticed.
 
-- :class:`FutexWait` (``"futex"``, the default): spin while messages come quickly, otherwise
-  sleep in the kernel.  An idle process uses no CPU; a busy one answers within microseconds;
-  spinners beyond the spare cores hand their core to any other process at every look.
+- :class:`FutexWait` (``"futex"``, the default): spin while messages come quickly and a core is
+  free, otherwise sleep in the kernel.  An idle process uses no CPU; a busy one answers within
+  microseconds; spinners beyond the spare cores hand their core to any other process at every
+  look, and nobody spins while every core is taken (see :class:`CpuLoad`).
 - :class:`SpinWait` (``"spin"``): ``sched_yield()`` in a loop and never sleep, as the original
   broadcast queue of vLLM did.  For comparison: it burns a core per waiter.
 - :class:`BackoffWait` (``"backoff"``): ``sched_yield()`` with a 1 ms sleep every 1000 spins,
@@ -28,6 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from ._native import runnable_tasks
+
 DEFAULT_SLICE = 0.25
 
 
@@ -42,6 +45,70 @@ def _spare_cpus() -> int:
 
 SPARE_CPUS = _spare_cpus()
 DEFAULT_WARN_AFTER = 10.0
+
+
+class CpuLoad:
+    """Whether every CPU this process may use is taken by work: then a waiter sleeps instead of
+    spinning.
+
+    Spinning pays only while a core is free.  When more tasks want to work than there are CPUs
+    (readers outnumbering cores, all busy with messages, as under a saturating writer), a
+    spinner holds a core that another process needs, often the very writer it waits for, and
+    even a spinner that yields at every look makes the run queue pass through it at each look.
+
+    The signal: the tasks runnable on the machine now (``/proc/loadavg``, this one included;
+    one ``pread`` of about a microsecond), minus the queue's processes that are only spinning
+    (its ``spinning`` count, in the segment), against the CPUs this process may run on.  If the
+    tasks that work fill every CPU, the machine is *crowded*.  A look is taken at most once per
+    ``period`` (100 us) per process; in between, every wait reuses the answer.
+
+    A waiter that finds the machine crowded sleeps for a short ``quantum`` (or until woken) and
+    looks again, so that the answer follows the load: a burst of work on every core (each
+    message makes one when readers outnumber cores) costs a short sleep, a saturating writer
+    keeps the waiters asleep, and spinning comes back within a quantum of a core coming free.
+
+    The signal is a hint: a wrong answer makes a waiter spin when it could sleep, or sleep when
+    it could spin; never a lost wake-up, which the futex protocol rules out either way.
+    Without ``/proc`` it never says "crowded".  Who may call: any thread (two threads that look
+    at once both store a fresh answer).
+    """
+
+    #: Seconds a look at the run queues stands for.
+    period = 100e-6
+    #: Seconds the CPU count (this process's affinity) stands for.
+    cpus_period = 1.0
+
+    def __init__(self) -> None:
+        self._at = -1.0  # when the run queues were last looked at
+        self._running = 0  # what that look found
+        self._cpus_at = -1.0
+        self._cpus = 1
+        self.looks = 0  # statistics: looks at the run queues
+
+    def _cpus_now(self, now: float) -> int:
+        if now - self._cpus_at >= self.cpus_period:
+            self._cpus_at = now
+            try:
+                self._cpus = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                self._cpus = os.cpu_count() or 1
+        return self._cpus
+
+    def crowded(self, now: float, idle: int) -> bool:
+        """True when the tasks that work, not counting the caller, fill every CPU.
+
+        ``idle``: runnable tasks that do no work as far as the caller knows: the queue's
+        processes spinning now, plus one for the caller itself if it is not among them.
+        """
+        if now - self._at >= self.period:
+            self._at = now
+            self.looks += 1
+            self._running = runnable_tasks()
+        return self._running - idle >= self._cpus_now(now)
+
+
+#: The process's one view of the CPUs' load, shared by all its endpoints.
+LOAD = CpuLoad()
 
 
 class Waiter(Protocol):
@@ -62,6 +129,12 @@ class Waiter(Protocol):
 
     def end_spin(self) -> None:
         """Give back the place :meth:`begin_spin` granted."""
+
+    def count_spin(self, delta: int) -> None:
+        """Add ``delta`` (+1 or -1) to the queue's count of processes spinning now."""
+
+    def spinning(self) -> int:
+        """How many of the queue's processes spin now (eagerly or politely)."""
 
 
 @dataclass(kw_only=True)
@@ -125,17 +198,31 @@ class FutexWait(WaitPolicy):
       at once instead, which leaves more CPU time to other work while messages flow, at the
       price of a futex wake-up per message for each of them.
 
-    Why polite spinning is the default: a sleeper costs its waker a ``FUTEX_WAKE`` call, and
-    itself a trip through the scheduler: tens of microseconds on a virtual machine, where a
-    halted virtual CPU must be woken by the host.  Side by side on 2 cores with 4 and 8
-    readers it lowered latency by a third and raised throughput, and left the CPU used while
-    idle unchanged, since the budget above still ends every spin (docs/benchmarks.md).
+    - while every core is taken by work (:class:`CpuLoad`: more runnable tasks that are not
+      spinning than CPUs) nobody spins: the spin phase sleeps in ``quantum_us`` (200 us)
+      pieces instead, looking at the load after each, and spins again once a core is free.
+      The pieces count against the same budget, and each is the announced sleep of P3/P4: the
+      peer wakes the sleeper at once when its condition comes.  ``detect_crowding=False``
+      spins whatever the load (the rule before this check).
+
+    Why polite spinning is the default while a core is free: a sleeper costs its waker a
+    ``FUTEX_WAKE`` call, and itself a trip through the scheduler: tens of microseconds on a
+    virtual machine, where a halted virtual CPU must be woken by the host.  Side by side on 2
+    cores with 4 and 8 readers paced every millisecond it lowered latency by a third and raised
+    throughput (docs/benchmarks.md).  Under a writer that saturates the cores it is the other
+    way round, which is what the crowding check detects.
+
+    Spinning or sleeping changes nothing in the protocol: a spin only calls ``ready()``, which
+    reads the published sequence; a sleep is the announced sleep of docs/protocol.md P3/P4,
+    taken from its first step, whenever the spin ends.
     """
 
     spin_us: float = 2000.0
     min_spin_us: float = 20.0
     max_spinners: int | None = None
     polite: bool = True
+    detect_crowding: bool = True
+    quantum_us: float = 200.0
     name: ClassVar[str] = "futex"
 
     def __post_init__(self) -> None:
@@ -153,26 +240,53 @@ class FutexWait(WaitPolicy):
         self._budget = max(floor, min(cap, 2 * took)) if took <= cap else floor
         return done
 
+    def _spin(self, waiter: Waiter, end: float) -> bool | None:
+        """Spin until ``end``, eagerly if the queue grants a place, else politely (or not at
+        all, ``polite=False``).  True if the condition came, False at ``end``, None if the
+        load says every core is taken (``detect_crowding``; every 64 looks)."""
+        limit = SPARE_CPUS if self.max_spinners is None else self.max_spinners
+        eager = waiter.begin_spin(limit)
+        if not (eager or self.polite):
+            return False
+        clock = time.monotonic
+        detect = self.detect_crowding
+        every = 15 if eager else 0  # yield when looks & every == 0
+        waiter.count_spin(1)
+        try:
+            looks = 0
+            while (now := clock()) < end:
+                if waiter.ready():
+                    return True
+                looks += 1
+                if not looks & every:
+                    os.sched_yield()
+                    if detect and not looks & 63 and LOAD.crowded(now, waiter.spinning()):
+                        return None  # every core is taken: the caller sleeps
+            return False
+        finally:
+            waiter.count_spin(-1)
+            if eager:
+                waiter.end_spin()
+
     def _wait(self, waiter: Waiter, deadline: float | None, now: float) -> bool:
         clock = time.monotonic
         budget = min(self._budget, self.spin_us * 1e-6)
-        limit = SPARE_CPUS if self.max_spinners is None else self.max_spinners
-        eager = budget > 0 and waiter.begin_spin(limit)
-        if eager or (budget > 0 and self.polite):
-            every = 15 if eager else 0  # yield when looks & every == 0
-            try:
-                end = now + budget if deadline is None else min(now + budget, deadline)
-                looks = 0
-                while clock() < end:
-                    if waiter.ready():
-                        return True
-                    looks += 1
-                    if not looks & every:
-                        os.sched_yield()
-            finally:
-                if eager:
-                    waiter.end_spin()
+        end = now + budget if deadline is None else min(now + budget, deadline)
+        quantum = self.quantum_us * 1e-6
+        while now < end:
+            if self.detect_crowding and LOAD.crowded(now, waiter.spinning() + 1):
+                # Every core is taken by work: sleep a quantum (woken at once by the peer,
+                # P3/P4), then look at the load again.
+                if waiter.sleep(min(quantum, end - now)) or waiter.ready():
+                    return True
+            else:
+                spun = self._spin(waiter, end)
+                if spun:
+                    return True
+                if spun is False:
+                    break  # the budget ran out (or nobody may spin)
             now = clock()
+        now = clock()
         next_tick = now + self.slice
         while True:
             if deadline is None:
