@@ -110,6 +110,9 @@ def shm_open(name: str, flags: int, mode: int, /) -> int:
 def shm_unlink(name: str, /) -> None:
     """POSIX shm_unlink."""
 
+def runnable_tasks() -> int:
+    """Tasks runnable now on the machine (``/proc/loadavg``, the caller included), or -1."""
+
 def core_to_core_ns(
     cpu_a: int, cpu_b: int, rounds: int, batches: int, timeout: float, /
 ) -> list[float]:
