@@ -110,6 +110,17 @@ def shm_open(name: str, flags: int, mode: int, /) -> int:
 def shm_unlink(name: str, /) -> None:
     """POSIX shm_unlink."""
 
+class Lease:
+    """A read-only view of ``buffer[offset:offset+length]``; when the last view is gone the
+    32-bit word at ``mark`` goes from ``owner`` to 0 (compare-exchange, release)."""
+
+    def __init__(self, buffer: Buffer, offset: int, length: int, mark: int, owner: int) -> None: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    @property
+    def held(self) -> bool: ...
+    @property
+    def nbytes(self) -> int: ...
+
 def runnable_tasks() -> int:
     """Tasks runnable now on the machine (``/proc/loadavg``, the caller included), or -1."""
 

@@ -12,6 +12,8 @@
  *   - guard.c: the Guard type, the call guard of an endpoint (one call at a
  *     time, refused after close and in a forked child);
  *   - crc32c.c: CRC-32C for the optional payload checksums;
+ *   - lease.c: the Lease type, a read-only view of a piece of a shared region
+ *     that hands the piece back (clears its mark) when its last view is gone;
  *   - load.c: `runnable_tasks`, how crowded the CPUs are, for the futex
  *     wait policy's choice between spinning and sleeping;
  *   - probe.c: `core_to_core_ns`, a diagnostic for benchmarks, the round trip
@@ -117,9 +119,9 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    PyTypeObject *types[] = {&AtomicsType, &CursorType, &GuardType, &HoldType};
-    const char *names[] = {"Atomics", "Cursor", "Guard", "Hold"};
-    for (int i = 0; i < 4; i++)
+    PyTypeObject *types[] = {&AtomicsType, &CursorType, &GuardType, &HoldType, &LeaseType};
+    const char *names[] = {"Atomics", "Cursor", "Guard", "Hold", "Lease"};
+    for (int i = 0; i < 5; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
     shmcast_crc32c_init();
@@ -135,7 +137,7 @@ PyInit__native(void)
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 5; i++)
         if (PyModule_AddObjectRef(m, names[i], (PyObject *)types[i]) < 0)
             goto fail;
     if (PyModule_AddIntConstant(m, "HAVE_FUTEX", SHMCAST_HAVE_FUTEX) < 0 ||

@@ -30,6 +30,7 @@ extern PyTypeObject AtomicsType;
 extern PyTypeObject CursorType;
 extern PyTypeObject GuardType;
 extern PyTypeObject HoldType;
+extern PyTypeObject LeaseType;
 
 /* module.c: the exception classes of shmcast._errors that the native code
  * raises, registered once by set_errors() (RuntimeError until then). */
