@@ -118,6 +118,9 @@ class Segment:
         self.buf = memoryview(self._mmap)
         self.atomics = _native.Atomics(self._mmap)
         self._named = False
+        #: Segments that live and die with this one (a queue's shared region): closed by
+        #: :meth:`close`, after this one.
+        self.companions: list[Segment] = []
 
     @classmethod
     def create(cls, size: int) -> Segment:
@@ -216,6 +219,14 @@ class Segment:
         """Unmap and close the descriptor.  Views still exported from ``buf`` (a zero-copy
         object kept past its block) keep the mapping alive until this object is collected;
         nothing else is affected."""
+        try:
+            self._close()
+        finally:
+            if self.fd < 0:  # not when a waiting thread kept this one mapped
+                for other in self.companions:
+                    other.close()
+
+    def _close(self) -> None:
         try:
             self.atomics.release()
         except BufferError:
