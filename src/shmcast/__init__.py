@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._gather import GatherQueue
 from ._queue import BroadcastQueue
+from ._region import SharedBuffers
 from ._remote import RemoteOptions
 from ._serialize import PickleSerializer, Serializer
 from ._wait import BackoffWait, FutexWait, IdleWait, SpinWait, WaitPolicy
@@ -49,6 +50,7 @@ __all__ = [
     "SegmentError",
     "SerializationError",
     "Serializer",
+    "SharedBuffers",
     "SharedMemoryFull",
     "ShmcastError",
     "SpinWait",

@@ -68,6 +68,7 @@ class Handle:
     fd: int
     host: str = ""  #: the writer's host identity ("" when the queue has no remote slots)
     remote: Any = None  #: the remote path's RemoteInfo, or None
+    shared: Any = None  #: the shared region's RegionInfo (SharedBuffers), or None
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,8 @@ class Endpoint:
         #: a subclass overriding dumps() is checked) are known good; others are checked.
         self._check_parts = not vars(type(serializer)).get("trusted_parts", False)
         self._policy = policy
+        #: The writer's shared region (SharedBuffers), told when a message is sent or not.
+        self._region: Any = None
         #: One call at a time, in this process only, until closed; unmaps once closed and idle.
         self._guard = Guard(what, seg.close)
         self._deferred_error: SerializationError | None = None
@@ -312,8 +315,7 @@ class Endpoint:
         endpoint cannot send), InheritedEndpoint (used in a forked child).
         """
         with self._guard:
-            writer = self._sender()
-            self._send(writer, self._encode(obj), L.MSG_OBJECT, timeout)
+            self._send_object(self._sender(), obj, timeout)
 
     def put_bytes(self, data: Any, timeout: float | None = None) -> None:
         """Send raw bytes (any contiguous buffer, C or Fortran order: bytes, bytearray,
@@ -341,13 +343,26 @@ class Endpoint:
             sent = 0
             try:
                 for obj in objs:
-                    self._send(writer, self._encode(obj), L.MSG_OBJECT, timeout, deadline, False)
+                    self._send_object(writer, obj, timeout, deadline, False)
                     sent += 1
             except BaseException as exc:
                 exc.sent = sent  # type: ignore[attr-defined]
                 raise
             finally:
                 writer.flush()
+
+    def _send_object(self, writer: RingWriter, obj: Any, timeout: float | None,
+                     deadline: float | None = None, publish: bool = True) -> None:  # fmt: skip
+        region = self._region
+        if region is None:
+            self._send(writer, self._encode(obj), L.MSG_OBJECT, timeout, deadline, publish)
+            return
+        try:  # the slabs the encoding filled are the message's once it is sent, else free
+            self._send(writer, self._encode(obj), L.MSG_OBJECT, timeout, deadline, publish)
+        except BaseException:
+            region.abandon()
+            raise
+        region.sent(writer.cursor.pos)
 
     def _encode(self, obj: Any) -> Any:
         try:
@@ -605,7 +620,7 @@ class Endpoint:
     def _decode(self, data: memoryview, copy: bool) -> Any:
         try:
             return self._serializer.loads(data, copy=copy)
-        except SerializationError:
+        except (SerializationError, SegmentError):  # SegmentError: a shared region's check
             raise
         except Exception as exc:
             raise SerializationError(f"cannot decode message: {exc}") from exc

@@ -23,6 +23,14 @@ from ._endpoint import (
 from ._errors import QueueTimeout, RoleError, SegmentError
 from ._liveness import identity
 from ._participants import announce, check_index, claim_line, event_wait, initialize
+from ._region import (
+    RegionReader,
+    RegionSerializer,
+    RegionWriter,
+    SharedBuffers,
+    attach_region,
+    create_region,
+)
 from ._remote._options import KeyPair, RemoteOptions, host_identity
 from ._ring import RingReader, RingWriter
 from ._segment import Segment
@@ -53,6 +61,18 @@ def create_segment(
     finally:
         seg.unlink()  # from here on the segment lives exactly as long as its processes
     return seg, header, Handle(seg.name, header.nonce, pid, seg.fd)
+
+
+def check_shared(shared: Any, serializer: Any, remote: Any, checksum: bool) -> None:
+    """TypeError or ValueError unless a queue with ``shared`` can have these other options."""
+    if not isinstance(shared, SharedBuffers):
+        raise TypeError(f"shared must be a SharedBuffers, not {type(shared).__name__}")
+    shared.checked()
+    for given, what in ((serializer, "a serializer"), (remote, "remote readers")):
+        if given is not None:
+            raise ValueError(f"a queue with shared buffers cannot have {what} (pickle only)")
+    if checksum:
+        raise ValueError("a queue with shared buffers cannot have checksums (the region has none)")
 
 
 def open_segment(handle: Handle, kind: int, queue: str) -> tuple[Segment, L.Header]:
@@ -170,8 +190,11 @@ class BroadcastQueue(Endpoint):
         on_dead_reader: str = "raise",
         remote: RemoteOptions | None = None,
         checksum: bool = False,
+        shared: SharedBuffers | None = None,
     ) -> None:
         policy = resolve_policy(wait)
+        if shared is not None:
+            check_shared(shared, serializer, remote, checksum)
         serializer = check_serializer(serializer)
         if remote is not None:
             if not isinstance(remote, RemoteOptions):
@@ -184,6 +207,13 @@ class BroadcastQueue(Endpoint):
         try:
             writer = RingWriter(seg, header.geometry.ring(), policy, on_dead_reader, header=header)
             writer.label = f"{seg.name} (writer)"
+            region = None
+            if shared is not None:
+                rseg, info = create_region(shared, n_readers, header.nonce)
+                seg.companions.append(rseg)
+                region = RegionWriter(rseg, header.nonce, info.min_size, seg, writer._ring)
+                serializer = RegionSerializer(writer=region)
+                handle = dataclasses.replace(handle, shared=info)
             if remote is not None:
                 from ._remote import start_publisher
 
@@ -194,6 +224,7 @@ class BroadcastQueue(Endpoint):
             raise
         what = f"BroadcastQueue writer of {seg.name}"
         self._setup(seg, header, handle, serializer, policy, what)
+        self._region = region
         self._writer: RingWriter | None = writer
         self._reader: RingReader | None = None
         self._publisher = publisher
@@ -245,6 +276,12 @@ class BroadcastQueue(Endpoint):
         try:
             g = header.geometry
             index = check_index(reader, g.n_peers, "reader")
+            if handle.shared is not None:  # the region first: attached, we may be sent to it
+                rseg, _min = attach_region(handle.shared, handle.pid, header.nonce, g.n_peers)
+                seg.companions.append(rseg)
+                serializer = RegionSerializer(
+                    reader=RegionReader(rseg, header.nonce, g.n_peers, index)
+                )
             ring = attach_reader_ring(seg, header, index, policy, f"{seg.name} (reader {index})")
         except BaseException:
             seg.close()
@@ -347,6 +384,25 @@ class BroadcastQueue(Endpoint):
         decoded; it is consumed), RoleError.
         """
         return self._get(timeout, None, None)
+
+    def get_shared(self, timeout: float | None = None) -> Any:
+        """Like :meth:`get`, but the large out-of-band buffers of the object (numpy arrays of a
+        queue created with ``shared=SharedBuffers(...)``) are not copied: they are read-only
+        views of the queue's shared region, which the caller may keep as long as it likes
+        (the ring goes on meanwhile).  The region's piece is handed back when the last view of
+        it is gone; ``numpy.array(a)`` (or ``a.copy()``) makes a private, writable copy.
+        Buffers the writer could not place in the region (it was full, or they were smaller
+        than ``min_size``) come as private copies, as with :meth:`get`.  On a queue without a
+        region this is :meth:`get`.  Blocks and raises as :meth:`get`.
+        """
+        ser = self._serializer
+        if not isinstance(ser, RegionSerializer):
+            return self._get(timeout, None, None)
+        ser.share = True
+        try:
+            return self._get(timeout, None, None)
+        finally:
+            ser.share = False
 
     def get_many(self, max_count: int = 64, timeout: float | None = None) -> list[Any]:
         """Receive up to ``max_count`` messages: wait up to ``timeout`` for the first, then take
