@@ -507,6 +507,46 @@ def reader_arrays(handle: Any, reader: int, count: int, zero_copy: bool) -> list
     return out
 
 
+def reader_shared_arrays(
+    handle: Any, reader: int, count: int, hold: int, report: multiprocessing.connection.Connection
+) -> list[tuple[int, float, bool]]:
+    """Receive ``count`` arrays with ``get_shared``, keeping the first ``hold`` of them (the
+    others are dropped at once); say on ``report`` that the held ones are in hand, then wait
+    for the parent's go (``report`` is two-way), check that the held ones still hold what they
+    held, and return ``(first value, sum, writeable)`` per message."""
+    from shmcast import BroadcastQueue
+
+    out = []
+    held = []
+    with BroadcastQueue.attach(handle, reader) as queue:
+        for n in range(count):
+            array = queue.get_shared(timeout=30)["a"]
+            out.append((int(array[0]), float(array.sum()), bool(array.flags.writeable)))
+            if n < hold:
+                held.append(array)
+            del array
+        report.send("held")
+        report.poll(60)
+        for n, array in enumerate(held):
+            if (int(array[0]), float(array.sum())) != out[n][:2]:
+                raise AssertionError(f"held array {n} changed under the reader")
+    return out
+
+
+def reader_hold_shared_and_stall(
+    handle: Any, reader: int, count: int, report: multiprocessing.connection.Connection
+) -> None:
+    """Receive ``count`` messages with ``get_shared`` and keep them all, say so on ``report``,
+    then wait (at most two minutes) to be killed."""
+    from shmcast import BroadcastQueue
+
+    queue = BroadcastQueue.attach(handle, reader)
+    kept = [queue.get_shared(timeout=30) for _ in range(count)]
+    report.send(len(kept))
+    time.sleep(120)
+    queue.close()
+
+
 def reader_attach_and_hold(
     handle: Any, reader: int, control: multiprocessing.connection.Connection, read: int = 0
 ) -> None:

@@ -32,6 +32,7 @@ EXPECTED_ALL = {
     "SegmentError",
     "SerializationError",
     "Serializer",
+    "SharedBuffers",
     "SharedMemoryFull",
     "ShmcastError",
     "SpinWait",
