@@ -6,6 +6,8 @@ import gc
 import os
 import signal
 import struct
+import threading
+import time
 
 import pytest
 from _procs import process_group, reader_hold_shared_and_stall, reader_shared_arrays
@@ -109,6 +111,39 @@ def test_a_full_region_sends_in_the_ring(queue, readers) -> None:
     for n in range(3):
         assert (r1.get(timeout=OP_TIMEOUT)["a"] == make(n)).all()
     assert [(h["a"] == make(n)).all() for n, h in enumerate(held)] == [True, True]
+
+
+def test_a_slab_pending_for_a_slow_reader_is_waited_for(queue, readers) -> None:
+    queue.put({"a": make(0)})
+    queue.put({"a": make(1)})  # both slabs pending: nobody has read yet
+
+    def read_later() -> None:
+        time.sleep(0.2)
+        for r in readers:
+            r.get(timeout=OP_TIMEOUT)  # resolves the first message's marks, then wakes (P4)
+
+    reading = threading.Thread(target=read_later)
+    reading.start()
+    try:
+        queue.put({"a": make(2)}, timeout=OP_TIMEOUT)
+    finally:
+        reading.join()
+    assert (queue._region.waits, queue._region.fallbacks) == (1, 0), "waited, no fallback"
+    for n in (1, 2):
+        for r in readers:
+            assert (r.get(timeout=OP_TIMEOUT)["a"] == make(n)).all()
+
+
+def test_the_wait_for_a_pending_slab_ends_at_the_deadline(queue, readers) -> None:
+    queue.put({"a": make(0)})
+    queue.put({"a": make(1)})
+    start = time.monotonic()
+    queue.put({"a": make(2)}, timeout=0.2)  # nobody reads: at the deadline, into the ring
+    assert 0.2 <= time.monotonic() - start < 5
+    assert (queue._region.waits, queue._region.fallbacks) == (1, 1)
+    for n in range(3):
+        for r in readers:
+            assert (r.get(timeout=OP_TIMEOUT)["a"] == make(n)).all()
 
 
 def test_buffers_out_of_range_travel_in_the_ring(queue, readers) -> None:

@@ -357,6 +357,10 @@ class Endpoint:
         if region is None:
             self._send(writer, self._encode(obj), L.MSG_OBJECT, timeout, deadline, publish)
             return
+        if deadline is None:
+            check_timeout(timeout)
+            deadline = deadline_of(timeout)
+        region.deadline, region.flush = deadline, writer.flush
         try:  # the slabs the encoding filled are the message's once it is sent, else free
             self._send(writer, self._encode(obj), L.MSG_OBJECT, timeout, deadline, publish)
         except BaseException:
