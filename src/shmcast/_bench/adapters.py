@@ -432,6 +432,82 @@ class ShmcastIdleAdapter(ShmcastAdapter):
     wait = "idle"
 
 
+class ShmcastFutexSpinAlwaysAdapter(ShmcastAdapter):
+    """``shmcast-futex`` with its oversubscription check off (``FutexWait(detect_crowding=
+    False)``: it spins whatever the load), to compare the check with the rule before it.  Not
+    in a plain run: name it as ``--impl shmcast._bench.adapters:ShmcastFutexSpinAlwaysAdapter``."""
+
+    name = "shmcast-futex-nodetect"
+    workloads = ("latency", "throughput", "wakeup", "idle_cpu", "engine")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "wait": "futex", "detect_crowding": False}
+
+    def _policy(self) -> Any:
+        from shmcast import FutexWait
+
+        return FutexWait(detect_crowding=False)
+
+    def open_writer(self, n_readers: int, max_message_bytes: int) -> Writer:
+        return _ShmcastWriter(n_readers, self._policy())
+
+    def open_reader(self, handle: Any, index: int) -> Reader:
+        return _ShmcastReader(handle, index, self._policy())
+
+    def reply_path(self) -> ReplyPath:
+        if self.replies == "gather":
+            return _ShmcastGatherReplies(self._policy())
+        return _ShmcastPerWorkerReplies(self._policy())
+
+
+class _ShmcastSharedWriter(_ShmcastWriter):
+    def __init__(self, n_readers: int, wait: str) -> None:
+        import shmcast
+
+        shared = shmcast.SharedBuffers(
+            slabs=SHARED_SLABS, slab_size=SHARED_SLAB_SIZE, min_size=SHARED_MIN_SIZE
+        )
+        self.queue = shmcast.BroadcastQueue(n_readers, wait=wait, shared=shared)
+
+
+class _ShmcastSharedReader(_ShmcastReader):
+    def recv(self, timeout: float) -> Any:
+        try:
+            return self.queue.get_shared(timeout=timeout)
+        except self._timeout_error:
+            return None
+
+
+#: The shared region of ``shmcast-shared``: four slabs that take a 16 MiB array each.
+SHARED_SLABS, SHARED_SLAB_SIZE, SHARED_MIN_SIZE = 4, 16 << 20, 1 << 20
+
+
+class ShmcastSharedAdapter(ShmcastAdapter):
+    """``shmcast.BroadcastQueue`` with shared buffers: readers receive with ``get_shared``, so
+    numpy arrays of 1 MiB and more stay in the queue's shared region (read-only views, no
+    second copy).  Throughput only (the other workloads send no large arrays)."""
+
+    name = "shmcast-shared"
+    workloads = ("throughput",)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "shared": {
+                "slabs": SHARED_SLABS,
+                "slab_size": SHARED_SLAB_SIZE,
+                "min_size": SHARED_MIN_SIZE,
+            },
+            "receive": "get_shared",
+        }
+
+    def open_writer(self, n_readers: int, max_message_bytes: int) -> Writer:
+        return _ShmcastSharedWriter(n_readers, self.wait)
+
+    def open_reader(self, handle: Any, index: int) -> Reader:
+        return _ShmcastSharedReader(handle, index, self.wait)
+
+
 # -- multiprocessing.Queue ---------------------------------------------------------------------
 
 
@@ -904,6 +980,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
         ShmcastSpinAdapter,
         ShmcastBackoffAdapter,
         ShmcastIdleAdapter,
+        ShmcastSharedAdapter,
         MultiprocessingQueueAdapter,
         ZmqPubSubAdapter,
         FasterFifoAdapter,
