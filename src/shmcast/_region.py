@@ -78,6 +78,7 @@ one reader; the queue serializes calls.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import struct
@@ -232,10 +233,8 @@ def populate(seg: Segment, write: bool) -> None:
     does not take a page fault per 4 KiB (measured: 8 ms for the writer's first 16 MiB copy
     into a slab against 1.5 ms later).  The memory is reserved already; where the kernel has
     no MADV_POPULATE_*, this does nothing."""
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
         seg._mmap.madvise(_MADV_POPULATE_WRITE if write else _MADV_POPULATE_READ)
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 class RegionWriter:
