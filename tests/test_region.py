@@ -338,3 +338,11 @@ def test_slabs_of_a_reader_killed_while_holding_views_are_reclaimed() -> None:
         q.put({"a": make(3)}, timeout=OP_TIMEOUT)
         q.put({"a": make(4)}, timeout=OP_TIMEOUT)
         assert q._region.fallbacks == 1 and q._region.used == 4
+
+
+def test_the_tools_name_a_region_for_what_it_is(queue) -> None:
+    from shmcast import _inspect
+
+    region = queue._region._seg
+    with pytest.raises(_inspect._Unusable, match="shared region"):
+        _inspect._read_header(bytes(region.buf[:256]), region.size, region.name)

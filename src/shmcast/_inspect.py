@@ -51,6 +51,7 @@ from typing import Any
 from . import _layout as L
 from ._errors import SegmentError
 from ._liveness import is_alive
+from ._region import MAGIC as REGION_MAGIC
 from ._segment import PREFIX, SHM_DIR, check_name
 
 log = logging.getLogger("shmcast")
@@ -346,7 +347,12 @@ def _read_header(data: bytes, size: int, name: str) -> L.Header:
         raise _Unusable(STATUS_NOT_SHMCAST, name, f"too small ({size} bytes)")
     magic, version = data[0:8], L.HEADER.unpack_from(data, 0)[1]
     if magic != L.MAGIC:
-        why = "no header (still being created?)" if magic == bytes(8) else f"bad magic {magic!r}"
+        if magic == bytes(8):
+            why = "no header (still being created?)"
+        elif magic == REGION_MAGIC:
+            why = "the shared region of a queue (SharedBuffers)"
+        else:
+            why = f"bad magic {magic!r}"
         raise _Unusable(STATUS_NOT_SHMCAST, name, why)
     if version != L.LAYOUT_VERSION:
         raise _Unusable(
