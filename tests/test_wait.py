@@ -466,36 +466,35 @@ def test_futex_wait_sleeps_in_quanta_instead_of_spinning_while_crowded(load: Fak
     assert waiter.sleeps and all(t == pytest.approx(300e-6) for t in waiter.sleeps)
 
 
-def test_futex_wait_spins_again_once_a_core_is_free(load: FakeLoad) -> None:
-    load.running = CROWDED
+def wait_while_the_load_changes(
+    load: FakeLoad, running: int, change_at: float, ready_at: float
+) -> ScriptedWaiter:
+    """A FutexWait with a long budget, while the load turns to ``running`` tasks after
+    ``change_at`` s and the condition comes after ``ready_at`` s; the waiter, after the wait."""
     waiter = ScriptedWaiter()
     policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=1000)
-    freed = threading.Timer(0.02, lambda: setattr(load, "running", 1))
-    ready = threading.Timer(0.05, waiter.event.set)
-    freed.start()
+    change = threading.Timer(change_at, lambda: setattr(load, "running", running))
+    ready = threading.Timer(ready_at, waiter.event.set)
+    change.start()
     ready.start()
     try:
         assert policy.wait(waiter, time.monotonic() + 10) is True
     finally:
-        freed.cancel()
+        change.cancel()
         ready.cancel()
+    return waiter
+
+
+def test_futex_wait_spins_again_once_a_core_is_free(load: FakeLoad) -> None:
+    load.running = CROWDED
+    waiter = wait_while_the_load_changes(load, 1, 0.02, 0.05)
     assert len(waiter.sleeps) >= 5, "slept in quanta while crowded"
     assert waiter.spins == 1 and waiter.spins_ended == 1, "then spun, and gave the place back"
     assert waiter.spinning_now == 0
 
 
 def test_futex_wait_spin_stops_when_the_cores_fill_up(load: FakeLoad) -> None:
-    waiter = ScriptedWaiter()
-    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=1000)
-    crowd = threading.Timer(0.02, lambda: setattr(load, "running", CROWDED))
-    ready = threading.Timer(0.1, waiter.event.set)
-    crowd.start()
-    ready.start()
-    try:
-        assert policy.wait(waiter, time.monotonic() + 10) is True
-    finally:
-        crowd.cancel()
-        ready.cancel()
+    waiter = wait_while_the_load_changes(load, CROWDED, 0.02, 0.1)
     assert waiter.spins >= 1 and waiter.spins == waiter.spins_ended
     assert len(waiter.sleeps) >= 10, "left the spin for quanta of sleep"
     assert waiter.spinning_now == 0
