@@ -644,3 +644,44 @@ def test_cleanup_command_dry_run_then_yes(capsys, own_segments):
     assert run_command("cleanup", ["--yes", name]) == 0
     assert f"removed {name}" in capsys.readouterr().out
     assert not shm_exists(name)
+
+
+TRUNCATING_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from shmcast import BroadcastQueue
+    q = BroadcastQueue(2, n_slots=8, slot_size=4096)
+    fd, size = q.handle.fd, os.fstat(q.handle.fd).st_size
+    print(q.handle.name, flush=True)
+    deadline = time.monotonic() + 30  # bounded; killed long before
+    sizes = [0, 64, 4096, size // 2, size]
+    i = 0
+    while time.monotonic() < deadline:  # never touches the memory while it is short
+        os.ftruncate(fd, sizes[i % len(sizes)])
+        i += 1
+        time.sleep(0.0005)
+    """
+)
+
+
+def test_ls_and_inspect_survive_a_segment_truncated_and_removed_under_them(children, own_segments):
+    """Another process shrinks and regrows its segment while ``shmcast ls`` and ``inspect``
+    read it, then dies (the segment goes): each command ends normally (no signal, no
+    traceback), with a clear message where it could not read the queue."""
+    child = children.start(TRUNCATING_CHILD)
+    name = children.readline(child)
+    own_segments.append(name)
+    commands = [["ls"], ["ls", "--json"], ["inspect", name], ["inspect", name, "--json"]]
+    outcomes = []
+    for round_ in range(3):
+        if round_ == 2:
+            children.kill(child)  # the last round: the segment is gone
+        for argv in commands:
+            proc = subprocess.run([sys.executable, "-m", "shmcast", *argv], capture_output=True,
+                                  text=True, timeout=STEP_TIMEOUT)  # fmt: skip
+            assert proc.returncode in (0, 1), (argv, proc.returncode, proc.stderr)
+            assert "Traceback" not in proc.stderr, (argv, proc.stderr)
+            if proc.returncode == 1:
+                assert proc.stderr.strip(), f"{argv} failed without saying why"
+            outcomes.append((argv[0], proc.returncode))
+    assert ("inspect", 1) in outcomes  # once gone, inspect says so
