@@ -469,6 +469,43 @@ def test_orphan_is_listed_and_removed_but_live_queue_is_kept(kind, own_segments)
         live.close()
 
 
+@pytest.mark.parametrize("size", [0, 4096], ids=["empty", "no-header"])
+def test_a_name_abandoned_before_its_header_is_removed_unless_held(size, children, own_segments):
+    """What a creator killed before it wrote the header leaves (a name of shmcast's own form,
+    empty or all zeros, held by no process) is listed as abandoned and removed; the same file
+    held open by a live process (a creator still at work) is kept, and a file of another form
+    is left alone."""
+    from shmcast import _native
+    from shmcast._segment import new_name
+
+    abandoned, held = new_name(), new_name()
+    foreign = "shmcast-not-ours-" + os.urandom(4).hex()
+    own_segments.extend([abandoned, held, foreign])
+    for name in (abandoned, held, foreign):
+        fd = _native.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, size)
+        os.close(fd)
+    holder = children.start(
+        "import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); print('held', flush=True); "
+        "sys.stdin.readline()", os.path.join(SHM, held),
+    )  # fmt: skip
+    assert children.readline(holder) == "held"
+    infos = {s.name: s for s in I.list_segments()}
+    assert (infos[abandoned].status, infos[abandoned].orphan) == ("abandoned", True)
+    assert (infos[held].status, infos[held].orphan) == ("not-shmcast", False)
+    assert infos[held].holders == (holder.pid,)
+    assert (infos[foreign].status, infos[foreign].orphan) == ("not-shmcast", False)
+    planned = I.cleanup(dry_run=True)
+    assert abandoned in planned and held not in planned and foreign not in planned
+    assert shm_exists(abandoned)
+    assert I.cleanup(dry_run=False, names=[abandoned, held, foreign]) == [abandoned]
+    assert not shm_exists(abandoned)
+    assert shm_exists(held) and shm_exists(foreign)
+    children.kill(holder)  # its creator is gone now: abandoned too
+    assert I.cleanup(dry_run=False, names=[held, foreign]) == [held]
+    os.unlink(os.path.join(SHM, foreign))
+
+
 def test_named_segment_with_a_live_user_is_never_removed(own_segments):
     name, _creator = killed_while_creating("broadcast")
     own_segments.append(name)
