@@ -414,14 +414,19 @@ class RemoteReader(BroadcastQueue):
         del self._stash[0]
         return item
 
+    def _before_take(self, timeout: float | None) -> None:
+        """What every receive does first: raise a deferred decoding error, acknowledge what
+        was consumed, and wait until a message is there (stashed or buffered)."""
+        self._raise_deferred()
+        self._ack_due()
+        if not self._stash:
+            self._wait_message(deadline_of(timeout), timeout)
+
     def _get(self, timeout: float | None, source: int | None, want_kind: int | None) -> Any:
         item = None
         try:
             with self._guard:
-                self._raise_deferred()
-                self._ack_due()
-                if not self._stash:
-                    self._wait_message(deadline_of(timeout), timeout)
+                self._before_take(timeout)
                 self._stage(want_kind, copy=True)
                 item = self._deliver()
         except BaseException:
@@ -437,10 +442,7 @@ class RemoteReader(BroadcastQueue):
         items: list[tuple[int, Any, bool]] = []
         try:
             with self._guard:
-                self._raise_deferred()
-                self._ack_due()
-                if not self._stash:
-                    self._wait_message(deadline_of(timeout), timeout)
+                self._before_take(timeout)
                 if len(self._buf) < max_count:
                     with self._io:
                         if not self._closed:
@@ -467,10 +469,7 @@ class RemoteReader(BroadcastQueue):
         call.  The data is the reader's own (a ZeroMQ frame): no ring slot is held."""
         hold = self._guard.hold()
         try:
-            self._raise_deferred()
-            self._ack_due()
-            if not self._stash:
-                self._wait_message(deadline_of(timeout), timeout)
+            self._before_take(timeout)
             _kind, value, _owned = self._stage(None, copy=False)
             hold.set(value, stash=self._stash)
             return hold
