@@ -66,11 +66,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--readers", type=_int_list, metavar="N,N",
         help="reader counts for every workload but the engine and the executor loop "
-        "(default: latency 1,4,8; throughput 1,4; wakeup 1; idle_cpu 1,4)",
+        "(default: latency and saturated 1,4,8; throughput 1,4; wakeup 1; idle_cpu 1,4)",
     )  # fmt: skip
     numbers = [
         ("--messages", int, "N", "messages per latency case (default 2000; quick 200)"),
         ("--interval-us", float, "US", "latency send interval (default 1000; quick 500)"),
+        (
+            "--saturated-messages",
+            int,
+            "N",
+            "messages per saturated-latency case (default 4000; quick 400)",
+        ),
+        (
+            "--saturated-interval-us",
+            float,
+            "US",
+            "saturated latency: target send interval (default 20)",
+        ),
+        (
+            "--saturated-window",
+            int,
+            "N",
+            "saturated latency: messages in flight per reader at most, for every "
+            "implementation (the harness's credits; default 10)",
+        ),
         ("--repetitions", int, "N", "wake-up repetitions (default 5; quick 2)"),
         ("--idle-seconds", float, "S", "idle time before each wake-up (default 2; quick 0.2)"),
         ("--idle-cpu-seconds", float, "S", "idle-CPU window (default 5; quick 0.5)"),
@@ -159,7 +178,7 @@ def _one_line(case: dict[str, Any]) -> str:
         detail = (case.get("detail") or "").strip().splitlines()
         return f"{case['status'].upper()}: {(detail[-1] if detail else '')[:120]}"
     w = case["workload"]
-    if w in ("latency", "wakeup"):
+    if w in ("latency", "saturated", "wakeup"):
         return f"ok  p50 {m['p50_us']:.1f} us  p99 {m['p99_us']:.1f} us  max {m['max_us']:.0f} us"
     if w == "throughput":
         rate, bandwidth = m["msgs_per_s_per_reader"], m["mb_per_s_per_reader"]
@@ -353,6 +372,9 @@ def run(args: argparse.Namespace) -> int:
             readers=args.readers,
             messages=args.messages,
             interval_us=args.interval_us,
+            saturated_messages=args.saturated_messages,
+            saturated_interval_us=args.saturated_interval_us,
+            saturated_window=args.saturated_window,
             repetitions=args.repetitions,
             idle_seconds=args.idle_seconds,
             idle_cpu_seconds=args.idle_cpu_seconds,

@@ -916,6 +916,10 @@ from .remote_adapters import REMOTE_ADAPTERS  # noqa: E402  (it builds on the cl
 
 ADAPTERS.update((cls.name, cls) for cls in REMOTE_ADAPTERS)
 
+from .iceoryx2_adapter import Iceoryx2Adapter  # noqa: E402  (as above)
+
+ADAPTERS[Iceoryx2Adapter.name] = Iceoryx2Adapter
+
 
 def resolve(spec: str) -> type[Adapter]:
     """The adapter class named ``spec``: a registered name, or ``module:Class`` for an adapter

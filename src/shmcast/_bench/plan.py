@@ -34,15 +34,25 @@ EXECUTOR_VARIANTS = {"small": ("dict", 0), "1MiB": ("bytes", MiB)}
 #: steps per executor case: (full, quick)
 EXECUTOR_STEPS = {"small": (2000, 100), "1MiB": (500, 30)}
 DEFAULT_EXECUTOR_WORKERS = (4, 12)
+#: the saturated workload: target interval (us), messages in flight per reader at most
+SATURATED_INTERVAL_US = 20.0
+SATURATED_WINDOW = 10
 VARIANTS = {
     "latency": tuple(LATENCY_VARIANTS),
+    "saturated": tuple(LATENCY_VARIANTS),
     "throughput": tuple(THROUGHPUT_VARIANTS),
     "wakeup": ("dict",),
     "idle_cpu": ("dict",),
     "engine": ("dict",),
     "executor": tuple(EXECUTOR_VARIANTS),
 }
-DEFAULT_READERS = {"latency": (1, 4, 8), "throughput": (1, 4), "wakeup": (1,), "idle_cpu": (1, 4)}
+DEFAULT_READERS = {
+    "latency": (1, 4, 8),
+    "saturated": (1, 4, 8),
+    "throughput": (1, 4),
+    "wakeup": (1,),
+    "idle_cpu": (1, 4),
+}
 
 
 @dataclass
@@ -53,6 +63,9 @@ class PlanOptions:
     readers: tuple[int, ...] | None = None  # overrides the reader counts of all but the engine
     messages: int | None = None  # latency messages per case
     interval_us: float | None = None  # latency send interval
+    saturated_messages: int | None = None  # messages per saturated case
+    saturated_interval_us: float | None = None  # saturated target send interval
+    saturated_window: int | None = None  # saturated: messages in flight per reader at most
     repetitions: int | None = None  # wake-up repetitions
     idle_seconds: float | None = None  # wake-up idle time
     idle_cpu_seconds: float | None = None  # idle-CPU measurement window
@@ -117,6 +130,24 @@ def plan_cases(selectors: list[str] | None, opts: PlanOptions) -> list[CaseSpec]
                 cases.append(
                     CaseSpec("latency", variant, n, payload, size, messages, warmup, interval,
                              stall_s=stall, time_limit=_limit(estimate, opts))
+                )  # fmt: skip
+    if "saturated" in chosen:
+        messages = opts.pick(opts.saturated_messages, 4000, 400)
+        warmup = messages // 10
+        interval = opts.saturated_interval_us or SATURATED_INTERVAL_US
+        window = opts.saturated_window or SATURATED_WINDOW
+        if window < 1:
+            raise ValueError(f"the saturated window must be at least 1, not {window}")
+        for variant in VARIANTS["saturated"]:
+            if variant not in chosen["saturated"]:
+                continue
+            payload, size = LATENCY_VARIANTS[variant]
+            for n in readers_for("saturated"):
+                estimate = messages * (interval * 1e-6 + n * 100e-6) + 2
+                cases.append(
+                    CaseSpec("saturated", variant, n, payload, size, messages, warmup, interval,
+                             stall_s=stall, time_limit=_limit(estimate, opts),
+                             extra={"window": window})
                 )  # fmt: skip
     if "throughput" in chosen:
         for variant in VARIANTS["throughput"]:
