@@ -268,6 +268,41 @@ def _memcpy_references(cases: list[Any]) -> dict[str, dict[str, float]]:
     return {str(size): memcpy_bandwidth(size) for size in sizes}
 
 
+class _WakeFloor:
+    """The bare C futex wake-up (``floor.py``), measured once per round right before that
+    round's first wake-up case, with its idle time and repetitions; built when the plan has a
+    wake-up case."""
+
+    def __init__(self, cases: list[Any], workdir: Path) -> None:
+        from . import floor
+
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.exe: Path | None = None
+        self.reason = "the plan has no wake-up case"
+        if any(c.workload == "wakeup" for c in cases):
+            self.exe, self.reason = floor.build(workdir)
+            if self.exe is None:
+                _progress(f"wake-up floor: unavailable: {self.reason}")
+
+    def before_wakeup(self, round_index: int, spec: Any) -> None:
+        from . import floor
+
+        if self.exe is None or round_index in self.rounds:
+            return
+        _progress(f"wake-up floor (C futex), round {round_index + 1}", end=" ")
+        got = floor.measure(self.exe, spec.idle_s, spec.messages - 1)
+        self.rounds[round_index] = got
+        _progress(f"p50 {got['p50_us']:.1f} us" if "p50_us" in got else got.get("error", ""))
+
+    def result(self) -> dict[str, Any]:
+        if self.exe is None:
+            return {"status": "unavailable", "reason": self.reason}
+        return {
+            "status": "ok",
+            "rounds": [{"round": r, **self.rounds[r]} for r in sorted(self.rounds)],
+        }
+
+
 def _network_envs(runnable: dict[str, Any], implementations: dict[str, dict[str, Any]],
                   stack: contextlib.ExitStack) -> dict[str, dict[str, str]]:  # fmt: skip
     """The environment of each remote implementation's leader: the writer's address, and for
@@ -345,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     Returns 0 when the run completed (implementations that failed verification or hung are
     results, not failures of the run), 2 on a usage error.
     """
-    from . import adapters, report
+    from . import adapters, report, targets
     from .plan import PlanOptions, plan_cases
     from .remote_adapters import REMOTE_ADAPTERS, REMOTE_WORKLOADS
     from .runner import Leader
@@ -421,6 +456,7 @@ def run(args: argparse.Namespace) -> int:
         f"results to {args.out}"
     )
     memcpy = _memcpy_references(cases)
+    floor = _WakeFloor(cases, workdir)
     results: list[dict[str, Any]] = []
     leaders: dict[str, Leader] = {}
     interrupted = False
@@ -437,6 +473,8 @@ def run(args: argparse.Namespace) -> int:
                 if leader is None:
                     continue
                 leaders[name] = leader
+            if spec.workload == "wakeup":
+                floor.before_wakeup(round_index, spec)
             _progress(f"[{done:>3}/{len(order)}] {name:<16} {spec.key:<26}", end=" ")
             outcome = leader.run(spec)
             case = {
@@ -484,9 +522,14 @@ def run(args: argparse.Namespace) -> int:
         },
         "implementations": implementations,
         "memcpy_mb_per_s": memcpy,
+        "wake_floor": floor.result(),
         "cases": results,
     }
     doc["ratios"] = report.compute_ratios(results)
+    doc["ratios_by_round"] = [
+        report.compute_ratios([c for c in results if c["round"] == r]) for r in range(args.rounds)
+    ]
+    doc["targets"] = targets.compute_targets(doc)
     print(report.format_tables(doc))
     path = report.write_json(doc, args.out, stem)
     print(f"results: {path}")

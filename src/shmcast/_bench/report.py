@@ -358,6 +358,10 @@ def format_tables(doc: dict[str, Any]) -> str:
     out.extend(_memcpy_table(merged, doc.get("memcpy_mb_per_s") or {}, fastest))
     for net, ours in SHMCAST_BY_NET.items():
         out.extend(_ratio_table(doc, ours, VLLM_BY_NET[net]))
+    if doc.get("targets"):
+        from .targets import format_targets
+
+        out.extend(format_targets(doc["targets"]))
     return "\n".join(out)
 
 
