@@ -397,7 +397,12 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         for name in adapters.ADAPTERS:
             missing = adapters.missing_modules(adapters.ADAPTERS[name].requires)
-            state = "installed" if not missing else f"not installed (no {', '.join(missing)})"
+            hint = adapters.ADAPTERS[name].install_hint
+            state = (
+                "installed"
+                if not missing
+                else f"not installed (no {', '.join(missing)})" + (f": {hint}" if hint else "")
+            )
             print(f"{name:<16} {state}")
         return 0
     try:
@@ -437,6 +442,8 @@ def run(args: argparse.Namespace) -> int:
         missing = adapters.missing_modules(cls.requires)
         if missing:
             reason = f"cannot import {', '.join(missing)}"
+            if cls.install_hint:
+                reason += f"; {cls.install_hint}"
             implementations[cls.name] = {"status": "not installed", "reason": reason}
             _progress(f"{cls.name}: not installed ({reason})")
         else:

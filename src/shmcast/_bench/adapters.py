@@ -181,6 +181,8 @@ class Adapter:
     name: ClassVar[str] = "?"
     #: Modules that must be importable, else the implementation is "not installed".
     requires: ClassVar[tuple[str, ...]] = ()
+    #: How to install it, said when it is "not installed" ("" for nothing to add).
+    install_hint: ClassVar[str] = ""
     #: Modules imported once by the process that forks the readers (costly imports).
     preload: ClassVar[tuple[str, ...]] = ()
     #: Distribution names whose versions are recorded in the results.

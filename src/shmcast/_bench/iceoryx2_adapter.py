@@ -343,6 +343,7 @@ class Iceoryx2Adapter(Adapter):
 
     name = "iceoryx2"
     requires = ("iceoryx2",)
+    install_hint = "install the bench extra (pip install -e '.[bench]') or the iceoryx2 wheel"
     preload = ("iceoryx2",)
     distributions = ("iceoryx2",)
 
