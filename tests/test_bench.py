@@ -706,7 +706,7 @@ def test_iceoryx2_framing_round_trips_and_rejects_malformed_samples() -> None:
     for bad in (good[:4], b"Q" + good[1:], good[:-1], good + b"!"):
         with pytest.raises(ValueError):
             iceoryx2_adapter._decode(memoryview(bad))
-    assert iceoryx2_adapter.buffer_size(1024) == 64
+    assert iceoryx2_adapter.buffer_size(1024) == 128
     assert iceoryx2_adapter.buffer_size(16 << 20) == 10
 
 

@@ -7,8 +7,8 @@ Configuration (the strongest lossless one its Python API offers for one writer a
 - one ``publish_subscribe(Slice[c_uint8])`` service per case: one publisher, N subscribers, no
   history, safe overflow *off* and the publisher's backpressure ``RetryUntilDelivered``: a
   publisher whose subscriber's buffer is full retries until there is room, and never drops;
-- each subscriber's buffer holds :func:`buffer_size` samples (64 up to 256 KiB, as shmcast's 64
-  slots; 10 above, as vLLM's 10 chunks), the publisher's slices start at the case's largest
+- each subscriber's buffer holds :func:`buffer_size` samples (128 up to 256 KiB, as shmcast's
+  128 slots; 10 above, as vLLM's 10 chunks), the publisher's slices start at the case's largest
   message (``initial_max_slice_len``, power-of-two growth);
 - one ``event`` service of the same name: after each send the writer notifies; a reader that
   finds no sample waits on its listener (``timed_wait``), which returns at once when a
@@ -46,17 +46,17 @@ from .adapters import (
 _HEADER = struct.Struct("<BxxxI")  # kind, number of parts
 _LENGTH = struct.Struct("<Q")
 _RAW, _PICKLED = ord("R"), ord("P")
-#: Messages up to this size get subscriber buffers of 64 samples, larger ones of 10.
+#: Messages up to this size get subscriber buffers of 128 samples, larger ones of 10.
 _SMALL_MESSAGE = 256 * 1024
 _POLL_S = 0.001  # while waiting for the other side's ports to appear (not timed)
 
 
 def buffer_size(max_message_bytes: int) -> int:
     """Samples each subscriber's buffer holds for a case whose largest message is
-    ``max_message_bytes``: 64 for small messages (shmcast's ring has 64 slots), 10 for large
+    ``max_message_bytes``: 128 for small messages (shmcast's ring has 128 slots), 10 for large
     ones (vLLM's 10 chunks; the publisher's data segment holds about that many samples per
     subscriber, each of the largest size)."""
-    return 64 if max_message_bytes <= _SMALL_MESSAGE else 10
+    return 128 if max_message_bytes <= _SMALL_MESSAGE else 10
 
 
 def _iox() -> Any:
@@ -351,7 +351,7 @@ class Iceoryx2Adapter(Adapter):
         return {
             "pattern": "publish_subscribe(Slice[c_uint8]) + event service (blocking readers)",
             "backpressure": "RetryUntilDelivered, safe overflow off, no history",
-            "subscriber_buffer": "64 samples up to 256 KiB messages, 10 above",
+            "subscriber_buffer": "128 samples up to 256 KiB messages, 10 above",
             "encoding": "raw bytes copied into the loaned slice; objects pickled (protocol 5, "
             "out-of-band buffers copied into the slice)",
             "reply_path": "one publish_subscribe service: a publisher per worker, the engine "
