@@ -117,38 +117,34 @@ def plan_cases(selectors: list[str] | None, opts: PlanOptions) -> list[CaseSpec]
     def readers_for(workload: str) -> tuple[int, ...]:
         return opts.readers or DEFAULT_READERS[workload]
 
+    def latency_cases(workload: str, messages: int, warmup: int, interval: float,
+                      per_reader_s: float, extra: dict) -> None:  # fmt: skip
+        """The latency-like cases of ``workload`` (paced or saturated): every chosen
+        variant at every reader count."""
+        for variant in VARIANTS[workload]:
+            if variant not in chosen[workload]:
+                continue
+            payload, size = LATENCY_VARIANTS[variant]
+            for n in readers_for(workload):
+                estimate = messages * (interval * 1e-6 + n * per_reader_s) + 2
+                cases.append(
+                    CaseSpec(workload, variant, n, payload, size, messages, warmup, interval,
+                             stall_s=stall, time_limit=_limit(estimate, opts), extra=dict(extra))
+                )  # fmt: skip
+
     if "latency" in chosen:
         messages = opts.pick(opts.messages, 2000, 200)
-        warmup = min(100, messages // 10)
         interval = opts.pick(opts.interval_us, 1000.0, 500.0)
-        for variant in VARIANTS["latency"]:
-            if variant not in chosen["latency"]:
-                continue
-            payload, size = LATENCY_VARIANTS[variant]
-            for n in readers_for("latency"):
-                estimate = messages * (interval * 1e-6 + n * 50e-6) + 2
-                cases.append(
-                    CaseSpec("latency", variant, n, payload, size, messages, warmup, interval,
-                             stall_s=stall, time_limit=_limit(estimate, opts))
-                )  # fmt: skip
+        latency_cases("latency", messages, min(100, messages // 10), interval, 50e-6, {})
     if "saturated" in chosen:
         messages = opts.pick(opts.saturated_messages, 4000, 400)
-        warmup = messages // 10
-        interval = opts.saturated_interval_us or SATURATED_INTERVAL_US
-        window = opts.saturated_window or SATURATED_WINDOW
+        interval = opts.pick(opts.saturated_interval_us, SATURATED_INTERVAL_US,
+                             SATURATED_INTERVAL_US)  # fmt: skip
+        window = opts.pick(opts.saturated_window, SATURATED_WINDOW, SATURATED_WINDOW)
         if window < 1:
             raise ValueError(f"the saturated window must be at least 1, not {window}")
-        for variant in VARIANTS["saturated"]:
-            if variant not in chosen["saturated"]:
-                continue
-            payload, size = LATENCY_VARIANTS[variant]
-            for n in readers_for("saturated"):
-                estimate = messages * (interval * 1e-6 + n * 100e-6) + 2
-                cases.append(
-                    CaseSpec("saturated", variant, n, payload, size, messages, warmup, interval,
-                             stall_s=stall, time_limit=_limit(estimate, opts),
-                             extra={"window": window})
-                )  # fmt: skip
+        latency_cases("saturated", messages, messages // 10, interval, 100e-6,
+                      {"window": window})  # fmt: skip
     if "throughput" in chosen:
         for variant in VARIANTS["throughput"]:
             if variant not in chosen["throughput"]:
