@@ -601,8 +601,9 @@ def test_saturated_credits_hold_the_writer_to_the_slowest_reader(tmp_path: Path)
     # the queue is unbounded: without credits the writer would send every 20 us
     assert m["window"] == 2 and m["credit_wait_share"] > 0.5
     assert m["achieved_interval_us"] > 1500
-    # a message waits behind at most one other (each 2 ms), never behind a backlog
-    assert m["max_us"] < 2 * 2000 + 20_000
+    # a message waits behind at most one other (about 4 ms with its own 2 ms), never behind
+    # the backlog of an unbounded queue (200 messages of 2 ms: 400 ms by the end)
+    assert m["max_us"] < 100_000
 
 
 def _target_doc() -> dict[str, Any]:
