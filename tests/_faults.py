@@ -29,7 +29,8 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -807,3 +808,77 @@ def fuzz_victim(seeds: list[int], requests: Connection, replies: Connection,
         fuzz_iteration(seed, REGIONS[seed % len(REGIONS)], requests, replies, timeout)
         for seed in seeds
     ]
+
+
+# -- interrupts: a signal handler that raises inside a queue's call -------------------------
+
+
+class Interrupter:
+    """SIGALRM at random intervals (a one-shot real-time timer, re-armed by the handler); the
+    handler raises KeyboardInterrupt while ``armed``.
+
+    The loops below arm it around one call of the queue, and disarm it with a plain attribute
+    store (no call) as soon as the call returns or raises, so that an interrupt lands inside
+    the queue's call and never in the test's own bookkeeping.  The tests that use it run
+    pytest-timeout's thread method, which leaves SIGALRM alone.
+    """
+
+    def __init__(self, seed: int, low_us: int = 10, high_us: int = 200) -> None:
+        self.rng = random.Random(seed)
+        self.low, self.high = low_us, high_us
+        self.armed = False
+        self.raised = 0
+        self._running = False
+
+    def _arm_timer(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, self.rng.randint(self.low, self.high) / 1e6)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if not self._running:
+            return  # a signal delivered just before the timer was stopped: re-arm nothing
+        self._arm_timer()
+        if self.armed:
+            self.armed = False
+            self.raised += 1
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def running(self) -> Iterator[Interrupter]:
+        previous = signal.signal(signal.SIGALRM, self._handler)
+        self._running = True
+        self._arm_timer()
+        try:
+            yield self
+        finally:
+            self.armed = self._running = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def broadcast_sender(writer: BroadcastQueue, count: int, seed: int, errors: list) -> None:
+    rng = random.Random(seed)
+    try:
+        for seq in range(count):
+            size = rng.choice([16, 100, 300, writer.capacity, 3 * writer.capacity])
+            writer.put_bytes(make_message(0, seq, size, rng), timeout=30)
+    except BaseException as exc:  # reported by the test
+        errors.append(exc)
+
+
+RECEIVES = ("get", "get_bytes", "get_many", "view")
+
+
+def interrupted_receive(
+    queue: Any, how: str, interrupter: Interrupter, timeout: float
+) -> list[bytes]:
+    """One receive call; a view's block disarms the interrupter first (from there on the
+    message is the block's, delivered: what the block does with it is the test's)."""
+    if how == "get":
+        return [queue.get(timeout=timeout)]
+    if how == "get_bytes":
+        return [queue.get_bytes(timeout=timeout)]
+    if how == "get_many":
+        return queue.get_many(3, timeout=timeout)
+    with queue.view(timeout=timeout) as view:
+        interrupter.armed = False
+        return [bytes(view)]

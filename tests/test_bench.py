@@ -7,7 +7,11 @@
   started is left: no process of its group, no shared-memory segment;
 - the report places each case (the core-to-core round trip around it) and compares large
   messages with this machine's memcpy;
-- the two probes beside the harness run: ``call_costs.py`` (warm and cold) and ``wake_floor.c``.
+- the two probes beside the harness run: ``call_costs.py`` (warm and cold) and ``wake_floor.c``;
+- the saturated latency workload bounds the messages in flight per reader by the harness's
+  credits, and the targets table gives each target per round and between the medians;
+- iceoryx2 (where its wheel is installed) runs every workload kind verified, through its own
+  reply path; its message framing rejects malformed samples.
 
 The fake implementations below are adapters like the real ones; the harness's leader process
 imports this module to run them (``--impl test_bench:ClassName``).
@@ -28,7 +32,7 @@ from typing import Any
 import pytest
 
 from shmcast import _bench
-from shmcast._bench import adapters, report
+from shmcast._bench import adapters, floor, iceoryx2_adapter, report, targets
 from shmcast._bench.adapters import (
     MultiprocessingQueueAdapter,
     Reader,
@@ -37,6 +41,7 @@ from shmcast._bench.adapters import (
 )
 from shmcast._bench.memcpy import memcpy_bandwidth
 from shmcast._bench.stats import SequenceCheck, percentile
+from shmcast._bench.workloads import Credits
 from shmcast._liveness import all_stat_fields
 
 # -- fake implementations ------------------------------------------------------------------------
@@ -116,6 +121,28 @@ class HangingAdapter(ShmcastAdapter):
 
     def open_reader(self, handle: Any, index: int) -> Reader:
         return _NeverReturningReader(super().open_reader(handle, index))
+
+
+class _SlowReader(Reader):
+    def __init__(self, inner: Reader) -> None:
+        self.inner = inner
+
+    def recv(self, timeout: float) -> Any:
+        time.sleep(0.002)  # a reader that takes 2 ms per message
+        return self.inner.recv(timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class SlowReaderAdapter(MultiprocessingQueueAdapter):
+    """multiprocessing.Queue (unbounded) whose readers take 2 ms per message: only the
+    harness's credits keep the writer from running ahead of them."""
+
+    name = "fake-slow"
+
+    def open_reader(self, handle: Any, index: int) -> Reader:
+        return _SlowReader(super().open_reader(handle, index))
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -510,3 +537,214 @@ def test_remote_cases_run_on_loopback_and_across_namespaces(
     ratios = [r for r in doc["ratios"] if r["impl"] == "shmcast-remote"]
     assert ratios and all(r["best_other"] == "zmq-tcp" and r["net"] == "loopback" for r in ratios)
     assert "== shmcast-remote against vLLM" in out
+
+
+# -- the saturated workload, the targets, iceoryx2 ---------------------------------------------
+
+
+def test_credits_bound_the_messages_in_flight() -> None:
+    counters = [0, 0]
+    credits = Credits(counters, window=3)
+    assert [credits.blocked(seq) for seq in range(4)] == [False, False, False, True]
+    credits.ack(0, 2)
+    assert credits.blocked(3)  # reader 1 has taken nothing yet
+    credits.ack(1, 1)
+    assert not credits.blocked(3) and credits.blocked(4)
+    started = time.monotonic()
+    assert credits.wait(4, timeout=0.05) is False  # nobody acknowledges: it gives up
+    assert 0.05 <= time.monotonic() - started < 2
+    assert credits.wait(3, timeout=0.05) is True
+    with pytest.raises(ValueError, match="at least 1"):
+        Credits(counters, window=0)
+
+
+@pytest.mark.timeout(120)
+def test_saturated_latency_verifies_and_reports_the_interval(tmp_path: Path) -> None:
+    code, doc = run_bench(
+        tmp_path, "--quick", "--impl", "shmcast-futex,mp-queue", "--workload", "saturated",
+        "--readers", "1,3",
+    )  # fmt: skip
+    assert code == 0
+    planned = [(c.workload, c.variant, c.readers, c.interval_us, c.extra["window"])
+               for c in _plan_specs(doc)]  # fmt: skip
+    assert planned == [("saturated", v, n, 20.0, 10) for v in ("dict", "1KiB") for n in (1, 3)]
+    assert len(doc["cases"]) == 8
+    for case in doc["cases"]:
+        assert case["status"] == "ok", (case["impl"], case["detail"])
+        m = case["metrics"]
+        assert {"p50_us", "p99_us", "p99_9_us", "cdf", "achieved_interval_us"} <= set(m)
+        assert m["target_interval_us"] == 20.0 and m["achieved_interval_us"] >= 20.0 * 0.99
+        assert m["window"] == 10 and m["credit_timeouts"] == 0
+        for reader in case["verification"]["readers"]:
+            assert reader["ok"] and reader["received"] == case["messages"] == 400
+    ratios = [r for r in doc["ratios"] if r["workload"] == "saturated"]
+    assert ratios and all(r["best_other"] == "mp-queue" for r in ratios)
+    rows = [r for r in doc["targets"]["best_in_cell"] if r["target"].startswith("saturated")]
+    assert [(r["target"], r["case"]) for r in rows] == [
+        (f"saturated {p}", f"{v} r{n}") for p in ("p50", "p99") for v in ("dict", "1KiB")
+        for n in (1, 3)
+    ]  # fmt: skip
+    assert all(r["per_round_best"] == ["mp-queue"] for r in rows)
+
+
+@pytest.mark.timeout(120)
+def test_saturated_credits_hold_the_writer_to_the_slowest_reader(tmp_path: Path) -> None:
+    code, doc = run_bench(
+        tmp_path, "--quick", "--impl", "test_bench:SlowReaderAdapter", "--workload",
+        "saturated:dict", "--readers", "2", "--saturated-messages", "200",
+        "--saturated-window", "2",
+    )  # fmt: skip
+    assert code == 0
+    (case,) = doc["cases"]
+    assert case["status"] == "ok", case["detail"]
+    m = case["metrics"]
+    # the queue is unbounded: without credits the writer would send every 20 us
+    assert m["window"] == 2 and m["credit_wait_share"] > 0.5
+    assert m["achieved_interval_us"] > 1500
+    # a message waits behind at most one other (about 4 ms with its own 2 ms), never behind
+    # the backlog of an unbounded queue (200 messages of 2 ms: 400 ms by the end)
+    assert m["max_us"] < 100_000
+
+
+def _target_doc() -> dict[str, Any]:
+    def case(impl: str, rnd: int, workload: str, variant: str, readers: int,
+             **metrics: float) -> dict[str, Any]:  # fmt: skip
+        return {"impl": impl, "round": rnd, "workload": workload, "variant": variant,
+                "readers": readers, "payload": "bytes", "size": 1 << 20, "status": "ok",
+                "core_to_core_ns": [70, 70], "metrics": metrics}  # fmt: skip
+
+    cases = []
+    for rnd, (ours, vllm, best) in enumerate([(10.0, 20.0, 12.0), (30.0, 20.0, 15.0)]):
+        cases += [
+            case("shmcast-futex", rnd, "saturated", "dict", 4, p50_us=ours, p99_us=ours),
+            case("vllm-mq", rnd, "saturated", "dict", 4, p50_us=vllm, p99_us=vllm),
+            case("iceoryx2", rnd, "saturated", "dict", 4, p50_us=best, p99_us=best),
+        ]
+        cases += [
+            case(
+                "shmcast-futex",
+                rnd,
+                "throughput",
+                "1MiB",
+                1,
+                msgs_per_s_per_reader=400.0 * (rnd + 1),
+                mb_per_s_per_reader=400.0 * (rnd + 1),
+            )
+        ]
+        cases += [case("shmcast-futex", rnd, "wakeup", "dict", 1, p50_us=60.0, p99_us=90.0)]
+        cases += [case("shmcast-futex", rnd, "idle_cpu", "dict", 4, reader_cpu_s_max=0.03 * rnd)]
+    # fmt: on
+    doc: dict[str, Any] = {
+        "settings": {"rounds": 2, "cases": [
+            {"workload": w, "variant": v, "readers": n} for w, v, n in
+            [("saturated", "dict", 4), ("throughput", "1MiB", 1), ("wakeup", "dict", 1),
+             ("idle_cpu", "dict", 4)]]},
+        "cases": cases, "implementations": {},
+        "memcpy_mb_per_s": {str(1 << 20): {"from_memory": 1000.0, "in_cache": 2000.0}},
+        "wake_floor": {"status": "ok", "rounds": [
+            {"round": 0, "p50_us": 20.0, "p99_us": 20.0}, {"round": 1, "p50_us": 30.0,
+                                                         "p99_us": 45.0}]},
+    }  # fmt: skip
+    doc["ratios"] = report.compute_ratios(cases)
+    doc["ratios_by_round"] = [report.compute_ratios([c for c in cases if c["round"] == r])
+                              for r in range(2)]  # fmt: skip
+    return doc
+
+
+def test_targets_give_every_round_and_the_medians() -> None:
+    doc = _target_doc()
+    got = targets.compute_targets(doc)
+    p50 = next(r for r in got["best_in_cell"] if r["target"] == "saturated p50")
+    assert p50["case"] == "dict r4"
+    assert p50["per_round_vs_vllm"] == [pytest.approx(2.0), pytest.approx(20 / 30)]
+    assert p50["per_round_vs_best"] == [pytest.approx(1.2), pytest.approx(0.5)]
+    assert p50["per_round_best"] == ["iceoryx2", "iceoryx2"]
+    # medians: shmcast 20, vLLM 20, iceoryx2 13.5
+    assert p50["vs_vllm"] == pytest.approx(1.0) and p50["vs_best"] == pytest.approx(13.5 / 20)
+    assert p50["met"] is False
+    figures = {(r["target"], r["case"]): r for r in got["figures"]}
+    share = figures[("1 MiB / memcpy from memory", "1MiB r1")]
+    assert share["per_round"] == [pytest.approx(0.4), pytest.approx(0.8)]
+    assert share["value"] == pytest.approx(0.6) and not share["met"]
+    wake = figures[("wake-up p50 / C futex floor", "r1")]
+    assert wake["per_round"] == [pytest.approx(3.0), pytest.approx(2.0)]
+    assert wake["value"] == pytest.approx(60 / 25) and wake["met"]
+    idle = figures[("idle CPU s, busiest reader", "r4")]
+    assert idle["per_round"] == [0.0, pytest.approx(0.03)] and not idle["met"]
+    assert (got["met"], got["total"]) == (2, 7)  # the two wake-up rows
+    doc["targets"] = got
+    text = report.format_tables(doc)
+    assert "2 of 7 met" in text
+    assert "2.00/0.67" in text and "1.20/0.50" in text
+
+
+def test_wake_floor_output_is_parsed_or_rejected(tmp_path: Path) -> None:
+    out = "idle 2.000 s, 3 repetitions (microseconds)\nstore to sleeper running: 21.5 30 44.1\n"
+    assert floor.parse(out) == [21.5, 30.0, 44.1]
+    with pytest.raises(ValueError, match="no wake-up times"):
+        floor.parse("nothing here\n")
+    exe, reason = floor.build(tmp_path)
+    assert exe is not None, reason
+    got = floor.measure(exe, 0.01, 3)
+    assert got["count"] == 3 and 0 < got["p50_us"] < 1e6, got
+
+
+def test_iceoryx2_framing_round_trips_and_rejects_malformed_samples() -> None:
+    np = pytest.importorskip("numpy")
+
+    def framed(obj: Any, raw: bool) -> memoryview:
+        parts = iceoryx2_adapter._encode(obj, raw)
+        sizes = [memoryview(p).nbytes for p in parts]
+        head = iceoryx2_adapter._HEADER.pack(ord("R" if raw else "P"), len(parts))
+        head += b"".join(iceoryx2_adapter._LENGTH.pack(n) for n in sizes)
+        return memoryview(head + b"".join(bytes(memoryview(p).cast("B")) for p in parts))
+
+    assert iceoryx2_adapter._decode(framed(b"abc" * 100, True)) == b"abc" * 100
+    array = np.arange(1000, dtype=np.int64)
+    got = iceoryx2_adapter._decode(framed({"a": array, "b": [1, 2]}, False))
+    assert got["b"] == [1, 2] and np.array_equal(got["a"], array)
+    good = bytes(framed(b"xyz", True))
+    for bad in (good[:4], b"Q" + good[1:], good[:-1], good + b"!"):
+        with pytest.raises(ValueError):
+            iceoryx2_adapter._decode(memoryview(bad))
+    assert iceoryx2_adapter.buffer_size(1024) == 128
+    assert iceoryx2_adapter.buffer_size(16 << 20) == 10
+
+
+_NO_ICEORYX2 = adapters.missing_modules(iceoryx2_adapter.Iceoryx2Adapter.requires)
+
+
+def test_iceoryx2_absent_is_listed_as_not_installed(tmp_path: Path) -> None:
+    if not _NO_ICEORYX2:
+        pytest.skip("iceoryx2 is installed here: its runs are tested below")
+    code, doc = run_bench(tmp_path, "--quick", "--impl", "iceoryx2", "--workload",
+                          "latency:dict")  # fmt: skip
+    assert code == 0 and doc["cases"] == []
+    info = doc["implementations"]["iceoryx2"]
+    assert info["status"] == "not installed"
+    assert info["reason"].startswith("cannot import iceoryx2; install the bench extra")
+
+
+@pytest.mark.skipif(bool(_NO_ICEORYX2), reason="iceoryx2 is not installed (the bench extra "
+                    "and benchmarks/README.md's .venv-bench recipe install it)")  # fmt: skip
+@pytest.mark.timeout(180)
+def test_iceoryx2_runs_every_workload_kind_verified(tmp_path: Path) -> None:
+    code, doc = run_bench(
+        tmp_path, "--quick", "--impl", "iceoryx2", "--readers", "2",
+        "--workload", "latency:1KiB,saturated:dict,throughput:64B,throughput:numpy-16MiB,"
+        "idle_cpu,engine,executor:small",
+        "--engine-workers", "3", "--engine-steps", "40", "--executor-workers", "2",
+        "--executor-steps", "30",
+    )  # fmt: skip
+    assert code == 0
+    info = doc["implementations"]["iceoryx2"]
+    assert info["status"] == "ok" and "iceoryx2" in info["versions"]
+    assert "publisher per worker" in info["config"]["reply_path"]
+    assert len(doc["cases"]) == 7
+    for case in doc["cases"]:
+        assert case["status"] == "ok", (case["workload"], case["detail"])
+        assert case["leaked"] == []
+        for reader in case["verification"]["readers"]:
+            assert reader["ok"] and reader["received"] == case["messages"], reader
+    steps = {c["workload"]: c["metrics"].get("steps_completed") for c in doc["cases"]}
+    assert steps["engine"] == 40 and steps["executor"] == 30

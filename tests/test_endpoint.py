@@ -8,15 +8,21 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import signal
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from _faults import make_message, message_error, message_source_and_seq
+from _faults import (
+    RECEIVES,
+    Interrupter,
+    broadcast_sender,
+    interrupted_receive,
+    make_message,
+    message_error,
+    message_source_and_seq,
+)
 from _procs import START_METHODS, process_group
 
 from shmcast import (
@@ -132,48 +138,6 @@ def test_inherited_endpoints_refuse_under_every_start_method(method: str) -> Non
 # -- exceptions from signal handlers, at any point --------------------------------------------
 
 
-class _Interrupter:
-    """SIGALRM at random intervals (a one-shot real-time timer, re-armed by the handler); the
-    handler raises KeyboardInterrupt while ``armed``.
-
-    The loops below arm it around one call of the queue, and disarm it with a plain attribute
-    store (no call) as soon as the call returns or raises, so that an interrupt lands inside
-    the queue's call and never in the test's own bookkeeping.  The tests that use it run
-    pytest-timeout's thread method, which leaves SIGALRM alone.
-    """
-
-    def __init__(self, seed: int, low_us: int = 10, high_us: int = 200) -> None:
-        self.rng = random.Random(seed)
-        self.low, self.high = low_us, high_us
-        self.armed = False
-        self.raised = 0
-        self._running = False
-
-    def _arm_timer(self) -> None:
-        signal.setitimer(signal.ITIMER_REAL, self.rng.randint(self.low, self.high) / 1e6)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if not self._running:
-            return  # a signal delivered just before the timer was stopped: re-arm nothing
-        self._arm_timer()
-        if self.armed:
-            self.armed = False
-            self.raised += 1
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def running(self) -> Iterator[_Interrupter]:
-        previous = signal.signal(signal.SIGALRM, self._handler)
-        self._running = True
-        self._arm_timer()
-        try:
-            yield self
-        finally:
-            self.armed = self._running = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-
-
 def writer_sends_numbered(handle: Any, count: int, capacity: int, seed: int) -> int:
     """Attach as writer 0 of a gather queue, or (for a broadcast handle) this is never used."""
     rng = random.Random(seed)
@@ -183,33 +147,6 @@ def writer_sends_numbered(handle: Any, count: int, capacity: int, seed: int) -> 
     return count
 
 
-def broadcast_sender(writer: BroadcastQueue, count: int, seed: int, errors: list) -> None:
-    rng = random.Random(seed)
-    try:
-        for seq in range(count):
-            size = rng.choice([16, 100, 300, writer.capacity, 3 * writer.capacity])
-            writer.put_bytes(make_message(0, seq, size, rng), timeout=30)
-    except BaseException as exc:  # reported by the test
-        errors.append(exc)
-
-
-RECEIVES = ("get", "get_bytes", "get_many", "view")
-
-
-def _receive(queue: Any, how: str, interrupter: _Interrupter) -> list[bytes]:
-    """One receive call; a view's block disarms the interrupter first (from there on the
-    message is the block's, delivered: what the block does with it is the test's)."""
-    if how == "get":
-        return [queue.get(timeout=TIMEOUT)]
-    if how == "get_bytes":
-        return [queue.get_bytes(timeout=TIMEOUT)]
-    if how == "get_many":
-        return queue.get_many(3, timeout=TIMEOUT)
-    with queue.view(timeout=TIMEOUT) as view:
-        interrupter.armed = False
-        return [bytes(view)]
-
-
 @pytest.mark.timeout(120, method="thread")
 def test_interrupted_gets_deliver_every_message_once_and_in_order() -> None:
     count = 1500
@@ -217,7 +154,7 @@ def test_interrupted_gets_deliver_every_message_once_and_in_order() -> None:
     reader = BroadcastQueue.attach(writer.handle, 0)
     errors: list[BaseException] = []
     sender = threading.Thread(target=broadcast_sender, args=(writer, count, 1, errors))
-    interrupter = _Interrupter(seed=2)
+    interrupter = Interrupter(seed=2)
     received: list[bytes] = []
     rng = random.Random(3)
     try:
@@ -227,7 +164,7 @@ def test_interrupted_gets_deliver_every_message_once_and_in_order() -> None:
                 how = rng.choice(RECEIVES)
                 interrupter.armed = True
                 try:
-                    got = _receive(reader, how, interrupter)
+                    got = interrupted_receive(reader, how, interrupter, TIMEOUT)
                 except KeyboardInterrupt:
                     continue  # the handler disarmed itself
                 interrupter.armed = False
@@ -249,7 +186,7 @@ def test_interrupted_gather_gets_deliver_every_message_once_and_in_order() -> No
     count = 800
     with GatherQueue(1, n_slots=8, slot_size=512) as queue, process_group("fork") as group:
         child = group.start(writer_sends_numbered, queue.handle, count, queue.capacity, 4)
-        interrupter = _Interrupter(seed=5)
+        interrupter = Interrupter(seed=5)
         received: list[bytes] = []
         rng = random.Random(6)
         with interrupter.running():
@@ -257,7 +194,7 @@ def test_interrupted_gather_gets_deliver_every_message_once_and_in_order() -> No
                 how = rng.choice(RECEIVES)
                 interrupter.armed = True
                 try:
-                    got = _receive(queue, how, interrupter)
+                    got = interrupted_receive(queue, how, interrupter, TIMEOUT)
                 except KeyboardInterrupt:
                     continue
                 interrupter.armed = False
@@ -310,7 +247,7 @@ def test_interrupted_puts_send_whole_messages_or_nothing() -> None:
     ):
         child = group.start(reader_collects, writer.handle, 0, count - 1)
         writer.wait_until_ready(timeout=TIMEOUT)
-        interrupter = _Interrupter(seed=8)
+        interrupter = Interrupter(seed=8)
         with interrupter.running():
             seq = 0
             while seq < count:

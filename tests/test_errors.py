@@ -313,6 +313,197 @@ def test_undecodable_message_is_consumed_and_the_next_one_arrives() -> None:
             reader.get(timeout=0)
 
 
+class ShapedSerializer:
+    """A serializer whose ``dumps`` returns ``shape(obj)``: whatever a careless one might."""
+
+    def __init__(self, shape: Any) -> None:
+        self.shape = shape
+
+    def dumps(self, obj: Any) -> Any:
+        return self.shape(obj)
+
+    def loads(self, data: memoryview, *, copy: bool) -> Any:
+        return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        (lambda obj: iter([b"abc"]), "must return a list or tuple of buffers, not list_iterator"),
+        (lambda obj: (b for b in [b"abc"]), "not generator"),
+        (lambda obj: b"abc", "not bytes"),
+        (lambda obj: "abc", "not str"),
+        (lambda obj: None, "not NoneType"),
+        (lambda obj: 7, "not int"),
+        (lambda obj: {0: b"abc"}, "not dict"),
+        (lambda obj: [b"ok", "a str part"], "part 1 .* is not a contiguous buffer \\(str"),
+        (lambda obj: [3], "part 0 .* is not a contiguous buffer \\(int"),
+        (lambda obj: (np.ones((4, 4))[:, ::2],), "part 0 .* not a contiguous buffer"),
+    ],
+    ids=["iterator", "generator", "bytes", "str", "none", "int", "dict", "str-part", "int-part",
+         "strided-part"],
+)  # fmt: skip
+def test_a_serializer_returning_no_sequence_of_buffers_is_refused(shape: Any, words: str) -> None:
+    """SerializationError saying what came back, and nothing sent, nothing lost: the message
+    before arrives, and so does the one after."""
+    with (
+        BroadcastQueue(1, n_slots=SLOTS, slot_size=SLOT, serializer=ShapedSerializer(shape)) as w,
+        BroadcastQueue.attach(w.handle, 0) as reader,
+    ):
+        w.put_bytes(b"before", timeout=5)
+        for _ in range(2):  # twice: the refusal left the writer as it was
+            with pytest.raises(SerializationError, match=words):
+                w.put("anything", timeout=5)
+        assert w.stats().messages == 1
+        w.put_bytes(b"after", timeout=5)
+        assert reader.get(timeout=5) == b"before"
+        assert reader.get(timeout=5) == b"after"
+        with pytest.raises(QueueTimeout):
+            reader.get(timeout=0)
+
+
+def test_put_bytes_takes_a_fortran_ordered_array(
+    pair: tuple[BroadcastQueue, BroadcastQueue],
+) -> None:
+    writer, reader = pair
+    array = np.asfortranarray(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    assert array.flags.f_contiguous and not array.flags.c_contiguous
+    writer.put_bytes(array, timeout=5)
+    assert reader.get(timeout=5) == array.tobytes(order="A")  # memory order, as a buffer has it
+    strided = np.arange(16, dtype=np.uint8).reshape(4, 4)[:, ::2]
+    with pytest.raises(TypeError, match="needs a contiguous buffer"):
+        writer.put_bytes(strided, timeout=5)
+    assert_delivers(writer, reader)
+
+
+BAD_HANDLE_NAMES = [".", "..", "", "x" * 300, "shmcast-" + "0" * 300, "nul\x00byte",
+                    "bad\udcffsurrogate", "ümlaut", "a/../../etc/passwd", "/dev/shm/x"]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD_HANDLE_NAMES)
+def test_handles_with_bad_names_are_refused(
+    pair: tuple[BroadcastQueue, BroadcastQueue], bad: str
+) -> None:
+    writer, reader = pair
+    forged = dataclasses.replace(writer.handle, name=bad)
+    with pytest.raises(SegmentError, match="invalid"):
+        BroadcastQueue.attach(forged, 1)
+    with pytest.raises(SegmentError, match="invalid"):
+        GatherQueue.attach(forged, 0)
+    assert_delivers(writer, reader)
+
+
+@pytest.mark.parametrize("kind", ["directory", "symlink", "fifo"])
+def test_handles_naming_what_is_no_segment_are_refused(
+    pair: tuple[BroadcastQueue, BroadcastQueue], tmp_path: Any, kind: str
+) -> None:
+    """A handle whose name is a directory, a symlink or a fifo planted in /dev/shm, with the
+    descriptor number of a live queue: refused, never followed, nothing of the queue harmed."""
+    writer, reader = pair
+    name = new_name()
+    path = os.path.join("/dev/shm", name)
+    target = tmp_path / "elsewhere"
+    target.write_bytes(bytes(8192))
+    {"directory": os.mkdir, "fifo": os.mkfifo,
+     "symlink": lambda p: os.symlink(target, p)}[kind](path)  # fmt: skip
+    try:
+        with pytest.raises(SegmentError):
+            BroadcastQueue.attach(dataclasses.replace(writer.handle, name=name), 1)
+    finally:
+        (os.rmdir if kind == "directory" else os.unlink)(path)
+    assert target.read_bytes() == bytes(8192)
+    assert_delivers(writer, reader)
+
+
+# -- numbers in the segment that no writer or reader could have stored ------------------------
+
+HUGE = (1 << 64) - 1
+
+
+def hostile_operations(
+    writer: BroadcastQueue, reader: BroadcastQueue, first: str | None
+) -> dict[str, Any]:
+    """Every operation that reads a participant's words, run once (``first`` first: a
+    participant that runs rewrites its own words); per operation the type of what it raised
+    (None: it returned)."""
+    from shmcast import _inspect
+
+    def fill() -> None:
+        for _ in range(SLOTS + 1):
+            writer.put_bytes(b"x" * SLOT, timeout=0.3)
+
+    def take_all() -> None:
+        for _ in range(2 * SLOTS + 2):  # the last one waits: the queue is empty by then
+            reader.get(timeout=0.3)
+
+    operations = {
+        "attach": lambda: BroadcastQueue.attach(writer.handle, 1).close(),
+        "put": fill,
+        "get": take_all,
+        "stats": writer.stats,
+        "ls": _inspect.list_segments,
+        "inspect": lambda: _inspect.format_queue_state(_inspect.inspect_queue(writer.handle.name)),
+        "cleanup": lambda: _inspect.cleanup(dry_run=True),
+    }
+    order = sorted(operations, key=lambda what: what != first)
+    outcome: dict[str, Any] = {}
+    for what in order:
+        try:
+            operations[what]()
+            outcome[what] = None
+        except Exception as exc:  # what escapes is what the test looks at
+            outcome[what] = type(exc)
+    return outcome
+
+
+LINES = {"writer": 128, "reader 0": 7 * 128, "reader 1": 8 * 128}  # L.BCAST_WRITER_OFF, L.PEERS_OFF
+#: The operation that relies on a word, and must raise SegmentError when it is impossible.
+RELIES_ON = {
+    ("writer", "pid"): "get",  # a waiting reader asks whether its writer is alive
+    ("writer", "seq"): "get",  # published more than the ring holds
+    ("reader 1", "pid"): "attach",  # an attaching reader asks who holds the index
+    ("reader 0", "seq"): "put",  # a read sequence ahead of the write sequence
+}
+
+
+@pytest.mark.parametrize("field", [("pid", 16), ("start", 24), ("seq", 0), ("messages", 32)],
+                         ids=lambda f: f[0])  # fmt: skip
+@pytest.mark.parametrize("line", list(LINES))
+def test_huge_words_in_a_participant_line_raise_documented_errors(
+    line: str, field: tuple[str, int]
+) -> None:
+    """2**64-1 in any word of any participant line: every operation returns or raises an
+    error of shmcast's hierarchy (never OverflowError), the one that relies on the word raises
+    SegmentError, and once the word is restored the queue works again.  (Not for a sequence
+    word its owner rewrote meanwhile: restoring the old value would be a corruption itself.)"""
+    from shmcast import ShmcastError
+    from shmcast import _layout as L
+
+    assert (LINES["writer"], LINES["reader 0"]) == (L.BCAST_WRITER_OFF, L.PEERS_OFF)
+    name, offset = field
+    relies = RELIES_ON.get((line, name))
+    with (
+        BroadcastQueue(2, n_slots=SLOTS, slot_size=SLOT) as writer,
+        BroadcastQueue.attach(writer.handle, 0) as reader,
+    ):
+        with patched_segment(writer.handle, LINES[line] + offset, "<Q", HUGE):
+            outcome = hostile_operations(writer, reader, relies)
+        escaped = {
+            k: v for k, v in outcome.items() if v is not None and not issubclass(v, ShmcastError)
+        }
+        assert not escaped, f"undocumented exceptions: {escaped}"
+        if relies is not None:
+            assert outcome[relies] is SegmentError, outcome
+        if name == "seq" and line != "reader 1":
+            return
+        BroadcastQueue.attach(writer.handle, 1).close()  # index 1 no longer holds the writer
+        with contextlib.suppress(QueueTimeout):
+            for _ in range(2 * SLOTS):
+                reader.get(timeout=0)
+        writer.put("after", timeout=5)
+        assert reader.get(timeout=5) == "after"
+
+
 # -- segments that are not (or no longer) a valid queue ---------------------------------------
 
 

@@ -469,6 +469,43 @@ def test_orphan_is_listed_and_removed_but_live_queue_is_kept(kind, own_segments)
         live.close()
 
 
+@pytest.mark.parametrize("size", [0, 4096], ids=["empty", "no-header"])
+def test_a_name_abandoned_before_its_header_is_removed_unless_held(size, children, own_segments):
+    """What a creator killed before it wrote the header leaves (a name of shmcast's own form,
+    empty or all zeros, held by no process) is listed as abandoned and removed; the same file
+    held open by a live process (a creator still at work) is kept, and a file of another form
+    is left alone."""
+    from shmcast import _native
+    from shmcast._segment import new_name
+
+    abandoned, held = new_name(), new_name()
+    foreign = "shmcast-not-ours-" + os.urandom(4).hex()
+    own_segments.extend([abandoned, held, foreign])
+    for name in (abandoned, held, foreign):
+        fd = _native.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, size)
+        os.close(fd)
+    holder = children.start(
+        "import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); print('held', flush=True); "
+        "sys.stdin.readline()", os.path.join(SHM, held),
+    )  # fmt: skip
+    assert children.readline(holder) == "held"
+    infos = {s.name: s for s in I.list_segments()}
+    assert (infos[abandoned].status, infos[abandoned].orphan) == ("abandoned", True)
+    assert (infos[held].status, infos[held].orphan) == ("not-shmcast", False)
+    assert infos[held].holders == (holder.pid,)
+    assert (infos[foreign].status, infos[foreign].orphan) == ("not-shmcast", False)
+    planned = I.cleanup(dry_run=True)
+    assert abandoned in planned and held not in planned and foreign not in planned
+    assert shm_exists(abandoned)
+    assert I.cleanup(dry_run=False, names=[abandoned, held, foreign]) == [abandoned]
+    assert not shm_exists(abandoned)
+    assert shm_exists(held) and shm_exists(foreign)
+    children.kill(holder)  # its creator is gone now: abandoned too
+    assert I.cleanup(dry_run=False, names=[held, foreign]) == [held]
+    os.unlink(os.path.join(SHM, foreign))
+
+
 def test_named_segment_with_a_live_user_is_never_removed(own_segments):
     name, _creator = killed_while_creating("broadcast")
     own_segments.append(name)
@@ -644,3 +681,44 @@ def test_cleanup_command_dry_run_then_yes(capsys, own_segments):
     assert run_command("cleanup", ["--yes", name]) == 0
     assert f"removed {name}" in capsys.readouterr().out
     assert not shm_exists(name)
+
+
+TRUNCATING_CHILD = textwrap.dedent(
+    """
+    import os, sys, time
+    from shmcast import BroadcastQueue
+    q = BroadcastQueue(2, n_slots=8, slot_size=4096)
+    fd, size = q.handle.fd, os.fstat(q.handle.fd).st_size
+    print(q.handle.name, flush=True)
+    deadline = time.monotonic() + 30  # bounded; killed long before
+    sizes = [0, 64, 4096, size // 2, size]
+    i = 0
+    while time.monotonic() < deadline:  # never touches the memory while it is short
+        os.ftruncate(fd, sizes[i % len(sizes)])
+        i += 1
+        time.sleep(0.0005)
+    """
+)
+
+
+def test_ls_and_inspect_survive_a_segment_truncated_and_removed_under_them(children, own_segments):
+    """Another process shrinks and regrows its segment while ``shmcast ls`` and ``inspect``
+    read it, then dies (the segment goes): each command ends normally (no signal, no
+    traceback), with a clear message where it could not read the queue."""
+    child = children.start(TRUNCATING_CHILD)
+    name = children.readline(child)
+    own_segments.append(name)
+    commands = [["ls"], ["ls", "--json"], ["inspect", name], ["inspect", name, "--json"]]
+    outcomes = []
+    for round_ in range(3):
+        if round_ == 2:
+            children.kill(child)  # the last round: the segment is gone
+        for argv in commands:
+            proc = subprocess.run([sys.executable, "-m", "shmcast", *argv], capture_output=True,
+                                  text=True, timeout=STEP_TIMEOUT)  # fmt: skip
+            assert proc.returncode in (0, 1), (argv, proc.returncode, proc.stderr)
+            assert "Traceback" not in proc.stderr, (argv, proc.stderr)
+            if proc.returncode == 1:
+                assert proc.stderr.strip(), f"{argv} failed without saying why"
+            outcomes.append((argv[0], proc.returncode))
+    assert ("inspect", 1) in outcomes  # once gone, inspect says so

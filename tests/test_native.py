@@ -1053,3 +1053,35 @@ def test_checksummed_ring_seals_and_checks_payloads() -> None:
         with contextlib.suppress(BufferError):
             a.release()
         mapping.close()
+
+
+def test_the_typed_stub_declares_everything_the_native_module_has() -> None:
+    """_native.pyi is the native layer's declared API: every public name of the module, and
+    every public method and attribute of its classes, is in it (and nothing else is)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(_native.__file__).with_name("_native.pyi").read_text())
+    declared: dict[str, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            members = set()
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef):
+                    members.add(item.name)
+                elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    members.add(item.target.id)
+            declared[node.name] = members
+        elif isinstance(node, ast.FunctionDef):
+            declared[node.name] = set()
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            declared[node.target.id] = set()
+    public = {n for n in dir(_native) if not n.startswith("_")}
+    assert public == set(declared)
+    for name, members in declared.items():
+        obj = getattr(_native, name)
+        if isinstance(obj, type):
+            actual = {
+                m for m in vars(obj) if not m.startswith("_") or m in ("__enter__", "__exit__")
+            }
+            assert actual == members - {"__init__"}, name

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import re
 import secrets
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -183,3 +189,54 @@ def test_create_fails_cleanly_on_an_impossible_size() -> None:
 def test_shared_memory_full_is_an_oserror_and_a_shmcast_error() -> None:
     exc = SharedMemoryFull(28, "no room")
     assert isinstance(exc, OSError) and exc.errno == 28 and exc.strerror == "no room"
+
+
+FULL_SHM_CHILD = """
+import json, os
+from shmcast import BroadcastQueue, GatherQueue, SharedMemoryFull
+out = {}
+try:
+    BroadcastQueue(1, n_slots=64, slot_size=256 << 10)
+except SharedMemoryFull as exc:
+    out["error"], out["errno"] = str(exc), exc.errno
+out["left"] = os.listdir("/dev/shm")
+with BroadcastQueue(1, n_slots=64, slot_size=8192) as w, BroadcastQueue.attach(w.handle, 0) as r:
+    w.put(b"x" * 300_000, timeout=5)  # streamed through every slot: all of it is really there
+    out["got"] = len(r.get(timeout=5))
+    try:
+        GatherQueue(2, n_slots=64, slot_size=8192)
+    except SharedMemoryFull as exc:
+        out["second"] = str(exc)
+out["left_after"] = os.listdir("/dev/shm")
+print(json.dumps(out))
+"""
+
+
+def test_a_full_dev_shm_is_an_error_at_creation_and_leaves_nothing() -> None:
+    """In a mount namespace of its own with a 1 MiB /dev/shm: a queue that does not fit raises
+    SharedMemoryFull saying what it needs and what is free, nothing is left behind, and a queue
+    that fits works through every byte of its ring (no SIGBUS)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs unshare(1) to make a private mount namespace")
+    probe = subprocess.run([unshare, "--mount", "--propagation", "private", "true"],
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a private mount namespace here: {probe.stderr.strip()}")
+    script = 'mount -t tmpfs -o size=1m,mode=1777 shmcast-test /dev/shm && exec "$0" -c "$1"'
+    proc = subprocess.run(
+        [unshare, "--mount", "--propagation", "private", "sh", "-c", script, sys.executable,
+         FULL_SHM_CHILD],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if proc.returncode != 0 and "mount" in proc.stderr and "Traceback" not in proc.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["errno"] == errno.ENOSPC
+    needed, free = (int(n.replace(",", "")) for n in re.findall(r"[\d,]{5,}", out["error"]))
+    assert needed > 16 << 20 and 0 < free <= 1 << 20, out["error"]
+    assert "needs" in out["error"] and "free" in out["error"]
+    assert out["left"] == [] and out["left_after"] == []
+    assert out["got"] == 300_000
+    assert "not enough shared memory" in out["second"]

@@ -116,7 +116,7 @@ def as_bytes_view(part: Any) -> memoryview:
     if isinstance(part, str):
         raise TypeError("a str is not a buffer (encode it first)")
     view = part if isinstance(part, memoryview) else memoryview(part)
-    if view.ndim == 1 and view.format == "B":
+    if view.ndim == 1 and view.format == "B":  # strided too: the native copy keeps the order
         return view
     if view.c_contiguous:
         return view.cast("B")

@@ -10,10 +10,12 @@ Three library functions and the three subcommands of the ``shmcast`` command lin
   descriptors their processes hold (``/proc/*/fd``, where they show as ``/dev/shm/NAME
   (deleted)``), and every ``shmcast-*`` entry still named in /dev/shm, including the ones that
   are not shmcast queues, of another layout version, or unreadable;
-- :func:`cleanup` removes the names of *orphaned* segments: named shmcast queues whose creator
-  and every recorded participant are dead (what a creator killed while it created a queue
-  leaves).  A segment with any live process, an unnamed one, and any entry that is not a valid
-  shmcast queue of this layout version, is left alone.
+- :func:`cleanup` removes the names of *orphaned* segments, which is what a creator killed
+  inside the queue's constructor leaves: named shmcast queues whose creator and every recorded
+  participant are dead, and names of shmcast's own form that are empty or hold no header yet
+  and that no process holds open (*abandoned*).  A segment with any live process, an unnamed
+  one, and any other entry that is not a valid shmcast queue of this layout version, is left
+  alone.
 
 Reading is strictly passive and cannot fault: the segment is opened ``O_RDONLY`` and read with
 ``pread`` (never mapped), so a segment that another process truncates or removes while it is
@@ -62,6 +64,10 @@ STATUS_NOT_SHMCAST = "not-shmcast"  #: empty, too small, no magic, or not a regu
 STATUS_OTHER_VERSION = "other-version"  #: a shmcast segment of another layout version
 STATUS_CORRUPT = "corrupt"  #: shmcast magic and version, but an inconsistent header
 STATUS_UNREADABLE = "unreadable"  #: cannot be opened or mapped (permissions, ...)
+#: A name of shmcast's own form that is empty or holds no header yet, and that no process
+#: holds open: its creator died inside the constructor before it wrote the header (a creator
+#: holds its descriptor from shm_open on, so one that is still creating it would be seen).
+STATUS_ABANDONED = "abandoned"
 _STATUS_MISSING = "missing"  # the name does not exist (never listed: only raised)
 
 
@@ -71,6 +77,7 @@ _STATUS_PHRASES = {
     "shmcast version)",
     STATUS_CORRUPT: "corrupted",
     STATUS_UNREADABLE: "unreadable",
+    STATUS_ABANDONED: "abandoned by its creator",
 }
 
 
@@ -78,17 +85,20 @@ class _Unusable(SegmentError):
     """A segment that cannot be inspected: ``status`` (a STATUS_* value) and a short
     ``reason``; the message names the segment and says both."""
 
-    def __init__(self, status: str, name: str, reason: str) -> None:
+    def __init__(self, status: str, name: str, reason: str, *, blank: bool = False) -> None:
         if status == _STATUS_MISSING:
             message = (
-                f"no shared-memory segment named {name!r} (the queue was closed, or its creator "
-                "exited and removed it)"
+                f"no shared-memory segment named {name!r} (no process holds such a queue and "
+                "no such name is in /dev/shm: the queue was closed, or every process using it "
+                "has ended)"
             )
         else:
             message = f"segment {name!r} is {_STATUS_PHRASES[status]}: {reason}"
         super().__init__(message)
         self.status = status
         self.reason = reason
+        #: Empty, or zeros where the header goes: what a creator leaves before the header.
+        self.blank = blank
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -334,7 +344,8 @@ def _opened_read_only(loc: _Location) -> Iterator[tuple[int, int]]:
         if not stat.S_ISREG(st.st_mode):
             raise _Unusable(STATUS_NOT_SHMCAST, loc.name, "not a regular file")
         if st.st_size == 0:
-            raise _Unusable(STATUS_NOT_SHMCAST, loc.name, "empty (or still being created)")
+            raise _Unusable(STATUS_NOT_SHMCAST, loc.name, "empty (or still being created)",
+                            blank=True)  # fmt: skip
         yield fd, st.st_size
     finally:
         os.close(fd)
@@ -347,13 +358,14 @@ def _read_header(data: bytes, size: int, name: str) -> L.Header:
         raise _Unusable(STATUS_NOT_SHMCAST, name, f"too small ({size} bytes)")
     magic, version = data[0:8], L.HEADER.unpack_from(data, 0)[1]
     if magic != L.MAGIC:
-        if magic == bytes(8):
+        blank = magic == bytes(8)
+        if blank:
             why = "no header (still being created?)"
         elif magic == REGION_MAGIC:
             why = "the shared region of a queue (SharedBuffers)"
         else:
             why = f"bad magic {magic!r}"
-        raise _Unusable(STATUS_NOT_SHMCAST, name, why)
+        raise _Unusable(STATUS_NOT_SHMCAST, name, why, blank=blank)
     if version != L.LAYOUT_VERSION:
         raise _Unusable(
             STATUS_OTHER_VERSION,
@@ -507,6 +519,16 @@ def _file_size(loc: _Location) -> int:
         return 0
 
 
+def _is_own_name(name: str) -> bool:
+    """Whether ``name`` has the form of the names this library makes (``shmcast-`` and 16 hex
+    digits): another program's ``shmcast-*`` file is never taken for an abandoned one."""
+    try:
+        check_name(name, own=True)
+    except SegmentError:
+        return False
+    return True
+
+
 def _probe(loc: _Location) -> tuple[SegmentInfo, int | None] | None:
     """Describe one segment (None if it vanished meanwhile); also its nonce when valid."""
     try:
@@ -514,7 +536,12 @@ def _probe(loc: _Location) -> tuple[SegmentInfo, int | None] | None:
     except _Unusable as exc:
         if exc.status == _STATUS_MISSING:
             return None
-        info = SegmentInfo(loc.name, _file_size(loc), exc.status, exc.reason)
+        if exc.blank and loc.named and not loc.holders and _is_own_name(loc.name):
+            info = SegmentInfo(loc.name, _file_size(loc), STATUS_ABANDONED,
+                               f"{exc.reason.split(' (')[0]}, and no process holds it open: its "
+                               "creator died while creating it", orphan=True)  # fmt: skip
+        else:
+            info = SegmentInfo(loc.name, _file_size(loc), exc.status, exc.reason)
         return dataclasses.replace(info, where=loc.where, holders=loc.holders), None
     live = state.live_pids
     info = SegmentInfo(
@@ -569,18 +596,21 @@ class CleanupReport:
 
 def orphan_reason(info: SegmentInfo) -> str:
     """Why ``info`` (an orphan) may be removed, in words."""
+    if info.status == STATUS_ABANDONED:
+        return info.detail
     return f"creator pid {info.creator_pid} is dead and no process recorded in it is alive"
 
 
-def _remove_if_still_orphan(info: SegmentInfo, nonce: int) -> str | None:
+def _remove_if_still_orphan(info: SegmentInfo, nonce: int | None) -> str | None:
     """Re-read the segment just before removing its name: it must still hold the same queue
-    and still be an orphan.  Returns None if removed, else why not."""
+    (or still be abandoned, ``nonce`` None) and still be an orphan.  Returns None if removed,
+    else why not."""
     loc = _locations(only=info.name).get(info.name)
     probed = None if loc is None or not loc.named else _probe(loc)
     if probed is None:
         return "already gone"
     again, again_nonce = probed
-    if again.status != STATUS_OK or again_nonce != nonce:
+    if again.status != info.status or again_nonce != nonce:
         return "the name now holds something else"
     if not again.orphan:
         return f"a process came back to it (pids {', '.join(map(str, again.live_pids))})"
@@ -614,14 +644,13 @@ def plan_and_cleanup(dry_run: bool = True, names: Iterable[str] | None = None) -
             report.not_found.append(name)
             continue
         info, nonce = probed
-        if info.status != STATUS_OK:
+        if info.status not in (STATUS_OK, STATUS_ABANDONED):
             report.left_alone.append(info)
         elif not info.orphan:
             report.live.append(info)
         elif dry_run:
             report.orphans.append(info)
         else:
-            assert nonce is not None
             why_not = _remove_if_still_orphan(info, nonce)
             if why_not is None:
                 report.orphans.append(info)
@@ -636,10 +665,14 @@ def cleanup(dry_run: bool = True, *, names: Iterable[str] | None = None) -> list
 
     An orphan is a valid shmcast segment of this layout version whose creator and every
     process recorded in a participant line are dead (pid and start time checked, so a recycled
-    pid does not keep a segment alive nor a live one die).  A segment with any live process is
-    never removed, and entries that are not valid shmcast queues (foreign, corrupted, other
-    layout version, unreadable) are never touched.  Just before removing a name, the segment
-    is read again and must still hold the same queue, still orphaned.
+    pid does not keep a segment alive nor a live one die), or an *abandoned* one: a name of
+    shmcast's own form (``shmcast-`` and 16 hex digits) that is empty or holds zeros where the
+    header goes, and that no process holds open (a creator holds its descriptor from the
+    moment it makes the name, so one still creating it keeps it).  A segment with any live
+    process is never removed, and other entries that are not valid shmcast queues (foreign,
+    corrupted, other layout version, unreadable) are never touched.  Just before removing a
+    name, the segment is read again and must still hold the same queue (or still be
+    abandoned), still orphaned.
 
     Processes in another pid namespace sharing this /dev/shm cannot be seen: run cleanup where
     the queues' processes run.  Names that could not be removed are logged on the ``shmcast``
@@ -777,7 +810,8 @@ def format_segment_list(infos: list[SegmentInfo]) -> str:
             )  # fmt: skip
         else:
             status = f"{s.status}: {s.detail}"
-            rows.append([s.name, "-", _format_size(s.size), s.where, "-", "-", "-", "-", status])
+            rows.append([s.name, "-", _format_size(s.size), s.where, "-", "-", "-",
+                         _yes_no(s.orphan) if s.orphan else "-", status])  # fmt: skip
     return _table(headers, rows)
 
 
@@ -870,7 +904,8 @@ def run_cleanup(args: argparse.Namespace) -> int:
         return status
     verb = "would remove" if report.dry_run else "removed"
     for s in report.orphans:
-        print(f"{verb} {s.name} ({s.kind}, {_format_size(s.size)}): {orphan_reason(s)}")
+        what = _format_size(s.size) if s.kind is None else f"{s.kind}, {_format_size(s.size)}"
+        print(f"{verb} {s.name} ({what}): {orphan_reason(s)}")
     for name, why in report.failed:
         print(f"could not remove {name}: {why}")
     for s in report.live:

@@ -1,8 +1,11 @@
 """Typed interface of the native core (see _csrc/)."""
 
-from collections.abc import Buffer, Sequence
+from collections.abc import Buffer, Callable, Sequence
+from typing import Any
 
 HAVE_FUTEX: int
+#: 1 when crc32c() uses the CPU's CRC-32C instruction (SSE 4.2), 0 for the portable table.
+CRC32C_HARDWARE: int
 #: Messages of at least this many bytes are declined by Cursor.put at and after ``early``.
 EARLY_WRAP_MIN: int
 
@@ -40,10 +43,21 @@ class Atomics:
     def wake32(self, off: int, n: int, /) -> int:
         """Wake up to ``n`` waiters (n < 1: all); returns how many were woken."""
     def min_seq(
-        self, first_off: int, stride: int, count: int, state_rel: int, mask: int, /
+        self,
+        first_off: int,
+        stride: int,
+        count: int,
+        state_rel: int,
+        mask: int,
+        lo: int,
+        hi: int,
+        valid: int,
+        /,
     ) -> int | None:
         """Minimum of the 64-bit words at ``first_off + i*stride`` whose 32-bit state at
-        ``+state_rel`` has a bit of ``mask``; None if none qualifies."""
+        ``+state_rel`` has a bit of ``mask``; None if none qualifies.  SegmentError (naming the
+        entry) for a state that is not exactly one bit of ``valid``, or a qualifying word
+        outside ``[lo, hi]``."""
     def release(self) -> None:
         """Drop the buffer (BufferError while a thread waits in wait32)."""
 
@@ -82,10 +96,19 @@ class Cursor:
         wake_n: int,
         *,
         count_off: int = -1,
+        key: int = 0,
+        checksum: bool = False,
     ) -> None:
         """With ``count_off`` (a writer), wake readers after a publish only if the u64
         announcement count there moved since the last wake, instead of whenever the u32 at
-        ``flag_off`` is non-zero."""
+        ``flag_off`` is non-zero.  ``key`` (the queue's nonce) keys the check word of every
+        descriptor; ``checksum`` makes payloads carry a CRC-32C (written by put/seal, checked
+        by next/take_bytes)."""
+    #: Whether payloads carry a CRC-32C (read-only).
+    checksum: int
+    #: Reader: what :meth:`take_bytes` returned last, until the caller sets it to None (so a
+    #: call interrupted after the copy still delivers it).
+    last: bytes | None
     def put(self, parts: Sequence[Buffer], kind: int, publish: bool, /) -> bool:
         """Store the concatenated ``parts`` as one contiguous message at ``pos`` and publish it
         (unless ``publish`` is false).  False, with nothing written, if it would wrap, is not
@@ -99,10 +122,90 @@ class Cursor:
         """:meth:`next`, a copy and :meth:`finish` in one call, for a message of ``kind``."""
     def flush(self) -> None:
         """Store ``pos`` if it moved, and wake the peer if it announced it sleeps."""
+    def observe(self) -> int:
+        """Reader: the writer's sequence (acquire load), checked to lie in ``[pos, pos +
+        n_slots]`` (SegmentError otherwise); refreshes ``bound``."""
+    def read_desc(self, seq: int, /) -> tuple[int, int, int, int]:
+        """``(total, flags, msg_no, crc)`` of the slot at ``seq``, its check word verified
+        (SegmentError for a descriptor of another slot, lap or queue)."""
+    def release(self, slots: int, /) -> None:
+        """Reader: hand ``slots`` read by the slow path back to the writer (the descriptors are
+        checked again first: SegmentError, nothing released, if they were reused)."""
+    def write_desc(self, seq: int, total: int, flags: int, msg_no: int, /) -> None:
+        """Writer: store the descriptor of the slot at ``seq`` (with its check word)."""
+    def seal(self, seq: int, nbytes: int, crc: int | None = None, /) -> None:
+        """Writer, checksums on: store the CRC-32C of the ``nbytes`` at slot ``seq`` (or the
+        ``crc`` given, computed from the source) in its descriptor."""
+    def count_message(self) -> int:
+        """Writer: spend the next message number and return it."""
+    def publish(self, slots: int, flush: bool, /) -> None:
+        """Writer: advance by ``slots`` filled and publish them, unless ``flush`` is false
+        (held back until the next flush)."""
+    def commit(self, slots: int, flush: bool, /) -> int:
+        """Writer: count a message of ``slots`` slots and publish it (unless held back);
+        returns its message number."""
+
+class Guard:
+    """The call guard of one queue endpoint: one call at a time, none after close, none in a
+    forked child (the fork generation is recorded by a pthread_atfork handler)."""
+
+    def __init__(self, what: str, on_idle: Callable[[], Any] | None = None) -> None: ...
+    @property
+    def busy(self) -> bool:
+        """True while a call holds the guard."""
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+    @property
+    def owned(self) -> bool:
+        """True in the process that made the guard (False in a forked child)."""
+    def __enter__(self) -> None:
+        """Take the guard: InheritedEndpoint in a forked child, QueueClosed after close,
+        RuntimeError while another call holds it."""
+    def __exit__(self, *exc: object) -> bool:
+        """Give the guard back (and run ``on_idle`` if it was closed meanwhile)."""
+    def check(self) -> None:
+        """Raise as :meth:`__enter__` would for a forked child or a closed endpoint."""
+    def close(self) -> None:
+        """Refuse every later call; run ``on_idle`` now if idle, else when the call leaves."""
+    def hold(self) -> Hold:
+        """Take the guard as :meth:`__enter__` does, for a ``view()`` block that outlives the
+        call."""
+
+class Hold:
+    """A ``view()`` block: the endpoint's guard, held until the block exits."""
+
+    def set(
+        self,
+        value: Any,
+        *,
+        cursor: Cursor | None = None,
+        slots: int = 0,
+        views: tuple[memoryview, ...] | None = None,
+        stash: list[Any] | None = None,
+    ) -> None:
+        """The message of the block: what ``__enter__`` hands over, the cursor and slots
+        ``__exit__`` finishes, the views it releases, the stash whose first entry (an
+        undelivered message) ``__enter__`` removes."""
+    def release(self) -> None:
+        """Give the guard back, consuming nothing (only before the block is entered)."""
+    def __enter__(self) -> Any:
+        """Hand the value over; the message counts as delivered."""
+    def __exit__(self, *exc: object) -> bool:
+        """Consume the message, release the views, give the guard back."""
 
 def scan(cursors: list[Cursor], start: int, /) -> int:
     """Index of the first reader cursor, round robin from ``start``, with a published slot at
     its position (refreshing its ``bound``); -1 if none."""
+
+def crc32c(data: Buffer, value: int = 0, portable: bool = False) -> int:
+    """CRC-32C (Castagnoli) of ``data``, continuing from ``value``; ``portable`` forces the
+    table-driven code (for tests)."""
+
+def set_errors(
+    segment_error: type[Exception], closed_error: type[Exception], inherited_error: type[Exception]
+) -> None:
+    """The exception classes the native code raises (called once, by shmcast._errors)."""
 
 def shm_open(name: str, flags: int, mode: int, /) -> int:
     """POSIX shm_open (close-on-exec); returns a file descriptor."""

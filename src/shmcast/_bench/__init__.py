@@ -66,11 +66,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--readers", type=_int_list, metavar="N,N",
         help="reader counts for every workload but the engine and the executor loop "
-        "(default: latency 1,4,8; throughput 1,4; wakeup 1; idle_cpu 1,4)",
+        "(default: latency and saturated 1,4,8; throughput 1,4; wakeup 1; idle_cpu 1,4)",
     )  # fmt: skip
     numbers = [
         ("--messages", int, "N", "messages per latency case (default 2000; quick 200)"),
         ("--interval-us", float, "US", "latency send interval (default 1000; quick 500)"),
+        (
+            "--saturated-messages",
+            int,
+            "N",
+            "messages per saturated-latency case (default 4000; quick 400)",
+        ),
+        (
+            "--saturated-interval-us",
+            float,
+            "US",
+            "saturated latency: target send interval (default 20)",
+        ),
+        (
+            "--saturated-window",
+            int,
+            "N",
+            "saturated latency: messages in flight per reader at most, for every "
+            "implementation (the harness's credits; default 10)",
+        ),
         ("--repetitions", int, "N", "wake-up repetitions (default 5; quick 2)"),
         ("--idle-seconds", float, "S", "idle time before each wake-up (default 2; quick 0.2)"),
         ("--idle-cpu-seconds", float, "S", "idle-CPU window (default 5; quick 0.5)"),
@@ -159,7 +178,7 @@ def _one_line(case: dict[str, Any]) -> str:
         detail = (case.get("detail") or "").strip().splitlines()
         return f"{case['status'].upper()}: {(detail[-1] if detail else '')[:120]}"
     w = case["workload"]
-    if w in ("latency", "wakeup"):
+    if w in ("latency", "saturated", "wakeup"):
         return f"ok  p50 {m['p50_us']:.1f} us  p99 {m['p99_us']:.1f} us  max {m['max_us']:.0f} us"
     if w == "throughput":
         rate, bandwidth = m["msgs_per_s_per_reader"], m["mb_per_s_per_reader"]
@@ -249,6 +268,41 @@ def _memcpy_references(cases: list[Any]) -> dict[str, dict[str, float]]:
     return {str(size): memcpy_bandwidth(size) for size in sizes}
 
 
+class _WakeFloor:
+    """The bare C futex wake-up (``floor.py``), measured once per round right before that
+    round's first wake-up case, with its idle time and repetitions; built when the plan has a
+    wake-up case."""
+
+    def __init__(self, cases: list[Any], workdir: Path) -> None:
+        from . import floor
+
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.exe: Path | None = None
+        self.reason = "the plan has no wake-up case"
+        if any(c.workload == "wakeup" for c in cases):
+            self.exe, self.reason = floor.build(workdir)
+            if self.exe is None:
+                _progress(f"wake-up floor: unavailable: {self.reason}")
+
+    def before_wakeup(self, round_index: int, spec: Any) -> None:
+        from . import floor
+
+        if self.exe is None or round_index in self.rounds:
+            return
+        _progress(f"wake-up floor (C futex), round {round_index + 1}", end=" ")
+        got = floor.measure(self.exe, spec.idle_s, spec.messages - 1)
+        self.rounds[round_index] = got
+        _progress(f"p50 {got['p50_us']:.1f} us" if "p50_us" in got else got.get("error", ""))
+
+    def result(self) -> dict[str, Any]:
+        if self.exe is None:
+            return {"status": "unavailable", "reason": self.reason}
+        return {
+            "status": "ok",
+            "rounds": [{"round": r, **self.rounds[r]} for r in sorted(self.rounds)],
+        }
+
+
 def _network_envs(runnable: dict[str, Any], implementations: dict[str, dict[str, Any]],
                   stack: contextlib.ExitStack) -> dict[str, dict[str, str]]:  # fmt: skip
     """The environment of each remote implementation's leader: the writer's address, and for
@@ -326,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     Returns 0 when the run completed (implementations that failed verification or hung are
     results, not failures of the run), 2 on a usage error.
     """
-    from . import adapters, report
+    from . import adapters, report, targets
     from .plan import PlanOptions, plan_cases
     from .remote_adapters import REMOTE_ADAPTERS, REMOTE_WORKLOADS
     from .runner import Leader
@@ -343,7 +397,12 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         for name in adapters.ADAPTERS:
             missing = adapters.missing_modules(adapters.ADAPTERS[name].requires)
-            state = "installed" if not missing else f"not installed (no {', '.join(missing)})"
+            hint = adapters.ADAPTERS[name].install_hint
+            state = (
+                "installed"
+                if not missing
+                else f"not installed (no {', '.join(missing)})" + (f": {hint}" if hint else "")
+            )
             print(f"{name:<16} {state}")
         return 0
     try:
@@ -353,6 +412,9 @@ def run(args: argparse.Namespace) -> int:
             readers=args.readers,
             messages=args.messages,
             interval_us=args.interval_us,
+            saturated_messages=args.saturated_messages,
+            saturated_interval_us=args.saturated_interval_us,
+            saturated_window=args.saturated_window,
             repetitions=args.repetitions,
             idle_seconds=args.idle_seconds,
             idle_cpu_seconds=args.idle_cpu_seconds,
@@ -380,6 +442,8 @@ def run(args: argparse.Namespace) -> int:
         missing = adapters.missing_modules(cls.requires)
         if missing:
             reason = f"cannot import {', '.join(missing)}"
+            if cls.install_hint:
+                reason += f"; {cls.install_hint}"
             implementations[cls.name] = {"status": "not installed", "reason": reason}
             _progress(f"{cls.name}: not installed ({reason})")
         else:
@@ -399,6 +463,7 @@ def run(args: argparse.Namespace) -> int:
         f"results to {args.out}"
     )
     memcpy = _memcpy_references(cases)
+    floor = _WakeFloor(cases, workdir)
     results: list[dict[str, Any]] = []
     leaders: dict[str, Leader] = {}
     interrupted = False
@@ -415,6 +480,8 @@ def run(args: argparse.Namespace) -> int:
                 if leader is None:
                     continue
                 leaders[name] = leader
+            if spec.workload == "wakeup":
+                floor.before_wakeup(round_index, spec)
             _progress(f"[{done:>3}/{len(order)}] {name:<16} {spec.key:<26}", end=" ")
             outcome = leader.run(spec)
             case = {
@@ -462,9 +529,14 @@ def run(args: argparse.Namespace) -> int:
         },
         "implementations": implementations,
         "memcpy_mb_per_s": memcpy,
+        "wake_floor": floor.result(),
         "cases": results,
     }
     doc["ratios"] = report.compute_ratios(results)
+    doc["ratios_by_round"] = [
+        report.compute_ratios([c for c in results if c["round"] == r]) for r in range(args.rounds)
+    ]
+    doc["targets"] = targets.compute_targets(doc)
     print(report.format_tables(doc))
     path = report.write_json(doc, args.out, stem)
     print(f"results: {path}")

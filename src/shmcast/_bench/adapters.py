@@ -181,6 +181,8 @@ class Adapter:
     name: ClassVar[str] = "?"
     #: Modules that must be importable, else the implementation is "not installed".
     requires: ClassVar[tuple[str, ...]] = ()
+    #: How to install it, said when it is "not installed" ("" for nothing to add).
+    install_hint: ClassVar[str] = ""
     #: Modules imported once by the process that forks the readers (costly imports).
     preload: ClassVar[tuple[str, ...]] = ()
     #: Distribution names whose versions are recorded in the results.
@@ -996,6 +998,10 @@ ADAPTERS: dict[str, type[Adapter]] = {
 from .remote_adapters import REMOTE_ADAPTERS  # noqa: E402  (it builds on the classes above)
 
 ADAPTERS.update((cls.name, cls) for cls in REMOTE_ADAPTERS)
+
+from .iceoryx2_adapter import Iceoryx2Adapter  # noqa: E402  (as above)
+
+ADAPTERS[Iceoryx2Adapter.name] = Iceoryx2Adapter
 
 
 def resolve(spec: str) -> type[Adapter]:

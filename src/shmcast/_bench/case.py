@@ -19,13 +19,14 @@ of a case that runs past its limit (see ``runner.py``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import traceback
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from .adapters import Adapter, ReplyCollector
 from .remote_adapters import enter_case_netns
-from .workloads import READERS, REPLYING, WRITERS, CaseSpec, summarize
+from .workloads import CREDITED, READERS, REPLYING, WRITERS, CaseSpec, Credits, summarize
 
 
 class CaseFailed(Exception):
@@ -40,8 +41,10 @@ def reader_main(
     index: int,
     spec_data: dict[str, Any],
     control: Connection,
+    counters: Any = None,
 ) -> None:
-    """Body of reader process ``index`` (a multiprocessing target).  Never raises: a failure
+    """Body of reader process ``index`` (a multiprocessing target).  ``counters``: the
+    credit counters of a credited workload (``workloads.Credits``).  Never raises: a failure
     is reported on ``control`` as ``("error", traceback)``."""
     try:
         enter_case_netns("reader")  # remote cases across namespaces: the reader's side
@@ -57,7 +60,8 @@ def reader_main(
             sender.wait_ready(spec.time_limit)
         control.send(("ready", None))
         control.recv()  # the start barrier: "go"
-        result = READERS[spec.workload](spec, reader, sender, index)
+        extra = _credits(spec, counters)
+        result = READERS[spec.workload](spec, reader, sender, index, **extra)
         reader.close()
         if sender is not None:
             sender.close()
@@ -68,6 +72,13 @@ def reader_main(
     finally:
         with contextlib.suppress(Exception):
             control.close()
+
+
+def _credits(spec: CaseSpec, counters: Any) -> dict[str, Any]:
+    """The keyword arguments that give a credited workload's functions its credits."""
+    if spec.workload not in CREDITED:
+        return {}
+    return {"credits": Credits(counters, int(spec.extra["window"]))}
 
 
 def _collect(kind: str, controls: list[Connection], procs: list[Any]) -> list[Any]:
@@ -115,6 +126,8 @@ def run_case(
     collector: ReplyCollector | None = None
     procs: list[Any] = []
     controls: list[Connection] = []
+    # Shared with the readers (inherited through the process arguments), for credited ones.
+    counters = ctx.RawArray(ctypes.c_uint64, spec.readers) if spec.workload in CREDITED else None
     try:
         reply = adapter.reply_path() if spec.workload in REPLYING else None
         forward = reply.engine_prepare(spec.readers) if reply else [None] * spec.readers
@@ -130,6 +143,7 @@ def run_case(
                     i,
                     spec.as_dict(),
                     theirs,
+                    counters,
                 ),
                 name=f"bench-reader-{i}",
                 daemon=True,
@@ -150,7 +164,7 @@ def run_case(
         for control in controls:
             control.send("go")
         emit({"event": "phase", "phase": "running"})
-        writer_result = WRITERS[spec.workload](spec, writer, collector)
+        writer_result = WRITERS[spec.workload](spec, writer, collector, **_credits(spec, counters))
         emit({"event": "phase", "phase": "collecting results"})
         reader_results = _collect("result", controls, procs)
         for proc in procs:

@@ -34,15 +34,25 @@ EXECUTOR_VARIANTS = {"small": ("dict", 0), "1MiB": ("bytes", MiB)}
 #: steps per executor case: (full, quick)
 EXECUTOR_STEPS = {"small": (2000, 100), "1MiB": (500, 30)}
 DEFAULT_EXECUTOR_WORKERS = (4, 12)
+#: the saturated workload: target interval (us), messages in flight per reader at most
+SATURATED_INTERVAL_US = 20.0
+SATURATED_WINDOW = 10
 VARIANTS = {
     "latency": tuple(LATENCY_VARIANTS),
+    "saturated": tuple(LATENCY_VARIANTS),
     "throughput": tuple(THROUGHPUT_VARIANTS),
     "wakeup": ("dict",),
     "idle_cpu": ("dict",),
     "engine": ("dict",),
     "executor": tuple(EXECUTOR_VARIANTS),
 }
-DEFAULT_READERS = {"latency": (1, 4, 8), "throughput": (1, 4), "wakeup": (1,), "idle_cpu": (1, 4)}
+DEFAULT_READERS = {
+    "latency": (1, 4, 8),
+    "saturated": (1, 4, 8),
+    "throughput": (1, 4),
+    "wakeup": (1,),
+    "idle_cpu": (1, 4),
+}
 
 
 @dataclass
@@ -53,6 +63,9 @@ class PlanOptions:
     readers: tuple[int, ...] | None = None  # overrides the reader counts of all but the engine
     messages: int | None = None  # latency messages per case
     interval_us: float | None = None  # latency send interval
+    saturated_messages: int | None = None  # messages per saturated case
+    saturated_interval_us: float | None = None  # saturated target send interval
+    saturated_window: int | None = None  # saturated: messages in flight per reader at most
     repetitions: int | None = None  # wake-up repetitions
     idle_seconds: float | None = None  # wake-up idle time
     idle_cpu_seconds: float | None = None  # idle-CPU measurement window
@@ -104,20 +117,34 @@ def plan_cases(selectors: list[str] | None, opts: PlanOptions) -> list[CaseSpec]
     def readers_for(workload: str) -> tuple[int, ...]:
         return opts.readers or DEFAULT_READERS[workload]
 
-    if "latency" in chosen:
-        messages = opts.pick(opts.messages, 2000, 200)
-        warmup = min(100, messages // 10)
-        interval = opts.pick(opts.interval_us, 1000.0, 500.0)
-        for variant in VARIANTS["latency"]:
-            if variant not in chosen["latency"]:
+    def latency_cases(workload: str, messages: int, warmup: int, interval: float,
+                      per_reader_s: float, extra: dict) -> None:  # fmt: skip
+        """The latency-like cases of ``workload`` (paced or saturated): every chosen
+        variant at every reader count."""
+        for variant in VARIANTS[workload]:
+            if variant not in chosen[workload]:
                 continue
             payload, size = LATENCY_VARIANTS[variant]
-            for n in readers_for("latency"):
-                estimate = messages * (interval * 1e-6 + n * 50e-6) + 2
+            for n in readers_for(workload):
+                estimate = messages * (interval * 1e-6 + n * per_reader_s) + 2
                 cases.append(
-                    CaseSpec("latency", variant, n, payload, size, messages, warmup, interval,
-                             stall_s=stall, time_limit=_limit(estimate, opts))
+                    CaseSpec(workload, variant, n, payload, size, messages, warmup, interval,
+                             stall_s=stall, time_limit=_limit(estimate, opts), extra=dict(extra))
                 )  # fmt: skip
+
+    if "latency" in chosen:
+        messages = opts.pick(opts.messages, 2000, 200)
+        interval = opts.pick(opts.interval_us, 1000.0, 500.0)
+        latency_cases("latency", messages, min(100, messages // 10), interval, 50e-6, {})
+    if "saturated" in chosen:
+        messages = opts.pick(opts.saturated_messages, 4000, 400)
+        interval = opts.pick(opts.saturated_interval_us, SATURATED_INTERVAL_US,
+                             SATURATED_INTERVAL_US)  # fmt: skip
+        window = opts.pick(opts.saturated_window, SATURATED_WINDOW, SATURATED_WINDOW)
+        if window < 1:
+            raise ValueError(f"the saturated window must be at least 1, not {window}")
+        latency_cases("saturated", messages, messages // 10, interval, 100e-6,
+                      {"window": window})  # fmt: skip
     if "throughput" in chosen:
         for variant in VARIANTS["throughput"]:
             if variant not in chosen["throughput"]:

@@ -32,6 +32,12 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("p99_9_us", "p99.9 us", False),
         ("max_us", "max us", False),
     ],
+    "saturated": [
+        ("p50_us", "p50 us", False),
+        ("p99_us", "p99 us", False),
+        ("p99_9_us", "p99.9 us", False),
+        ("max_us", "max us", False),
+    ],
     "throughput": [
         ("msgs_per_s_per_reader", "msg/s/reader", True),
         ("mb_per_s_per_reader", "MB/s/reader", True),
@@ -44,6 +50,7 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
 #: extra columns shown in the tables (not ranked)
 EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "latency": [("achieved_interval_us", "interval us")],
+    "saturated": [("achieved_interval_us", "interval us"), ("credit_wait_share", "held back")],
     "throughput": [("mb_per_s_min_reader", "MB/s slowest")],
     "wakeup": [("count", "samples")],
     "idle_cpu": [("reader_cpu_s_max", "max CPU s"), ("window_s", "window s")],
@@ -261,6 +268,8 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 _TITLES = {
     "latency": "one-way latency, paced sends (microseconds)",
+    "saturated": "one-way latency, saturated sends (a short target interval, a bound on "
+    "messages in flight per reader; microseconds)",
     "throughput": "throughput, back-to-back sends (per reader)",
     "wakeup": "wake-up latency after an idle period (microseconds)",
     "idle_cpu": "CPU used by each reader while idle after a burst",
@@ -349,6 +358,10 @@ def format_tables(doc: dict[str, Any]) -> str:
     out.extend(_memcpy_table(merged, doc.get("memcpy_mb_per_s") or {}, fastest))
     for net, ours in SHMCAST_BY_NET.items():
         out.extend(_ratio_table(doc, ours, VLLM_BY_NET[net]))
+    if doc.get("targets"):
+        from .targets import format_targets
+
+        out.extend(format_targets(doc["targets"]))
     return "\n".join(out)
 
 
@@ -466,10 +479,12 @@ def write_plots(doc: dict[str, Any], out_dir: Path, stem: str) -> tuple[list[Pat
 
     panels = sorted(
         {(c["workload"], c["variant"], c["readers"]) for c in ok if c["metrics"].get("cdf")},
-        key=lambda k: (k[0] != "latency", k[0], k[1], k[2]),
+        # each saturated panel right of the paced one of the same payload and readers
+        key=lambda k: (k[0] not in ("latency", "saturated"), k[1], k[2], k[0]),
     )
     if panels:
-        cols = min(3, len(panels))
+        both = {k[0] for k in panels} >= {"latency", "saturated"}
+        cols = min(2 if both else 3, len(panels))
         rows = -(-len(panels) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
         for ax, (workload, variant, readers) in zip(axes.flat, panels, strict=False):

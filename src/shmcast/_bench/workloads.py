@@ -15,6 +15,7 @@ starts, and a payload is never modified after it was sent (implementations may s
 
 from __future__ import annotations
 
+import os
 import resource
 import struct
 import time
@@ -214,19 +215,23 @@ class _Receiver:
 # -- latency -----------------------------------------------------------------------------------
 
 
-def write_latency(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
-    """Paced sends: one message every ``interval_us`` (an absolute schedule; when the writer
-    falls more than an interval behind, the schedule restarts from now instead of bursting)."""
+def _paced_sends(spec: CaseSpec, writer: Writer, pace: Any, gate: Any = None) -> dict:
+    """Send ``spec.messages`` messages on a schedule of one every ``interval_us`` (absolute;
+    when the writer falls more than an interval behind, the schedule restarts from now instead
+    of bursting).  ``pace(due_ns)`` waits until ``due_ns`` and returns the time then;
+    ``gate(seq)``, when given, is called before message ``seq`` is stamped (it may block: the
+    time it blocks is not part of any latency)."""
     pl = _payloads(spec)
     messages = [pl.make(seq) for seq in range(spec.messages)]
     interval = int(spec.interval_us * 1000)
     sent = array("q")
     due = time.monotonic_ns()
-    for msg in messages:
+    for seq, msg in enumerate(messages):
+        if gate is not None:
+            gate(seq)
         now = time.monotonic_ns()
         if now < due:
-            time.sleep((due - now) / 1e9)
-            now = time.monotonic_ns()
+            now = pace(due)
         elif now - due > interval:
             due = now
         pl.stamp(msg, now)
@@ -243,14 +248,105 @@ def write_latency(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None
     }
 
 
-def read_latency(spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int) -> dict:
+def _sleep_until(due_ns: int) -> int:
+    time.sleep(max(0, due_ns - time.monotonic_ns()) / 1e9)
+    return time.monotonic_ns()
+
+
+def write_latency(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
+    """Paced sends: one message every ``interval_us``, the writer sleeping in between."""
+    return _paced_sends(spec, writer, _sleep_until)
+
+
+def read_latency(spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int,
+                 credits: Credits | None = None) -> dict:  # fmt: skip
+    """One-way latency of every message after the warm-up.  With ``credits`` (the saturated
+    workload), the reader acknowledges each message as soon as it has taken its time."""
     rx = _Receiver(reader, _payloads(spec), spec.messages)
     lat = array("q")
     while (got := rx.next(spec.stall_s)) is not None:
         seq, sent, now, _ = got
+        if credits is not None and seq >= 0:
+            credits.ack(index, seq + 1)
         if seq >= spec.warmup:
             lat.append(now - sent)
     return rx.result(latencies_ns=lat.tolist())
+
+
+# -- saturated latency ---------------------------------------------------------------------
+#
+# The writer sends faster than the readers can take (a target interval of 20 us), with the
+# same bound on messages in flight for every implementation: the harness's credits.  Each
+# reader stores how many messages it has taken in a counter of its own in shared memory; the
+# writer does not send message ``seq`` until every reader has taken ``seq - window + 1``, so no
+# reader ever has more than ``window`` messages sent to it and not yet taken, whatever the
+# implementation's own capacity (every implementation's is at least that).  Each
+# implementation's own backpressure therefore never engages; what differs is how fast each
+# delivers and how its readers wait.  Waiting for credits and for the schedule, the writer
+# yields its CPU in a loop (``sched_yield``): on a machine with fewer cores than processes the
+# readers get it, and no timer (whose slack on Linux is 50 us) paces the writer.
+
+
+class Credits:
+    """The credit counters of one saturated case: one per reader, in shared memory.
+
+    Memory ordering: counter ``i`` is written only by reader ``i`` (an aligned 8-byte store,
+    which no CPU this runs on tears) and only grows; the writer only reads.  A stale read
+    makes the writer wait longer than it needs, never send too early: a reader stores its
+    count only after the message was taken, so any value the writer sees is a lower bound.
+    """
+
+    def __init__(self, counters: Any, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"the window must be at least 1 message, not {window}")
+        self.counters = counters  # a multiprocessing RawArray of c_uint64, one per reader
+        self.window = window
+
+    def ack(self, index: int, taken: int) -> None:
+        """Reader ``index`` has taken ``taken`` messages (0 .. taken-1)."""
+        self.counters[index] = taken
+
+    def blocked(self, seq: int) -> bool:
+        """Would sending message ``seq`` put more than the window in flight to a reader?"""
+        return seq - min(self.counters) >= self.window
+
+    def wait(self, seq: int, timeout: float) -> bool:
+        """Wait until message ``seq`` may be sent; False when ``timeout`` seconds passed first
+        (a reader stopped taking messages: it will report what it missed)."""
+        deadline = time.monotonic() + timeout
+        while self.blocked(seq):
+            if time.monotonic() > deadline:
+                return False
+            os.sched_yield()
+        return True
+
+
+def _yield_until(due_ns: int) -> int:
+    """Wait until ``due_ns`` yielding the CPU (no timer: intervals are below its slack)."""
+    while (now := time.monotonic_ns()) < due_ns:
+        os.sched_yield()
+    return now
+
+
+def write_saturated(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None,
+                    credits: Credits | None = None) -> dict:  # fmt: skip
+    """Sends every ``interval_us`` (20 us by default), never more than the credit window in
+    flight to any reader; reports the interval achieved and how often the credits held the
+    writer back."""
+    assert credits is not None
+    held = 0
+    timeouts = 0
+
+    def gate(seq: int) -> None:
+        nonlocal held, timeouts
+        if credits.blocked(seq):
+            held += 1
+            if not credits.wait(seq, spec.stall_s):
+                timeouts += 1
+
+    result = _paced_sends(spec, writer, _yield_until, gate)
+    result.update(window=credits.window, credit_waits=held, credit_timeouts=timeouts)
+    return result
 
 
 # -- throughput --------------------------------------------------------------------------------
@@ -469,9 +565,12 @@ def read_executor(spec: CaseSpec, reader: Reader, replies: ReplySender | None, i
 
 #: Workloads whose workers reply to the writer (they need a reply path).
 REPLYING = ("engine", "executor")
+#: Workloads whose writer and readers share the harness's credit counters (:class:`Credits`).
+CREDITED = ("saturated",)
 
 WRITERS = {
     "latency": write_latency,
+    "saturated": write_saturated,
     "throughput": write_throughput,
     "wakeup": write_wakeup,
     "idle_cpu": write_idle_cpu,
@@ -480,6 +579,7 @@ WRITERS = {
 }
 READERS = {
     "latency": read_latency,
+    "saturated": read_latency,
     "throughput": read_throughput,
     "wakeup": read_wakeup,
     "idle_cpu": read_idle_cpu,
@@ -527,17 +627,22 @@ def summarize(spec: CaseSpec, writer: dict, readers: list[dict]) -> dict[str, An
         "readers": [r["verification"] for r in readers],
     }
     metrics: dict[str, Any] = {}
-    if spec.workload in ("latency", "wakeup"):
+    if spec.workload in ("latency", "saturated", "wakeup"):
         every = [v for r in readers for v in r["latencies_ns"]]
         metrics.update(latency_summary(every))
         metrics["per_reader_p99_us"] = [
             latency_summary(r["latencies_ns"]).get("p99_us") for r in readers
         ]
         metrics["cdf"] = cdf_points(every)
-        if spec.workload == "latency":
+        if spec.workload in ("latency", "saturated"):
             metrics["target_interval_us"] = writer["target_interval_us"]
             metrics["achieved_interval_us"] = writer["achieved_interval_us"]
             metrics["send_gap_p99_us"] = writer["send_gap"].get("p99_us")
+        if spec.workload == "saturated":
+            metrics["window"] = writer["window"]
+            metrics["credit_waits"] = writer["credit_waits"]
+            metrics["credit_wait_share"] = writer["credit_waits"] / max(1, spec.messages)
+            metrics["credit_timeouts"] = writer["credit_timeouts"]
         else:
             metrics["idle_s"] = spec.idle_s
             metrics["repetitions"] = spec.messages - 1

@@ -26,8 +26,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import zmq
@@ -44,7 +42,7 @@ from .._errors import (
     SegmentError,
     SerializationError,
 )
-from .._native import Guard
+from .._native import Guard, Hold
 from .._queue import BroadcastQueue
 from .._serialize import Serializer
 from .._wait import WaitPolicy, resolve_policy
@@ -86,6 +84,9 @@ class RemoteReader(BroadcastQueue):
         self._allow_pickle = bool(allow_pickle) or self._authenticated
         self._io = threading.Lock()
         self._buf: deque[tuple[int, memoryview]] = deque()
+        #: Messages taken from ``_buf`` and decoded whose call was interrupted before it
+        #: returned them (``(kind, value)``): the next receive returns them first.
+        self._stash: list[tuple[int, Any, bool]] = []
         self._next_seq = 0  # the sequence number the next DATA message must start with
         self._consumed = 0  # messages taken by the application
         self._acked = 0  # the last ACK sent
@@ -337,9 +338,8 @@ class RemoteReader(BroadcastQueue):
                     most = min(most, deadline - now)
                 self._pump(most)
 
-    def _consume(self, data: memoryview) -> None:
-        self._consumed += 1
-        self._consumed_bytes += len(data)
+    def _ack_due(self) -> None:
+        """Send an ACK if a quarter of the window was consumed since the last one."""
         if self._consumed - self._acked >= max(1, self._window_msgs // 4) or (
             self._consumed_bytes >= max(1, self._window_bytes // 4)
         ):
@@ -360,57 +360,122 @@ class RemoteReader(BroadcastQueue):
             )
         return self._decode(data, copy=copy)
 
-    def _get(self, timeout: float | None, source: int | None, want_kind: int | None) -> Any:
-        with self._guard:
-            self._raise_deferred()
-            self._wait_message(deadline_of(timeout), timeout)
-            kind, data = self._buf[0]
-            if want_kind is not None and kind != want_kind:
-                raise MessageKindError(
-                    "the next message is an object sent with put(); read it with get() or view()"
-                    if kind == L.MSG_OBJECT
-                    else "the next message is not raw bytes"
-                )
+    def _stage(self, want_kind: int | None, copy: bool) -> tuple[int, Any, bool]:
+        """Make the next message the front of the stash, decoded, and return that entry
+        ``(kind, value, owned)`` (a message must be buffered or stashed).
+
+        *Delivered or still there*, as for a local reader (``shmcast._endpoint``): an
+        exception while decoding leaves the message in the buffer (a SerializationError
+        consumes it, as documented); the entry goes to the stash's front in a statement
+        without a call, then leaves the buffer in one native call (``popleft``) inside a
+        ``try`` whose handler, without a call, looks at the buffer's front and leaves the
+        message in exactly one of the two.  The ACK counts change
+        with the move, in statements without calls."""
+        if self._stash:
+            item = self._stash[0]
+            if want_kind is not None and item[0] != want_kind:
+                raise _kind_error(item[0])
+            if copy and not item[2]:  # staged by a view() that was not entered
+                owned = (item[0], bytes(item[1]) if item[0] == L.MSG_RAW else item[1], True)
+                self._stash[0] = owned
+                return owned
+            return item
+        entry = self._buf[0]
+        kind, data = entry
+        if want_kind is not None and kind != want_kind:
+            raise _kind_error(kind)
+        size = data.nbytes
+        try:
+            # A view's value is read-only, as a local reader's: the raw view and the buffers.
+            value = self._decode_remote(kind, data if copy else data.toreadonly(), copy=copy)
+        except SerializationError:
             self._buf.popleft()
-            try:
-                return self._decode_remote(kind, data, copy=True)
-            finally:
-                self._consume(data)
+            self._consumed += 1
+            self._consumed_bytes += size
+            raise
+        item = (kind, value, copy)
+        self._stash[:0] = (item,)  # a statement, no call: nothing can come between
+        try:
+            self._buf.popleft()
+        except BaseException:
+            if not self._buf or self._buf[0] is not entry:  # taken: it stays staged
+                self._consumed += 1
+                self._consumed_bytes += size
+            else:
+                del self._stash[0]
+            raise
+        self._consumed += 1
+        self._consumed_bytes += size
+        return item
+
+    def _deliver(self) -> tuple[int, Any, bool]:
+        """Take the front of the stash, in statements that make no call."""
+        item = self._stash[0]
+        del self._stash[0]
+        return item
+
+    def _before_take(self, timeout: float | None) -> None:
+        """What every receive does first: raise a deferred decoding error, acknowledge what
+        was consumed, and wait until a message is there (stashed or buffered)."""
+        self._raise_deferred()
+        self._ack_due()
+        if not self._stash:
+            self._wait_message(deadline_of(timeout), timeout)
+
+    def _get(self, timeout: float | None, source: int | None, want_kind: int | None) -> Any:
+        item = None
+        try:
+            with self._guard:
+                self._before_take(timeout)
+                self._stage(want_kind, copy=True)
+                item = self._deliver()
+        except BaseException:
+            # Taken, and an exception came before the return (one raised when the guard is
+            # given back, say): the next call's.
+            if item is not None:
+                self._stash.insert(0, item)
+            raise
+        return item[1]
 
     def _get_many(self, max_count: int, timeout: float | None, source: int | None) -> list[Any]:
         check_max_count(max_count)
-        with self._guard:
-            self._raise_deferred()
-            out: list[Any] = []
-            self._wait_message(deadline_of(timeout), timeout)
-            if len(self._buf) < max_count:
-                with self._io:
-                    if not self._closed:
-                        self._pump(0)  # what has arrived meanwhile counts as there
-            while self._buf and len(out) < max_count:
-                kind, data = self._buf.popleft()
-                try:
-                    out.append(self._decode_remote(kind, data, copy=True))
-                except SerializationError as exc:
-                    if not out:
-                        raise
-                    self._deferred_error = exc
-                    break
-                finally:
-                    self._consume(data)
-            return out
+        items: list[tuple[int, Any, bool]] = []
+        try:
+            with self._guard:
+                self._before_take(timeout)
+                if len(self._buf) < max_count:
+                    with self._io:
+                        if not self._closed:
+                            self._pump(0)  # what has arrived meanwhile counts as there
+                while (self._stash or self._buf) and len(items) < max_count:
+                    try:
+                        self._stage(None, copy=True)
+                    except SerializationError as exc:
+                        if not items:
+                            raise
+                        self._deferred_error = exc
+                        break
+                    items.append(self._deliver())
+            out = [value for _kind, value, _owned in items]
+        except BaseException:
+            self._stash[:0] = items  # taken, not returned: the next call's
+            raise
+        return out
 
-    @contextmanager
-    def _view(self, timeout: float | None, source: int | None) -> Iterator[Any]:
-        with self._guard:
-            self._raise_deferred()
-            self._wait_message(deadline_of(timeout), timeout)
-            kind, data = self._buf.popleft()
-            try:
-                # Read-only, as a local reader's view: the raw view and an object's buffers.
-                yield self._decode_remote(kind, data.toreadonly(), copy=False)
-            finally:
-                self._consume(data)
+    def _view(self, timeout: float | None, source: int | None) -> Hold:
+        """The message for a ``view()`` block, in a native Hold (as a local reader's): the
+        entry waits at the front of the stash until the block is entered, which takes it
+        from there and counts it as delivered; a block never entered leaves it for the next
+        call.  The data is the reader's own (a ZeroMQ frame): no ring slot is held."""
+        hold = self._guard.hold()
+        try:
+            self._before_take(timeout)
+            _kind, value, _owned = self._stage(None, copy=False)
+            hold.set(value, stash=self._stash)
+            return hold
+        except BaseException:
+            hold.release()
+            raise
 
     # -- the rest of the endpoint -------------------------------------------------------------
 
@@ -472,6 +537,14 @@ class RemoteReader(BroadcastQueue):
         self._guard.close()
         if self._beater is not threading.current_thread():
             self._beater.join(5)
+
+
+def _kind_error(kind: int) -> MessageKindError:
+    return MessageKindError(
+        "the next message is an object sent with put(); read it with get() or view()"
+        if kind == L.MSG_OBJECT
+        else "the next message is not raw bytes"
+    )
 
 
 def _nothing() -> None:
