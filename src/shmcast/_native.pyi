@@ -214,11 +214,11 @@ def shm_unlink(name: str, /) -> None:
     """POSIX shm_unlink."""
 
 class Lease:
-    """A read-only view of ``buffer[offset:offset+length]``; when the last view is gone the
-    32-bit word at ``mark`` goes from ``owner`` to 0 (compare-exchange, release)."""
+    """A read-only view of ``buffer[offset:offset+length]`` (it exports the buffer protocol);
+    when the last view is gone the 32-bit word at ``mark`` goes from ``owner`` to 0
+    (compare-exchange, release)."""
 
     def __init__(self, buffer: Buffer, offset: int, length: int, mark: int, owner: int) -> None: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...
     @property
     def held(self) -> bool: ...
     @property

@@ -440,7 +440,6 @@ class ShmcastFutexSpinAlwaysAdapter(ShmcastAdapter):
     in a plain run: name it as ``--impl shmcast._bench.adapters:ShmcastFutexSpinAlwaysAdapter``."""
 
     name = "shmcast-futex-nodetect"
-    workloads = ("latency", "throughput", "wakeup", "idle_cpu", "engine")
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "wait": "futex", "detect_crowding": False}
