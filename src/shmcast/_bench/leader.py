@@ -14,6 +14,7 @@ Its stdout and stderr go to a log file chosen by the harness (libraries log ther
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -52,7 +53,11 @@ def main(argv: list[str]) -> int:
 
     try:
         adapter_cls = adapters.resolve(config["impl"])
-        for module in (*adapter_cls.requires, *adapter_cls.preload):
+        # numpy for every implementation where it is installed, so that no reader imports it
+        # on its first array inside the timed window (vLLM's readers have it through torch).
+        common = ("numpy",) if importlib.util.find_spec("numpy") is not None else ()
+        preload = (*adapter_cls.preload, *common)
+        for module in (*adapter_cls.requires, *preload):
             importlib.import_module(module)
     except Exception as exc:
         emit({"event": "unavailable", "reason": f"{type(exc).__name__}: {exc}"})
@@ -61,9 +66,7 @@ def main(argv: list[str]) -> int:
     os.environ["SHMCAST_BENCH_START_METHOD"] = method
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload(
-            [*adapter_cls.preload, adapter_cls.__module__, "shmcast._bench.case"]
-        )
+        ctx.set_forkserver_preload([*preload, adapter_cls.__module__, "shmcast._bench.case"])
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
