@@ -361,3 +361,23 @@ def test_a_reader_that_only_pauses_is_never_dropped() -> None:
         writer.close()
         (result,) = group.results()
     assert result["digest"] == plan_digest(plan)
+
+
+def test_a_remote_readers_wait_until_ready_returns_when_messages_came_first() -> None:
+    # The writer sends before the heartbeat that tells the reader everyone is attached: the
+    # reader's wait_until_ready must still see that heartbeat (and keep acknowledging).
+    with BroadcastQueue(1, remote=RemoteOptions(bind=LOOP4, dead_after=1.0), **SMALL) as writer:
+        reader = BroadcastQueue.attach(writer.handle, 0, network=True)
+        try:
+            writer.wait_until_ready(timeout=30)
+            for number in range(3):
+                writer.put_bytes(b"m%d" % number, timeout=30)
+            time.sleep(0.05)  # the messages arrive well before the first heartbeat
+            started = time.monotonic()
+            reader.wait_until_ready(timeout=10)
+            assert time.monotonic() - started < 5
+            time.sleep(1.5)  # past dead_after: only acknowledgements keep the reader alive
+            writer.put_bytes(b"m3", timeout=30)
+            assert [reader.get_bytes(timeout=10) for _ in range(4)] == [b"m0", b"m1", b"m2", b"m3"]
+        finally:
+            reader.close()
