@@ -23,8 +23,9 @@ What vLLM 0.33.0's callers rely on, and where it is kept here:
 Security: vLLM's remote readers unpickle what arrives on their socket, unauthenticated.  The
 drop-in keeps that behaviour, and opts in to it explicitly (``allow_pickle=True`` in
 :func:`attach`; shmcast's own remote readers refuse pickled objects from a writer that is not
-authenticated).  Whoever can reach the writer's port can therefore run code in the readers;
-docs/vllm.md ("Security") says so.
+authenticated).  Whoever can answer a remote reader in the writer's place can therefore run
+code in it, and whoever reaches the writer's port can read the stream; docs/vllm.md
+("Security") says so.
 """
 
 from __future__ import annotations
