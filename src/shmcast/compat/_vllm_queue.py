@@ -346,8 +346,8 @@ class MessageQueue:
         queue = self._queue
         assert queue is not None
         every = self._warn_every
-        if indefinite or every is None:
-            return queue.get(timeout)
+        if indefinite or every is None or (timeout is not None and timeout <= every):
+            return queue.get(timeout)  # no long-wait line is due: the ring's own wait
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         next_warning = start + every
