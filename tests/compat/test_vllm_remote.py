@@ -8,14 +8,17 @@ under make test-vllm.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from _netns import foreign_ipv4
 from _procs import mq_reader, mq_reader_then_hold, process_group
 
 from shmcast import AttachError, QueueBroken
@@ -49,6 +52,21 @@ def ipv6_loopback() -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def remote_pair() -> Iterator[tuple[MessageQueue, MessageQueue]]:
+    """A writer on loopback and its one reader, remote (rank -1), both in this process and
+    ready; both shut down at the end."""
+    writer = MessageQueue(1, 0, connect_ip="127.0.0.1", **SMALL)
+    reader = MessageQueue.create_from_handle(writer.export_handle(), -1)
+    try:
+        writer.wait_until_ready(timeout=30)
+        reader.wait_until_ready(timeout=30)
+        yield writer, reader
+    finally:
+        reader.shutdown()
+        writer.shutdown()
 
 
 # -- connect_ip and the handle ------------------------------------------------------------------
@@ -123,14 +141,7 @@ def test_bind_addresses_take_vllms_connect_ip(connect_ip: str, address: str) -> 
 
 
 def test_a_foreign_address_fails_with_zmqs_error_and_leaves_nothing() -> None:
-    foreign = "198.51.100.1"  # TEST-NET-2 (RFC 5737): never a local address
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((foreign, 0))
-        except OSError:
-            pass
-        else:
-            pytest.skip(f"{foreign} is an address of this host")
+    foreign = foreign_ipv4()
     with pytest.raises(zmq.ZMQError, match="Cannot assign requested address"):
         MessageQueue(n_reader=2, n_local_reader=1, connect_ip=foreign, **SMALL)
 
@@ -225,11 +236,7 @@ def test_remote_slots_are_taken_in_turn_and_an_extra_reader_is_refused() -> None
 
 def test_tensors_reach_a_remote_reader() -> None:
     torch = pytest.importorskip("torch", reason="torch is not installed here (make test-vllm)")
-    writer = MessageQueue(1, 0, connect_ip="127.0.0.1", **SMALL)
-    reader = MessageQueue.create_from_handle(writer.export_handle(), -1)
-    try:
-        writer.wait_until_ready(timeout=30)
-        reader.wait_until_ready(timeout=30)
+    with remote_pair() as (writer, reader):
         sent = [torch.arange(3000, dtype=torch.bfloat16).reshape(30, 100)[:, ::3],
                 torch.tensor(7.5), torch.empty(0, 4, dtype=torch.int64)]  # fmt: skip
         writer.enqueue(sent)
@@ -238,20 +245,13 @@ def test_tensors_reach_a_remote_reader() -> None:
         reader.dequeue(timeout=30)
         for a, b in zip(sent, got, strict=True):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    finally:
-        reader.shutdown()
-        writer.shutdown()
 
 
 # -- ending ---------------------------------------------------------------------------------------
 
 
 def test_shutdown_from_another_thread_cancels_a_waiting_remote_reader() -> None:
-    writer = MessageQueue(1, 0, connect_ip="127.0.0.1", **SMALL)
-    reader = MessageQueue.create_from_handle(writer.export_handle(), -1)
-    try:
-        writer.wait_until_ready(timeout=30)
-        reader.wait_until_ready(timeout=30)
+    with remote_pair() as (_writer, reader):
         timer = threading.Timer(0.3, reader.shutdown)
         timer.start()
         start = time.monotonic()
@@ -261,9 +261,6 @@ def test_shutdown_from_another_thread_cancels_a_waiting_remote_reader() -> None:
         timer.join()
         with pytest.raises(RuntimeError, match="cancelled"):
             reader.dequeue(timeout=1)
-    finally:
-        reader.shutdown()
-        writer.shutdown()
 
 
 def test_remote_socket_close_shuts_that_end_down() -> None:
