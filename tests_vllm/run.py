@@ -80,7 +80,7 @@ def read_expected(path: Path) -> dict[str, tuple[str, str]]:
         if not line.strip() or line.startswith("#"):
             continue
         fields = [f.strip() for f in line.split(" | ")]
-        if len(fields) != 3 or fields[1] not in ("internal", "remote"):
+        if len(fields) != 3 or fields[1] != "internal":
             raise SystemExit(f"{path.name}:{number}: expected 'node id | category | reason'")
         expected[fields[0]] = (fields[1], fields[2])
     return expected
@@ -143,7 +143,6 @@ def report(results: dict[str, str], expected: dict[str, tuple[str, str]], agains
     counts = {k: list(results.values()).count(k) for k in ("passed", "failed", "error", "skipped")}
     failed = [node for node, outcome in results.items() if outcome in ("failed", "error")]
     internal = sum(1 for node in failed if expected.get(node, ("",))[0] == "internal")
-    remote = sum(1 for node in failed if expected.get(node, ("",))[0] == "remote")
     failures = counts["failed"] + counts["error"]
     print(
         f"\nvLLM {VLLM_VERSION}'s queue tests against {against}'s MessageQueue: "
@@ -151,8 +150,8 @@ def report(results: dict[str, str], expected: dict[str, tuple[str, str]], agains
     )
     if against == "shmcast":
         print(
-            f"of those not passed: {internal} read vLLM internals, {remote} need remote "
-            f"readers (both listed in expected_failures.txt), {surprises} unexpected"
+            f"of those not passed: {internal} read vLLM internals (listed in "
+            f"expected_failures.txt), {surprises} unexpected"
         )
     return surprises
 

@@ -28,7 +28,14 @@ from _procs import (
     process_group,
 )
 
-from shmcast import QueueBroken, QueueClosed, QueueTimeout, RoleError, SerializationError
+from shmcast import (
+    AttachError,
+    QueueBroken,
+    QueueClosed,
+    QueueTimeout,
+    RoleError,
+    SerializationError,
+)
 from shmcast._segment import SHM_DIR
 from shmcast.compat import _vllm_groups
 from shmcast.compat._vllm_queue import ring_geometry
@@ -155,15 +162,12 @@ def test_local_reader_ranks_map_to_reader_indices() -> None:
             q.shutdown()
 
 
-def test_remote_readers_are_not_available_yet() -> None:
-    with pytest.raises(NotImplementedError, match="remote readers"):
-        MessageQueue(3, 2, **SMALL)
-    with pytest.raises(NotImplementedError, match="remote readers"):
-        MessageQueue(1, 0, connect_ip="127.0.0.1")
+def test_a_rank_outside_the_local_ranks_needs_remote_slots() -> None:
     writer = MessageQueue(1, 1, **SMALL)
     try:
+        assert writer.remote_socket is None and writer.handle.remote_subscribe_addr is None
         for rank in (-1, 5):
-            with pytest.raises(NotImplementedError, match=f"rank {rank} is not in"):
+            with pytest.raises(AttachError, match=f"rank {rank} is not one of"):
                 MessageQueue.create_from_handle(writer.export_handle(), rank)
     finally:
         writer.shutdown()
@@ -490,6 +494,8 @@ def test_a_long_dequeue_logs_whom_it_waits_for(
             assert lines and all(f"for the writer (pid {os.getpid()})" in m for m in lines)
             caplog.clear()
             with pytest.raises(TimeoutError):
+                reader.dequeue(timeout=0.15)  # shorter than the interval: nothing to log
+            with pytest.raises(TimeoutError):
                 reader.dequeue(timeout=0.7, indefinite=True)  # an idle worker: no log
             assert not [r for r in caplog.records if r.name == "shmcast.compat.vllm"]
             sent = fill(writer)
@@ -529,26 +535,46 @@ def test_process_group_of_the_stateless_kind(tmp_path: Any) -> None:
         check_group_results(group.results(), writer_rank=1)
 
 
-def test_a_reader_on_another_host_fails_on_every_rank(monkeypatch: pytest.MonkeyPatch,
-                                                      tmp_path: Any) -> None:  # fmt: skip
+def test_a_rank_on_another_host_reads_remotely(monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Any) -> None:  # fmt: skip
     from _procs import FileGroup
 
-    monkeypatch.setattr(_vllm_groups, "same_host_as", lambda group, src: [True, False])
-    errors: list[BaseException] = []
+    # Rank 1 "cannot attach" (as if on another host): it joins over the network.
+    monkeypatch.setattr(_vllm_groups, "same_host_as", lambda group, src: [True, False, True])
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    results: dict[int, Any] = {}
 
     def rank(r: int) -> None:
         try:
-            MessageQueue.create_from_process_group(FileGroup(str(tmp_path), r, 2, 10), 4096, 2)
+            group = FileGroup(str(tmp_path / "one"), r, 3, 30)
+            queue = MessageQueue.create_from_process_group(group, 4096, 2)
+            got = [queue.broadcast_object(n if r == 0 else None) for n in range(5)]
+            single, handles = MessageQueue.create_from_process_group_single_reader(
+                FileGroup(str(tmp_path / "two"), r, 3, 30), 4096, 2, reader_rank=0
+            )
+            single.enqueue(f"from {r}")
+            if r == 0:
+                readers = [MessageQueue.create_from_handle(h, 0) for h in handles]
+                got.append([reader.dequeue(timeout=30) for reader in readers])
+                for reader in readers:
+                    reader.shutdown()
+            group.all_gather_obj(None)  # nobody shuts down before rank 0 has read
+            results[r] = (got, queue._is_remote_reader, single.n_local_reader)
+            queue.shutdown()
+            single.shutdown()
         except BaseException as exc:
-            errors.append(exc)
+            results[r] = exc
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    assert len(errors) == 2 and all(isinstance(e, NotImplementedError) for e in errors)
-    assert all("ranks [1]" in str(e) for e in errors)
+        t.join(60)
+    assert all(not isinstance(v, BaseException) for v in results.values()), results
+    assert results[0] == ([0, 1, 2, 3, 4, ["from 0", "from 1", "from 2"]], False, 1)
+    assert results[1] == ([0, 1, 2, 3, 4], True, 0)  # its queue's one reader is remote
+    assert results[2] == ([0, 1, 2, 3, 4], False, 1)
 
 
 def test_process_group_of_torch_distributed(tmp_path: Any) -> None:

@@ -133,8 +133,20 @@ class Publisher:
     # -- set-up and tear-down -----------------------------------------------------------------
 
     def _open_socket(self, ipv6: bool) -> Any:
-        opts = self._opts
         sock = self._context.socket(zmq.ROUTER)
+        try:
+            self._configure(sock, ipv6)
+        except BaseException:
+            # Not ours to close later (self._socket is not set): an open socket would make
+            # the context's term() in _shutdown_zmq wait for it forever.
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _configure(self, sock: Any, ipv6: bool) -> None:
+        """Set the socket's options and bind it (zmq.ZMQError if the address cannot be bound,
+        such as one this host does not have)."""
+        opts = self._opts
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
@@ -155,7 +167,6 @@ class Publisher:
             sock.curve_secretkey = secret
             self.public_key = public
         sock.bind(opts.bind)
-        return sock
 
     def _shutdown_zmq(self) -> None:
         with contextlib.suppress(Exception):

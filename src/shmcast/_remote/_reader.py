@@ -522,10 +522,14 @@ class RemoteReader(BroadcastQueue):
                     raise QueueTimeout("wait_until_ready timed out: the writer still waits for "
                                        f"{self._expected} reader(s)")  # fmt: skip
                 most = self._heartbeat if deadline is None else min(self._heartbeat, deadline - now)
-                if self._buf:  # frames are taken in order; wait without taking more
-                    time.sleep(most)
-                else:
+                if not self._buf:
                     self._pump(most)
+                    continue
+            # Messages arrived before the heartbeat that says everyone is attached: sleep
+            # without holding _io, so that the heartbeat thread goes on taking frames (that
+            # heartbeat among them) and acknowledging; else the writer would take this reader
+            # for dead and the count would never be read.
+            time.sleep(most)
 
     def close(self) -> None:
         """Detach (idempotent): tell the writer (BYE), so it stops waiting for this index and

@@ -92,46 +92,6 @@ def _lendable(torch: Any, t: Any) -> bool:
     )
 
 
-class _Dumping(threading.local):
-    """What the ``dumps`` under way in this thread collects: the strided tensors' placeholders
-    (their buffer callback swaps each for its deferred part) and the pickle protocol."""
-
-    deferred: dict[int, tuple[pickle.PickleBuffer, _StridedTensor]] | None = None
-    protocol: int = 5
-
-
-_dumping = _Dumping()
-
-
-def reduce_tensor(t: Any) -> Any:
-    """The pickler's reducer for plain torch tensors (see the module docstring)."""
-    torch = sys.modules["torch"]
-    try:
-        if _lendable(torch, t) and _dumping.deferred is not None:
-            name = str(t.dtype).removeprefix("torch.")
-            return rebuild_tensor, (_lend(t), tuple(t.shape), name)
-    except (AttributeError, RuntimeError, TypeError, ValueError):
-        pass  # an exotic tensor this path does not know: torch's own pickling below
-    return t.__reduce_ex__(_dumping.protocol)
-
-
-def _lend(t: Any) -> pickle.PickleBuffer:
-    nbytes = t.numel() * t.element_size()
-    if nbytes == 0:
-        return pickle.PickleBuffer(bytearray())
-    if t.is_contiguous():
-        # The tensor's own memory, as a flat byte buffer (any dtype, numpy or not).
-        memory = (ctypes.c_ubyte * nbytes).from_address(t.data_ptr())
-        memory.tensor = t  # the buffer keeps the tensor (and so its memory) alive
-        return pickle.PickleBuffer(memory)
-    # A placeholder the buffer callback recognizes; the part writes the elements itself.
-    # (Writable, so that pickle does not mark the buffer read-only.)
-    placeholder = pickle.PickleBuffer(bytearray())
-    assert _dumping.deferred is not None
-    _dumping.deferred[id(placeholder)] = (placeholder, _StridedTensor(t))
-    return placeholder
-
-
 class _DispatchTable(dict):
     """The reducer for plain tensors, then whatever ``copyreg`` has (looked up at each use,
     so that reducers registered there later count too)."""
@@ -140,56 +100,104 @@ class _DispatchTable(dict):
         return copyreg.dispatch_table[cls]
 
 
-_tables: dict[type, _DispatchTable] = {}  # torch.Tensor -> its table
-
-
-def _table(tensor_type: type) -> _DispatchTable:
-    table = _tables.get(tensor_type)
-    if table is None:
-        table = _tables[tensor_type] = _DispatchTable({tensor_type: reduce_tensor})
-    return table
-
-
 #: A pickle stream up to this size is copied out of the pickler's buffer, which is then kept
 #: for the thread's next ``dumps``; a larger one is handed out without a copy, and the next
 #: ``dumps`` starts with a fresh pickler.
 SMALL_STREAM = 64 * 1024
 
 
-class _Picklers(threading.local):
-    """Each thread's idle pickler (with its buffer), by protocol and dispatch table: making
-    one costs more than pickling a small object."""
+class _Session:
+    """A pickler with its buffer, and the state of the dump under way: the strided tensors'
+    placeholders (the buffer callback's list swaps each for its deferred part).
+
+    The pickler's dispatch table reduces plain tensors with this session's :meth:`reduce`, so
+    the state lives here rather than in a thread-local: a session serves one dump at a time
+    (each thread keeps its idle one; a dumps nested in a reducer's dump makes its own).
+    :meth:`discard` breaks the cycle session - pickler - table - session, so that a dropped
+    session (and a large buffer it handed out) is freed at once, not by the cycle collector.
+    """
+
+    __slots__ = ("bio", "buffers", "deferred", "pickler", "protocol")
+
+    def __init__(self, protocol: int, tensor_type: type) -> None:
+        self.protocol = protocol
+        self.bio = io.BytesIO()
+        self.buffers: list[Any] = []
+        self.deferred: dict[int, tuple[pickle.PickleBuffer, _StridedTensor]] = {}
+        self.pickler: pickle.Pickler | None = pickle.Pickler(
+            self.bio, protocol, buffer_callback=self.buffers.append
+        )
+        self.pickler.dispatch_table = _DispatchTable({tensor_type: self.reduce})
+
+    def reduce(self, t: Any) -> Any:
+        """The pickler's reducer for plain torch tensors (see the module docstring)."""
+        torch = sys.modules["torch"]
+        try:
+            if _lendable(torch, t):
+                name = str(t.dtype).removeprefix("torch.")
+                return rebuild_tensor, (self._lend(t), tuple(t.shape), name)
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            pass  # an exotic tensor this path does not know: torch's own pickling below
+        return t.__reduce_ex__(self.protocol)
+
+    def _lend(self, t: Any) -> pickle.PickleBuffer:
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0:
+            return pickle.PickleBuffer(bytearray())
+        if t.is_contiguous():
+            # The tensor's own memory, as a flat byte buffer (any dtype, numpy or not).
+            memory = (ctypes.c_ubyte * nbytes).from_address(t.data_ptr())
+            memory.tensor = t  # the buffer keeps the tensor (and so its memory) alive
+            return pickle.PickleBuffer(memory)
+        # A placeholder the buffer callback recognizes; the part writes the elements itself.
+        # (Writable, so that pickle does not mark the buffer read-only.)
+        placeholder = pickle.PickleBuffer(bytearray())
+        self.deferred[id(placeholder)] = (placeholder, _StridedTensor(t))
+        return placeholder
+
+    def dump(self, obj: Any) -> tuple[Any, list[Any], bool]:
+        """``(stream, parts, reusable)``: the pickle stream of ``obj``, its out-of-band
+        buffers with each strided tensor's placeholder replaced by its deferred part (None
+        instead of the list if some buffer is not contiguous: the caller pickles in-band), and
+        whether the session may serve the next dump."""
+        assert self.pickler is not None
+        self.pickler.dump(obj)
+        parts: list[Any] | None = []
+        deferred = self.deferred
+        for b in self.buffers:
+            entry = deferred.get(id(b)) if deferred else None
+            if entry is not None and entry[0] is b:
+                parts.append(entry[1])
+                continue
+            try:
+                parts.append(b.raw())
+            except BufferError:  # a non-contiguous buffer of some other type: all in-band
+                parts = None
+                break
+        if self.bio.tell() > SMALL_STREAM:
+            return self.bio.getbuffer(), parts, False  # no copy; the view keeps the buffer
+        stream = self.bio.getvalue()
+        self.bio.seek(0)
+        self.bio.truncate()
+        self.pickler.clear_memo()  # the next stream must not refer to this one's objects
+        self.buffers.clear()
+        if deferred:
+            self.deferred = {}
+        return stream, parts, True
+
+    def discard(self) -> None:
+        self.pickler = None
+
+
+class _Sessions(threading.local):
+    """Each thread's idle session, by protocol and tensor type: making one costs more than
+    pickling a small object."""
 
     def __init__(self) -> None:
-        self.idle: dict[tuple[int, int], tuple[io.BytesIO, pickle.Pickler, list[Any]]] = {}
+        self.idle: dict[tuple[int, type], _Session] = {}
 
 
-_picklers = _Picklers()
-
-
-def _pickle(obj: Any, protocol: int, table: _DispatchTable) -> tuple[Any, list[Any]]:
-    """``(stream, out-of-band buffers)`` of ``obj``, pickled with ``table``."""
-    key = (protocol, id(table))
-    idle = _picklers.idle
-    tools = idle.pop(key, None)  # taken: a dumps nested in this one makes its own
-    if tools is None:
-        bio = io.BytesIO()
-        buffers: list[Any] = []
-        pickler = pickle.Pickler(bio, protocol, buffer_callback=buffers.append)
-        pickler.dispatch_table = table
-    else:
-        bio, pickler, buffers = tools
-    pickler.dump(obj)  # on an error these tools are dropped: their state is unknown
-    found = list(buffers)
-    if bio.tell() > SMALL_STREAM:
-        return bio.getbuffer(), found  # no copy; the view keeps the buffer alive
-    stream = bio.getvalue()
-    bio.seek(0)
-    bio.truncate()
-    pickler.clear_memo()  # the next stream must not refer to this one's objects
-    buffers.clear()
-    idle[key] = (bio, pickler, buffers)
-    return stream, found
+_sessions = _Sessions()
 
 
 class TensorSerializer(PickleSerializer):
@@ -209,21 +217,19 @@ class TensorSerializer(PickleSerializer):
         tensor_type = getattr(torch, "Tensor", None)
         if tensor_type is None:
             return super().dumps(obj)
-        deferred: dict[int, tuple[pickle.PickleBuffer, _StridedTensor]] = {}
-        outer = _dumping.deferred, _dumping.protocol  # a dumps inside a reducer's dumps
-        _dumping.deferred, _dumping.protocol = deferred, self.protocol
+        key = (self.protocol, tensor_type)
+        idle = _sessions.idle
+        session = idle.pop(key, None)  # taken: a dumps nested in this one makes its own
+        if session is None:
+            session = _Session(self.protocol, tensor_type)
+        reusable = False
         try:
-            stream, buffers = _pickle(obj, self.protocol, _table(tensor_type))
-        finally:
-            _dumping.deferred, _dumping.protocol = outer
-        raws: list[Any] = []
-        for b in buffers:
-            entry = deferred.get(id(b))
-            if entry is not None and entry[0] is b:
-                raws.append(entry[1])
-                continue
-            try:
-                raws.append(b.raw())
-            except BufferError:  # a non-contiguous buffer of some other type: all in-band
-                return frame_parts(pickle.dumps(obj, protocol=self.protocol), [])
-        return frame_parts(stream, raws)
+            stream, parts, reusable = session.dump(obj)
+        finally:  # after an error the session's state is unknown: dropped
+            if reusable:
+                idle[key] = session
+            else:
+                session.discard()
+        if parts is None:
+            return frame_parts(pickle.dumps(obj, protocol=self.protocol), [])
+        return frame_parts(stream, parts)

@@ -8,10 +8,9 @@ Which ranks share the writer's host is found by trying: the source rank creates 
 shmcast queue, every rank tries to attach to it, and the answers are gathered.  A rank that
 can attach shares the writer's shared memory, which is what a local reader needs.
 
-Every function here is collective: each rank of the group calls it, with the same arguments.
-When a rank cannot take part (a reader would be on another host, which needs the remote half),
-every rank learns it and raises the same error, instead of some ranks waiting for the others
-forever.
+Ranks that cannot attach read remotely (over ZeroMQ TCP, see :mod:`shmcast.compat._remote`),
+as in vLLM.  Every function here is collective: each rank of the group calls it, with the same
+arguments.
 """
 
 from __future__ import annotations
@@ -107,14 +106,6 @@ def _survey(pg: Any, what: str, source: int) -> tuple[_TorchGroup | _StatelessGr
     return group, [r for r, here in enumerate(same_host_as(group, source)) if not here]
 
 
-def _remote_error(ranks: list[int]) -> NotImplementedError:
-    from ._remote import MISSING
-
-    return NotImplementedError(
-        f"ranks {ranks} of the process group are on another host than the writer: {MISSING}"
-    )
-
-
 def create_from_process_group(
     cls: type,
     pg: Any,
@@ -129,27 +120,33 @@ def create_from_process_group(
 
     The writer creates the queue (or, with ``external_writer_handle``, joins the queue of a
     writer outside the group, as a reader of it) and broadcasts its handle; every other rank
-    joins it.  With ``blocking``, every rank then waits until all have joined.  Readers on
-    another host than the writer need the remote half: NotImplementedError on every rank.
+    joins it: the ranks on the writer's host through shared memory, the others remotely (the
+    writer's socket bound on this host's address).  With ``blocking``, every rank then waits
+    until all have joined.  If the writer cannot create the queue, every reader raises too
+    (RuntimeError), instead of waiting for a handle that never comes.
     """
     group, remote = _survey(pg, "writer_rank", writer_rank)
     if group.rank == writer_rank:
-        if external_writer_handle is not None:
-            queue = cls.create_from_handle(external_writer_handle, group.rank)
-        elif remote:
+        try:
+            if external_writer_handle is not None:
+                queue = cls.create_from_handle(external_writer_handle, group.rank)
+            else:
+                local = [r for r in range(group.world_size) if r != writer_rank and r not in remote]
+                queue = cls(
+                    n_reader=group.world_size - 1, n_local_reader=len(local),
+                    local_reader_ranks=local, max_chunk_bytes=max_chunk_bytes,
+                    max_chunks=max_chunks,
+                )  # fmt: skip
+        except BaseException:
             group.broadcast(None, writer_rank)  # the readers raise too instead of waiting
-            raise _remote_error(remote)
-        else:
-            readers = [r for r in range(group.world_size) if r != writer_rank]
-            queue = cls(
-                n_reader=len(readers), n_local_reader=len(readers), local_reader_ranks=readers,
-                max_chunk_bytes=max_chunk_bytes, max_chunks=max_chunks,
-            )  # fmt: skip
+            raise
         group.broadcast(queue.export_handle(), writer_rank)
     else:
         handle = group.broadcast(None, writer_rank)
         if handle is None:
-            raise _remote_error(remote)
+            raise RuntimeError(
+                f"the writer (rank {writer_rank}) could not create the queue; see its error"
+            )
         queue = cls.create_from_handle(handle, group.rank)
     if blocking:
         queue.wait_until_ready()
@@ -169,15 +166,15 @@ def create_from_process_group_single_reader(
     Every rank creates a queue of its own (the reader's too, as vLLM does) and the handles are
     gathered: returns ``(this rank's queue, handles)``, the handles of every rank, in rank
     order, on the reader and ``[]`` elsewhere.  With ``blocking``, each rank waits until the
-    reader has joined its queue (the reader must join them all for that).  A rank on another
-    host than the reader needs the remote half: NotImplementedError on every rank.
+    reader has joined its queue (the reader must join them all for that).  The queue of a rank
+    on another host than the reader has its reader remote (``n_local_reader=0``): the reader
+    joins it over the network.
     """
     group, remote = _survey(pg, "reader_rank", reader_rank)
-    if remote:
-        raise _remote_error(remote)  # every rank sees the same list: none waits
     queue = cls(
-        n_reader=1, n_local_reader=1, max_chunk_bytes=max_chunk_bytes, max_chunks=max_chunks
-    )
+        n_reader=1, n_local_reader=0 if group.rank in remote else 1,
+        max_chunk_bytes=max_chunk_bytes, max_chunks=max_chunks,
+    )  # fmt: skip
     handles = group.all_gather(queue.export_handle())
     if blocking:
         queue.wait_until_ready()

@@ -4,7 +4,8 @@ One writer, ``n_reader`` readers; the ``n_local_reader`` readers on this host re
 shmcast ring.  What the original carries over ZeroMQ on this host (messages larger than a
 chunk, the start-up handshake, wake-ups) shmcast does in shared memory: large messages stream
 through the ring, ``wait_until_ready`` waits for every reader to attach, waiting sleeps on a
-futex.  Readers on other hosts are the remote half (:mod:`shmcast.compat._remote`).
+futex.  Readers on other hosts (``n_local_reader < n_reader``) are remote slots of the same
+ring, served over ZeroMQ TCP by shmcast's remote path (:mod:`shmcast.compat._remote`).
 
 Errors, where callers catch them, are the original's: every timeout is a ``TimeoutError``
 (:class:`~shmcast.QueueTimeout`); a call that waits when :meth:`MessageQueue.shutdown` is
@@ -90,8 +91,10 @@ class Handle:
 
     The fields up to ``tensor_arena_handle`` are vLLM's, so that code which reads them keeps
     working: ``local_reader_ranks`` (the ranks that read through shared memory, in reader
-    order), ``buffer_handle`` (here the ring's :class:`shmcast.Handle`; None without local
-    readers), ``remote_subscribe_addr`` and ``remote_addr_ipv6`` (for readers on other hosts).
+    order), ``buffer_handle`` (here the ring's :class:`shmcast.Handle`, which remote readers
+    attach with too; None without readers), ``remote_subscribe_addr`` (the address the
+    writer's socket for remote readers is bound on; None without remote readers) and
+    ``remote_addr_ipv6``.
     ``local_subscribe_addr``, ``local_notify_addr`` and ``tensor_arena_handle`` are always None:
     no socket and no separate tensor arena are needed on this host.  The fields after them are
     shmcast's own.
@@ -141,7 +144,11 @@ class MessageQueue:
 
     Parameters are the original's.  ``max_chunk_bytes`` and ``max_chunks`` size the ring (the
     same bytes as the original's chunks, see :func:`ring_geometry`); a message of any size can
-    be sent.  ``connect_ip`` is for readers on other hosts.  ``enable_shm_tensor_arena`` is
+    be sent.  ``connect_ip``: where the socket of the ``n_reader - n_local_reader`` readers on
+    other hosts is bound (None: this host's address, as vLLM picks it; zmq.ZMQError for an
+    address this host does not have; see :mod:`shmcast.compat._remote`, also for security: as
+    vLLM's, remote readers unpickle what they receive, unauthenticated).
+    ``enable_shm_tensor_arena`` is
     accepted and has nothing to do: tensors already travel straight into shared memory.
 
     Threads: one call at a time per queue, except :meth:`shutdown`, which any thread may call
@@ -168,29 +175,27 @@ class MessageQueue:
         self._init_common(writer=True)
         self._serializer = TensorSerializer()
         self._max_chunk_bytes = max_chunk_bytes
-        # The remote half first: if it cannot be had, nothing has been created yet.
-        remote = None
-        if self.n_remote_reader > 0:
-            remote = _remote.open_publisher(self.n_remote_reader, connect_ip)
-        self._remote = remote
-        try:
-            if n_local_reader > 0:
-                self._queue = BroadcastQueue(
-                    n_local_reader, n_slots=n_slots, slot_size=slot_size,
-                    wait=FutexWait(warn_after=warning_interval()), serializer=self._serializer,
-                )  # fmt: skip
-        except BaseException:
-            if remote is not None:
-                remote.close()
-            raise
+        if n_reader > 0:
+            remote = None
+            if self.n_remote_reader > 0:  # readers n_local_reader.. are remote slots
+                remote = _remote.options(n_local_reader, n_reader, connect_ip)
+            self._queue = BroadcastQueue(
+                n_reader, n_slots=n_slots, slot_size=slot_size,
+                wait=FutexWait(warn_after=warning_interval()), serializer=self._serializer,
+                remote=remote,
+            )  # fmt: skip
+        ring = None if self._queue is None else self._queue.handle
+        info = None if ring is None else ring.remote
         self.handle = Handle(
             local_reader_ranks=ranks,
-            buffer_handle=None if self._queue is None else self._queue.handle,
-            remote_subscribe_addr=None if remote is None else remote.address,
-            remote_addr_ipv6=False if remote is None else remote.ipv6,
+            buffer_handle=ring,
+            remote_subscribe_addr=None if info is None else info.endpoint,
+            remote_addr_ipv6=False if info is None else info.ipv6,
             writer_pid=os.getpid(),
             max_chunk_bytes=max_chunk_bytes,
         )
+        if info is not None:
+            self.remote_socket = _remote.RemoteSocket(self)
 
     def _init_common(self, writer: bool) -> None:
         self.shutting_down = False
@@ -200,7 +205,8 @@ class MessageQueue:
         self.local_reader_rank = -1
         self.tensor_arena = None  # vLLM's separate arena: never needed here
         self._queue: BroadcastQueue | None = None
-        self._remote: Any = None
+        #: vLLM's attribute, for callers that close it (None without a network side).
+        self.remote_socket: _remote.RemoteSocket | None = None
         self._warn_every = warning_interval()
 
     def __repr__(self) -> str:
@@ -226,10 +232,13 @@ class MessageQueue:
 
         A rank in ``handle.local_reader_ranks`` reads through shared memory (as reader
         ``local_reader_ranks.index(rank)`` of the ring); any other rank, such as -1, reads
-        remotely.  TypeError for a handle of another queue class (vLLM's own, when the plugin
-        is active in some processes and not others); shmcast's attach errors otherwise
-        (:class:`~shmcast.SegmentError`: the writer is gone; :class:`~shmcast.AttachError`:
-        the rank is already attached by a live process).
+        remotely, over ZeroMQ TCP (also on the writer's host), in the first free remote slot
+        (:func:`shmcast.compat._remote.attach`).  TypeError for a handle of another queue
+        class (vLLM's own, when the plugin is active in some processes and not others);
+        shmcast's attach errors otherwise
+        (:class:`~shmcast.SegmentError`: the writer is gone or does not answer;
+        :class:`~shmcast.AttachError`: the rank is already attached by a live process, or no
+        remote slot is free).
         """
         if not isinstance(handle, Handle):
             raise TypeError(
@@ -247,14 +256,15 @@ class MessageQueue:
         if rank in handle.local_reader_ranks:
             index = handle.local_reader_ranks.index(rank)
             self._queue = BroadcastQueue.attach(
-                handle.buffer_handle, reader=index, serializer=self._serializer,
+                handle.buffer_handle, reader=index, serializer=self._serializer, network=False,
                 wait=FutexWait(warn_after=None),  # dequeue logs long waits itself
             )  # fmt: skip
             self._is_local_reader = True
             self.local_reader_rank = index
         else:
-            self._remote = _remote.open_subscriber(handle, rank)
+            self._queue = _remote.attach(handle.buffer_handle, rank, self._serializer)
             self._is_remote_reader = True
+            self.remote_socket = _remote.RemoteSocket(self)
         return self
 
     def wait_until_ready(self, timeout: float | None = None) -> None:
@@ -264,8 +274,6 @@ class MessageQueue:
         with self._calls():
             if self._queue is not None:
                 self._queue.wait_until_ready(timeout)
-            if self._remote is not None:
-                self._remote.wait_until_ready(timeout)
 
     # -- sending and receiving ------------------------------------------------------------------
 
@@ -301,15 +309,13 @@ class MessageQueue:
         try:
             if self._queue is not None:
                 self._queue.put(obj, timeout)
-            elif self._remote is None:
+            else:
                 try:  # nobody to send to: the object must still be one that can be sent
                     self._serializer.dumps(obj)
                 except Exception as exc:
                     raise SerializationError(
                         f"cannot serialize {type(obj).__name__} object: {exc}"
                     ) from exc
-            if self._remote is not None:
-                self._remote.put(obj, timeout)
         except QueueClosed as exc:
             if self.shutting_down:
                 raise self._cancelled() from exc
@@ -328,10 +334,8 @@ class MessageQueue:
         if self.shutting_down:
             raise self._cancelled()
         try:
-            if self._is_local_reader:
+            if not self._is_writer:
                 return self._get(timeout, indefinite)
-            if self._is_remote_reader:
-                return self._remote.get(timeout)
         except QueueClosed as exc:
             if self.shutting_down:
                 raise self._cancelled() from exc
@@ -342,8 +346,8 @@ class MessageQueue:
         queue = self._queue
         assert queue is not None
         every = self._warn_every
-        if indefinite or every is None:
-            return queue.get(timeout)
+        if indefinite or every is None or (timeout is not None and timeout <= every):
+            return queue.get(timeout)  # no long-wait line is due: the ring's own wait
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         next_warning = start + every
@@ -369,25 +373,26 @@ class MessageQueue:
 
     @contextmanager
     def acquire_write(self, timeout: float | None = None) -> Iterator[memoryview]:
-        """Zero-copy send (writer, local readers): yields a writable view of
+        """Zero-copy send (writer): yields a writable view of
         ``max_chunk_bytes`` bytes in the ring, published as one raw message when the block
         ends (nothing is published if it raises).  Blocks and raises as :meth:`enqueue`."""
         if not self._is_writer:
             raise RoleError("only the writer can acquire_write; this MessageQueue is a reader")
         if self._queue is None:
-            raise RuntimeError("acquire_write needs local readers; this queue has none")
+            raise RuntimeError("acquire_write needs readers; this queue has none")
         with self._calls(), self._queue.reserve(self._max_chunk_bytes, timeout) as buf:
             yield buf
 
     @contextmanager
     def acquire_read(self, timeout: float | None = None, indefinite: bool = False) -> Iterator[Any]:
-        """Zero-copy receive (local reader): yields the next message in place: a read-only
+        """Zero-copy receive (reader): yields the next message in place: a read-only
         view of the bytes of a message written with :meth:`acquire_write`, or the object sent
-        with :meth:`enqueue` (its arrays and tensors lie in the ring).  The message's slots are
+        with :meth:`enqueue` (its arrays and tensors lie in the ring, or for a remote reader in
+        the received frame).  The message's slots are
         released when the block ends, also when it raises.  Blocks and raises as
         :meth:`dequeue` (``indefinite`` is accepted; this call does not log long waits)."""
-        if not self._is_local_reader:
-            raise RoleError("only a local reader can acquire_read")
+        if self._is_writer:
+            raise RoleError("only a reader can acquire_read; this MessageQueue is the writer")
         with self._calls(), self._queue.view(timeout) as value:  # type: ignore[union-attr]
             yield value
 
@@ -404,8 +409,6 @@ class MessageQueue:
         self.shutting_down = True
         if self._queue is not None:
             self._queue.close()
-        if self._remote is not None:
-            self._remote.close()
 
     # -- process groups (torch.distributed, vLLM's StatelessProcessGroup) -----------------------
 
