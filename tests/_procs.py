@@ -960,26 +960,25 @@ def async_reader_check_plan(
     async def main(queue: Any) -> dict[str, Any]:
         digest = hashlib.sha256()
         number = 0
-        async with asyncio.timeout(timeout * 4):
-            async for got in queue:
-                if number >= len(plan):
-                    raise AssertionError(f"reader {reader}: unexpected extra {_describe(got)}")
-                kind, size = plan[number]
-                if kind == RAW:
-                    want: Any = message_payload(seed, number, size)
-                else:
-                    want = message_object(seed, number, size)
-                if got != want:
-                    raise AssertionError(
-                        f"reader {reader}: message {number} ({kind}, {size} bytes) is wrong: "
-                        f"got {_describe(got)}"
-                    )
-                digest.update(repr((number, kind, size)).encode())
-                number += 1
+        async for got in queue:
+            if number >= len(plan):
+                raise AssertionError(f"reader {reader}: unexpected extra {_describe(got)}")
+            kind, size = plan[number]
+            if kind == RAW:
+                want: Any = message_payload(seed, number, size)
+            else:
+                want = message_object(seed, number, size)
+            if got != want:
+                raise AssertionError(
+                    f"reader {reader}: message {number} ({kind}, {size} bytes) is wrong: "
+                    f"got {_describe(got)}"
+                )
+            digest.update(repr((number, kind, size)).encode())
+            number += 1
         return {"count": number, "digest": digest.hexdigest()}
 
     with BroadcastQueue.attach(handle, reader) as queue:
-        return _event_loop_runner(use_uvloop)(main(queue))
+        return _event_loop_runner(use_uvloop)(asyncio.wait_for(main(queue), timeout * 4))
 
 
 def async_gather_writer(

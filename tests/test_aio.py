@@ -5,7 +5,9 @@ start method."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
+import sys
 import threading
 import time
 from typing import Any
@@ -64,9 +66,11 @@ def later(delay: float, fn: Any, *args: Any) -> threading.Thread:
 
 @pytest.fixture
 def pair():
-    with BroadcastQueue(1, n_slots=8, slot_size=256) as writer:
-        with BroadcastQueue.attach(writer.handle, 0) as reader:
-            yield writer, reader
+    with (
+        BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
+        BroadcastQueue.attach(writer.handle, 0) as reader,
+    ):
+        yield writer, reader
 
 
 # -- receiving ----------------------------------------------------------------------------------
@@ -125,7 +129,14 @@ def test_get_async_times_out_taking_nothing(pair) -> None:
     assert reader.get(timeout=1) == 1
 
 
-@pytest.mark.parametrize("how", ["cancel", "wait_for", "timeout", "taskgroup"])
+NEW_311 = pytest.mark.skipif(sys.version_info < (3, 11), reason="Python 3.11 or newer")
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["cancel", "wait_for", pytest.param("timeout", marks=NEW_311),
+     pytest.param("taskgroup", marks=NEW_311)],
+)  # fmt: skip
 def test_a_cancelled_get_async_loses_nothing(pair, how: str) -> None:
     writer, reader = pair
 
@@ -149,10 +160,11 @@ def test_a_cancelled_get_async_loses_nothing(pair, how: str) -> None:
                 await asyncio.sleep(0.3)
                 raise ValueError("a sibling fails")
 
-            with pytest.raises(ExceptionGroup):
+            with pytest.raises(BaseException) as caught:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(reader.get_async())
                     group.create_task(fail())
+            assert type(caught.value).__name__ == "ExceptionGroup"
 
     async def main() -> list[Any]:
         await cancelled()
@@ -175,10 +187,8 @@ def test_cancelled_in_the_spin_phase_loses_nothing(pair) -> None:
             if n % 3 == 0:
                 writer.put(n)
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 got.append(await task)
-            except asyncio.CancelledError:
-                pass
             if n % 3 == 0 and (not got or got[-1] != n):
                 got.append(await reader.get_async(timeout=5))  # it must still be there
         return got
@@ -204,20 +214,19 @@ def test_kinds_and_many(pair) -> None:
     assert got[2] in ([4, 5], [4])  # what was there when the first arrived
 
 
-def test_async_for_ends_when_the_writer_closes() -> None:
-    with BroadcastQueue(1, n_slots=8, slot_size=256) as writer:
-        with BroadcastQueue.attach(writer.handle, 0) as reader:
+def test_async_for_ends_when_the_writer_closes(pair) -> None:
+    writer, reader = pair
 
-            def send() -> None:
-                for n in range(50):
-                    writer.put(n, timeout=5)
-                writer.close()
+    def send() -> None:
+        for n in range(50):
+            writer.put(n, timeout=5)
+        writer.close()
 
-            async def main() -> list[Any]:
-                later(0.1, send)
-                return [message async for message in reader]
+    async def main() -> list[Any]:
+        later(0.1, send)
+        return [message async for message in reader]
 
-            assert run(main()) == list(range(50))
+    assert run(main()) == list(range(50))
 
 
 def test_closing_wakes_a_waiting_get_async(pair) -> None:
@@ -467,13 +476,11 @@ def test_async_gather_writers_under_every_start_method(method: str) -> None:
 
             async def main() -> dict[int, list[Any]]:
                 got: dict[int, list[Any]] = {0: [], 1: []}
-                async with asyncio.timeout(60):
-                    async for message in replies:
-                        sender = replies._last
-                        got[sender].append(message)
+                async for message in replies:
+                    got[replies._last].append(message)
                 return got
 
-            got = run(main())
+            got = run(asyncio.wait_for(main(), 60))
         assert group.results() == [len(plan), len(plan)]
     from _procs import message_object, message_payload
 
