@@ -510,3 +510,29 @@ def test_remote_cases_run_on_loopback_and_across_namespaces(
     ratios = [r for r in doc["ratios"] if r["impl"] == "shmcast-remote"]
     assert ratios and all(r["best_other"] == "zmq-tcp" and r["net"] == "loopback" for r in ratios)
     assert "== shmcast-remote against vLLM" in out
+
+
+@pytest.mark.timeout(120)
+def test_asyncio_readers_run_the_reader_workloads(tmp_path: Path) -> None:
+    code, doc = run_bench(
+        tmp_path,
+        "--quick",
+        "--impl", "shmcast-async,shmcast-executor",
+        "--workload", "latency:dict,throughput:64B,wakeup,idle_cpu",
+        "--readers", "2",
+    )  # fmt: skip
+    assert code == 0
+    configs = {name: info["config"]["reader"] for name, info in doc["implementations"].items()}
+    assert configs == {
+        "shmcast-async": "await queue.get_async(timeout)",
+        "shmcast-executor": "await loop.run_in_executor(None, queue.get, timeout)",
+    }
+    # Only the workloads with an asyncio reader run: throughput does not.
+    ran = sorted((c["impl"], c["workload"]) for c in doc["cases"])
+    assert ran == sorted((impl, w) for impl in configs for w in ("latency", "wakeup", "idle_cpu"))
+    for case in doc["cases"]:
+        assert case["status"] == "ok", (case["impl"], case["workload"], case["detail"])
+        for reader in case["verification"]["readers"]:
+            assert reader["ok"] and reader["received"] == case["messages"], reader
+        assert WORKLOAD_METRICS[case["workload"]] <= set(case["metrics"]), case["metrics"]
+        assert case["leaked"] == []

@@ -187,7 +187,18 @@ class _Receiver:
             return None
         late = self.check.awaiting_late  # only late arrivals can still come
         msg = self._recv(min(timeout, 1.0) if late else timeout)
-        now = time.monotonic_ns()
+        return self.accept(msg, time.monotonic_ns(), late)
+
+    async def anext(self, timeout: float) -> tuple[int, int, int, Any] | None:
+        """:meth:`next` for a reader that awaits (``reader.recv_async``), inside its loop."""
+        if self.check.complete:
+            return None
+        late = self.check.awaiting_late
+        msg = await self.reader.recv_async(min(timeout, 1.0) if late else timeout)
+        return self.accept(msg, time.monotonic_ns(), late)
+
+    def accept(self, msg: Any, now: int, late: bool) -> tuple[int, int, int, Any] | None:
+        """Check what one receive returned at ``now`` (None: nothing came); see :meth:`next`."""
         if msg is None:
             self.stalled = not late
             return None
