@@ -393,6 +393,25 @@ def _describe(data: Any) -> str:
     return f"{type(data).__name__} of length {len(data) if hasattr(data, '__len__') else '?'}"
 
 
+def check_message(reader: Any, seed: int, plan: Sequence[tuple[str, int]], number: int,
+                  got: Any, digest: Any) -> None:  # fmt: skip
+    """Check that ``got`` is message ``number`` of ``plan`` as :func:`send_plan` sent it
+    (AssertionError naming ``reader`` otherwise), and add it to ``digest``."""
+    if number >= len(plan):
+        raise AssertionError(f"reader {reader}: unexpected extra {_describe(got)}")
+    kind, size = plan[number]
+    if kind == RAW:
+        want: Any = message_payload(seed, number, size)
+    else:
+        want = message_object(seed, number, size)
+    if got != want:
+        raise AssertionError(
+            f"reader {reader}: message {number} ({kind}, {size} bytes) is wrong: "
+            f"got {_describe(got)}"
+        )
+    digest.update(repr((number, kind, size)).encode())
+
+
 def check_plan(
     queue: Any, seed: int, plan: Sequence[tuple[str, int]], timeout: float, expect_close: bool
 ) -> dict[str, Any]:
@@ -403,18 +422,8 @@ def check_plan(
     from shmcast import QueueClosed
 
     digest = hashlib.sha256()
-    for number, (kind, size) in enumerate(plan):
-        got = queue.get(timeout=timeout)
-        if kind == RAW:
-            want: Any = message_payload(seed, number, size)
-        else:
-            want = message_object(seed, number, size)
-        if got != want:
-            raise AssertionError(
-                f"reader {queue.reader}: message {number} ({kind}, {size} bytes) is wrong: "
-                f"got {_describe(got)}"
-            )
-        digest.update(repr((number, kind, size)).encode())
+    for number in range(len(plan)):
+        check_message(queue.reader, seed, plan, number, queue.get(timeout=timeout), digest)
     if expect_close:
         try:
             extra = queue.get(timeout=timeout)
@@ -961,19 +970,7 @@ def async_reader_check_plan(
         digest = hashlib.sha256()
         number = 0
         async for got in queue:
-            if number >= len(plan):
-                raise AssertionError(f"reader {reader}: unexpected extra {_describe(got)}")
-            kind, size = plan[number]
-            if kind == RAW:
-                want: Any = message_payload(seed, number, size)
-            else:
-                want = message_object(seed, number, size)
-            if got != want:
-                raise AssertionError(
-                    f"reader {reader}: message {number} ({kind}, {size} bytes) is wrong: "
-                    f"got {_describe(got)}"
-                )
-            digest.update(repr((number, kind, size)).encode())
+            check_message(reader, seed, plan, number, got, digest)
             number += 1
         return {"count": number, "digest": digest.hexdigest()}
 

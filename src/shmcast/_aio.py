@@ -159,19 +159,16 @@ class AsyncEndpoint(Endpoint):
             limit = SPARE_CPUS if max_spinners is None else max_spinners
             eager = budget > 0 and waiter.begin_spin(limit)
             if eager or (budget > 0 and polite):
-                every = 15 if eager else 0  # yield the CPU when looks & every == 0
                 end = start + budget if deadline is None else min(start + budget, deadline)
-                looks = 0
                 try:
                     while clock() < end:
-                        await asyncio.sleep(0)
+                        await asyncio.sleep(0)  # one pass of the loop: other tasks run
                         if waiter.ready():
                             try:
                                 return attempt()
                             except QueueTimeout:
                                 pass
-                        looks += 1
-                        if not looks & every:
+                        if not eager:  # polite: hand the core to any process that wants it
                             os.sched_yield()
                 finally:
                     if eager:

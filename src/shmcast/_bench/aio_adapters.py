@@ -22,7 +22,7 @@ from array import array
 from typing import Any, ClassVar
 
 from .adapters import Reader, ReplySender, ShmcastAdapter, _ShmcastReader
-from .workloads import CaseSpec, _payloads, _Receiver
+from .workloads import CaseSpec, IdleWindow, _payloads, _Receiver
 
 
 async def _read_latency(spec: CaseSpec, rx: _Receiver, first: int) -> dict:
@@ -36,22 +36,10 @@ async def _read_latency(spec: CaseSpec, rx: _Receiver, first: int) -> dict:
 
 
 async def _read_idle_cpu(spec: CaseSpec, rx: _Receiver) -> dict:
-    from .workloads import _cpu_seconds
-
-    burst_end = spec.messages - 2
-    cpu0 = cpu1 = 0.0
-    t0 = t1 = 0
+    window = IdleWindow(spec)
     while (got := await rx.anext(spec.idle_s + spec.stall_s)) is not None:
-        seq, _, now, _ = got
-        if seq == burst_end:
-            cpu0, t0 = _cpu_seconds(), now
-        elif seq == burst_end + 1:
-            cpu1, t1 = _cpu_seconds(), now
-    measured = bool(t0 and t1)
-    return rx.result(
-        idle_cpu_s=(cpu1 - cpu0) if measured else None,
-        window_s=((t1 - t0) / 1e9) if measured else None,
-    )
+        window.see(got[0], got[2])
+    return window.result(rx)
 
 
 class _AsyncReader(_ShmcastReader):

@@ -343,20 +343,33 @@ def read_idle_cpu(spec: CaseSpec, reader: Reader, replies: ReplySender | None, i
     threads count too).
     """
     rx = _Receiver(reader, _payloads(spec), spec.messages)
-    burst_end = spec.messages - 2
-    cpu0 = cpu1 = 0.0
-    t0 = t1 = 0
+    window = IdleWindow(spec)
     while (got := rx.next(spec.idle_s + spec.stall_s)) is not None:
-        seq, _, now, _ = got
-        if seq == burst_end:
-            cpu0, t0 = _cpu_seconds(), now
-        elif seq == burst_end + 1:
-            cpu1, t1 = _cpu_seconds(), now
-    measured = bool(t0 and t1)
-    return rx.result(
-        idle_cpu_s=(cpu1 - cpu0) if measured else None,
-        window_s=((t1 - t0) / 1e9) if measured else None,
-    )
+        window.see(got[0], got[2])
+    return window.result(rx)
+
+
+class IdleWindow:
+    """The idle-CPU reader's measurement: CPU time and clock at the burst's last message and
+    at the final one (``see`` each message's number and arrival)."""
+
+    def __init__(self, spec: CaseSpec) -> None:
+        self.burst_end = spec.messages - 2
+        self.cpu0 = self.cpu1 = 0.0
+        self.t0 = self.t1 = 0
+
+    def see(self, seq: int, now: int) -> None:
+        if seq == self.burst_end:
+            self.cpu0, self.t0 = _cpu_seconds(), now
+        elif seq == self.burst_end + 1:
+            self.cpu1, self.t1 = _cpu_seconds(), now
+
+    def result(self, rx: _Receiver) -> dict[str, Any]:
+        measured = bool(self.t0 and self.t1)
+        return rx.result(
+            idle_cpu_s=(self.cpu1 - self.cpu0) if measured else None,
+            window_s=((self.t1 - self.t0) / 1e9) if measured else None,
+        )
 
 
 # -- engine ------------------------------------------------------------------------------------
