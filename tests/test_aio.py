@@ -446,7 +446,7 @@ def test_a_dead_writer_raises_queue_broken_in_time() -> None:
 
             first, took = run(main())
             assert first == b"last"
-            assert took < 1.5, took  # one slice or two, as for the sync get
+            assert took < 2.5, took  # a slice or two, as for the sync get (slack for load)
         control.close()
 
 
