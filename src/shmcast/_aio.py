@@ -12,12 +12,14 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    taken without any wake-up.  Spinners beyond the spare cores yield the CPU at every look,
    as in the synchronous path.
 3. **Sleep through the endpoint's helper thread.**  One thread per endpoint, started on the
-   first wait that gets this far and stopped when the endpoint closes, runs *rounds*: one
-   round is the waiter's own ``sleep`` (the announce / re-check / futex wait of P3, or P4 for
-   a writer), for at most one slice; then it hands over to the loop
-   (``loop.call_soon_threadsafe``).  The loop's thread makes the attempt of step 1 again, and
-   once per slice looks at the peer's liveness (the waiter's ``tick``: QueueBroken for a dead
-   peer, within the same time as the synchronous call).
+   first wait that gets this far and stopped when the endpoint closes, runs the synchronous
+   path's sleep loop for the call (:class:`~shmcast.FutexWait` with no spin): rounds of the
+   waiter's own ``sleep`` (the announce / re-check / futex wait of P3, or P4 for a writer) of
+   at most one slice each, and the waiter's ``tick`` once per slice (QueueBroken for a dead
+   peer, within the same time as the synchronous call; long-wait logs).  When the condition
+   holds, the deadline passes, the call is cancelled (seen within a slice) or a tick raises,
+   it hands over to the loop (``loop.call_soon_threadsafe``), whose thread makes the attempt
+   of step 1 again.
 
 The helper never takes or sends a message: every change of the endpoint's position is made in
 the loop's thread, by the synchronous code and its guarantees (a message taken is delivered or
@@ -26,12 +28,11 @@ nothing is taken: the next call gets the message.  A message larger than the rin
 with the endpoint's guard held across the awaits; a cancelled one is abandoned, which readers
 drop whole (nothing sent).
 
-While a round is in flight the endpoint's position does not move (the loop's thread makes no
-attempt on it until the round is over), so the helper's re-check is against the condition the
-attempt found false: the P3/P4 argument holds as it stands.  After a cancellation the round
-may still run (at most one slice, or until the next publish); its look at the ring is a few
-native calls that only read the segment and store the ring's last seen sequence, which is
-harmless beside a new call.
+While the helper waits the endpoint's position does not move (the loop's thread makes no
+attempt on it until the hand-over), so the helper's re-check is against the condition the
+attempt found false: the P3/P4 argument holds as it stands.  After a cancellation the wait
+may still run until its slice ends; its look at the ring is a few native calls that only read
+the segment and store the ring's last seen sequence, which is harmless beside a new call.
 
 Who may call: one call at a time per endpoint (a second concurrent async call raises
 RuntimeError, as a concurrent synchronous call does), from a running event loop.
@@ -67,22 +68,50 @@ def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
         fut.set_exception(error)
 
 
+class _Job:
+    """What one helper wait sleeps on: the call's waiter, until the call is cancelled."""
+
+    __slots__ = ("cancelled", "waiter")
+
+    def __init__(self, waiter: Any) -> None:
+        self.waiter = waiter
+        self.cancelled = False
+
+    def ready(self) -> bool:
+        return self.cancelled or self.waiter.ready()
+
+    def sleep(self, timeout: float) -> bool:
+        return self.waiter.sleep(timeout)
+
+    def tick(self) -> None:
+        if not self.cancelled:
+            self.waiter.tick()
+
+    def begin_spin(self, limit: int) -> bool:
+        return False  # the loop spun already
+
+    def end_spin(self) -> None:
+        pass
+
+
 def _serve(jobs: queue.SimpleQueue) -> None:
-    """The helper thread: run rounds until told to stop (None).  Holds no reference to the
-    endpoint between rounds, so that the endpoint can be collected."""
+    """The helper thread: run waits until told to stop (None).  Holds no reference to the
+    endpoint between waits, so that the endpoint can be collected."""
     while True:
         job = jobs.get()
         if job is None:
             return
-        loop, fut, waiter, timeout = job
+        loop, fut, policy, waiter, deadline = job
         error: BaseException | None = None
         try:
-            waiter.sleep(timeout)  # P3 / P4: announce, re-check, futex wait (GIL released)
+            # The sync path's sleep loop (FutexWait with no spin): P3 / P4 rounds of at most
+            # a slice, the waiter's tick (liveness, long-wait logs) once per slice.
+            policy.wait(waiter, deadline)
         except BaseException as exc:  # given to the loop, which decides
             error = exc
         with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile: nobody waits
             loop.call_soon_threadsafe(_settle, fut, error)
-        job = loop = fut = waiter = error = None
+        job = loop = fut = policy = waiter = error = None
 
 
 class _Helper:
@@ -98,10 +127,12 @@ class _Helper:
         # Collected or left at exit without close(): the thread ends too.
         self._stop = weakref.finalize(owner, self._jobs.put, None)
 
-    def round(self, loop: asyncio.AbstractEventLoop, waiter: Any, timeout: float) -> Any:
-        """A future settled once the helper has slept on ``waiter`` (at most ``timeout``)."""
+    def wait(self, loop: asyncio.AbstractEventLoop, policy: FutexWait, job: _Job,
+             deadline: float | None) -> Any:  # fmt: skip
+        """A future settled once ``policy.wait(job, deadline)`` has returned in the helper
+        thread (or raised: the future holds the exception)."""
         fut = loop.create_future()
-        self._jobs.put((loop, fut, waiter, timeout))
+        self._jobs.put((loop, fut, policy, job, deadline))
         return fut
 
     def stop(self) -> None:
@@ -173,33 +204,32 @@ class AsyncEndpoint(Endpoint):
                 finally:
                     if eager:
                         waiter.end_spin()
-            # Step 3: rounds of the helper, one slice at most each.
+            # Step 3: the helper thread sleeps as a sync call would, then hands over.
             helper = self._aio_helper
             if helper is None or helper.pid != os.getpid():
                 helper = self._aio_helper = _Helper(self)
+                p = self._policy
+                self._aio_sleeper = FutexWait(spin_us=0, min_spin_us=0, slice=p.slice,
+                                              warn_after=p.warn_after)  # fmt: skip
             loop = asyncio.get_running_loop()
-            slice_ = self._policy.slice
-            next_tick = clock() + slice_
             while True:
-                now = clock()
-                if deadline is not None and now >= deadline:
+                if deadline is not None and clock() >= deadline:
                     raise timeout_error(what, timeout)
-                most = slice_ if deadline is None else min(slice_, deadline - now)
+                job = _Job(waiter)
                 error = None
                 try:
-                    await helper.round(loop, waiter, most)
-                except (QueueTimeout, QueueClosed, ValueError) as exc:
-                    error = exc  # the attempt says what it means (closed, unmapped...)
+                    await helper.wait(loop, self._aio_sleeper, job, deadline)
+                except asyncio.CancelledError:
+                    job.cancelled = True  # the helper's wait ends within a slice
+                    raise
+                except Exception as exc:  # closed, unmapped, a dead peer...
+                    error = exc
                 try:
-                    return attempt()
+                    return attempt()  # what is there comes first (a dead peer's last messages)
                 except QueueTimeout:
                     pass
                 if error is not None:
                     raise error
-                now = clock()
-                if now >= next_tick:
-                    waiter.tick()  # a dead peer: QueueBroken
-                    next_tick = now + slice_
         finally:
             took = clock() - start  # FutexWait's rule for the next spin budget
             self._aio_budget = max(floor, min(cap, 2 * took)) if took <= cap else floor
