@@ -393,6 +393,25 @@ def _describe(data: Any) -> str:
     return f"{type(data).__name__} of length {len(data) if hasattr(data, '__len__') else '?'}"
 
 
+def check_message(reader: Any, seed: int, plan: Sequence[tuple[str, int]], number: int,
+                  got: Any, digest: Any) -> None:  # fmt: skip
+    """Check that ``got`` is message ``number`` of ``plan`` as :func:`send_plan` sent it
+    (AssertionError naming ``reader`` otherwise), and add it to ``digest``."""
+    if number >= len(plan):
+        raise AssertionError(f"reader {reader}: unexpected extra {_describe(got)}")
+    kind, size = plan[number]
+    if kind == RAW:
+        want: Any = message_payload(seed, number, size)
+    else:
+        want = message_object(seed, number, size)
+    if got != want:
+        raise AssertionError(
+            f"reader {reader}: message {number} ({kind}, {size} bytes) is wrong: "
+            f"got {_describe(got)}"
+        )
+    digest.update(repr((number, kind, size)).encode())
+
+
 def check_plan(
     queue: Any, seed: int, plan: Sequence[tuple[str, int]], timeout: float, expect_close: bool
 ) -> dict[str, Any]:
@@ -403,18 +422,8 @@ def check_plan(
     from shmcast import QueueClosed
 
     digest = hashlib.sha256()
-    for number, (kind, size) in enumerate(plan):
-        got = queue.get(timeout=timeout)
-        if kind == RAW:
-            want: Any = message_payload(seed, number, size)
-        else:
-            want = message_object(seed, number, size)
-        if got != want:
-            raise AssertionError(
-                f"reader {queue.reader}: message {number} ({kind}, {size} bytes) is wrong: "
-                f"got {_describe(got)}"
-            )
-        digest.update(repr((number, kind, size)).encode())
+    for number in range(len(plan)):
+        check_message(queue.reader, seed, plan, number, queue.get(timeout=timeout), digest)
     if expect_close:
         try:
             extra = queue.get(timeout=timeout)
@@ -969,3 +978,62 @@ def remote_writer(
     queue.close()
     return {"stats": stats, "elapsed": elapsed, "most_in_flight": most_in_flight,
             "most_in_flight_bytes": most_bytes}  # fmt: skip
+
+
+def _event_loop_runner(use_uvloop: bool) -> Callable[[Any], Any]:
+    """``asyncio.run``, or uvloop's when asked (the test skips where it is not installed)."""
+    import asyncio
+
+    if use_uvloop:
+        import uvloop
+
+        return uvloop.run
+    return asyncio.run
+
+
+def async_reader_check_plan(
+    handle: Any,
+    reader: int,
+    seed: int,
+    plan: Sequence[tuple[str, int]],
+    timeout: float = 30.0,
+    use_uvloop: bool = False,
+) -> dict[str, Any]:
+    """Attach as ``reader`` and receive the whole ``plan`` with ``async for`` inside an event
+    loop (each message checked as :func:`check_plan` does; the loop ends at the writer's
+    close).  Returns ``{"count", "digest"}``."""
+    import asyncio
+
+    from shmcast import BroadcastQueue
+
+    async def main(queue: Any) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        number = 0
+        async for got in queue:
+            check_message(reader, seed, plan, number, got, digest)
+            number += 1
+        return {"count": number, "digest": digest.hexdigest()}
+
+    with BroadcastQueue.attach(handle, reader) as queue:
+        return _event_loop_runner(use_uvloop)(asyncio.wait_for(main(queue), timeout * 4))
+
+
+def async_gather_writer(
+    handle: Any, writer: int, seed: int, plan: Sequence[tuple[str, int]], timeout: float = 30.0
+) -> int:
+    """Attach as gather ``writer`` and send ``plan`` with ``put_async`` / ``put_bytes_async``
+    from an event loop; returns how many were sent."""
+    import asyncio
+
+    from shmcast import GatherQueue
+
+    async def main(queue: Any) -> int:
+        for number, (kind, size) in enumerate(plan):
+            if kind == RAW:
+                await queue.put_bytes_async(message_payload(seed, number, size), timeout=timeout)
+            else:
+                await queue.put_async(message_object(seed, number, size), timeout=timeout)
+        return len(plan)
+
+    with GatherQueue.attach(handle, writer) as queue:
+        return asyncio.run(main(queue))

@@ -748,3 +748,29 @@ def test_iceoryx2_runs_every_workload_kind_verified(tmp_path: Path) -> None:
             assert reader["ok"] and reader["received"] == case["messages"], reader
     steps = {c["workload"]: c["metrics"].get("steps_completed") for c in doc["cases"]}
     assert steps["engine"] == 40 and steps["executor"] == 30
+
+
+@pytest.mark.timeout(120)
+def test_asyncio_readers_run_the_reader_workloads(tmp_path: Path) -> None:
+    code, doc = run_bench(
+        tmp_path,
+        "--quick",
+        "--impl", "shmcast-async,shmcast-executor",
+        "--workload", "latency:dict,throughput:64B,wakeup,idle_cpu",
+        "--readers", "2",
+    )  # fmt: skip
+    assert code == 0
+    configs = {name: info["config"]["reader"] for name, info in doc["implementations"].items()}
+    assert configs == {
+        "shmcast-async": "await queue.get_async(timeout)",
+        "shmcast-executor": "await loop.run_in_executor(None, queue.get, timeout)",
+    }
+    # Only the workloads with an asyncio reader run: throughput does not.
+    ran = sorted((c["impl"], c["workload"]) for c in doc["cases"])
+    assert ran == sorted((impl, w) for impl in configs for w in ("latency", "wakeup", "idle_cpu"))
+    for case in doc["cases"]:
+        assert case["status"] == "ok", (case["impl"], case["workload"], case["detail"])
+        for reader in case["verification"]["readers"]:
+            assert reader["ok"] and reader["received"] == case["messages"], reader
+        assert WORKLOAD_METRICS[case["workload"]] <= set(case["metrics"]), case["metrics"]
+        assert case["leaked"] == []

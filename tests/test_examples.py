@@ -52,6 +52,11 @@ EXAMPLE_OUTPUT: dict[str, list[str]] = {
         "reader 1 (yield-then-sleep): 2000 messages",
         "yield-then-sleep: sent 2000 messages",
     ],
+    "asyncio_frontend.py": [
+        "no reply before the first request (the wait was cancelled, nothing lost)",
+        "front end: 100 requests answered by 2 workers, in order: True",
+        "heartbeat kept ticking while the front end waited: True",
+    ],
 }
 
 

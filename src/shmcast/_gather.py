@@ -16,8 +16,8 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from . import _layout as L
+from ._aio import GatherAsync
 from ._endpoint import (
-    Endpoint,
     Handle,
     QueueStats,
     check_serializer,
@@ -87,7 +87,7 @@ class _AnyWriter:
             )  # fmt: skip
 
 
-class GatherQueue(Endpoint):
+class GatherQueue(GatherAsync):
     """A shared-memory gather queue: ``n_writers`` writers, one reader.
 
     The reader creates it and hands :attr:`handle` to the writer processes, which attach at

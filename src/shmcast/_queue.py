@@ -12,8 +12,8 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from . import _layout as L
+from ._aio import BroadcastAsync
 from ._endpoint import (
-    Endpoint,
     Handle,
     QueueStats,
     check_serializer,
@@ -138,7 +138,7 @@ def attach_reader_ring(seg: Segment, header: L.Header, index: int, policy: WaitP
     return ring
 
 
-class BroadcastQueue(Endpoint):
+class BroadcastQueue(BroadcastAsync):
     """A shared-memory broadcast queue: one writer, ``n_readers`` readers.
 
     The writer creates the queue and hands :attr:`handle` to the reader processes; each reader

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 from . import _layout as L
 from ._errors import (
@@ -315,6 +316,14 @@ class RingWriter:
         If this raises half-way (timeout, dead reader), the message number is already spent:
         readers see the next message start with another number and drop the unfinished one.
         """
+        for _ in self.stream_steps(parts, total, kind):
+            self.claim(1, deadline, timeout)
+
+    def stream_steps(self, parts: list[memoryview], total: int, kind: int) -> Iterator[None]:
+        """The steps of :meth:`write_streamed`, for a caller that waits its own way (asyncio):
+        a generator that yields whenever it needs a free slot; the caller claims one
+        (``claim(1, ...)``) before it resumes the generator.  Abandoning it half-way sends
+        nothing: readers drop the unfinished message, as after a timeout."""
         slot, n = self._slot, self._n
         c = self.cursor
         msg_no = c.count_message()
@@ -322,7 +331,7 @@ class RingWriter:
         done = 0
         flags = L.FLAG_FIRST | (kind << L.KIND_SHIFT)
         while done < total:
-            self.claim(1, deadline, timeout)
+            yield
             idx = c.pos % n
             b = min(c.bound - c.pos, n - idx, -(-(total - done) // slot))
             nbytes = min(total - done, b * slot)

@@ -1021,3 +1021,8 @@ def resolve(spec: str) -> type[Adapter]:
     raise ValueError(
         f"unknown implementation {spec!r}; choose from {', '.join(ADAPTERS)} or module:Class"
     )
+
+
+from .aio_adapters import AIO_ADAPTERS  # noqa: E402  (they build on the classes above)
+
+ADAPTERS.update((cls.name, cls) for cls in AIO_ADAPTERS)

@@ -60,8 +60,11 @@ def reader_main(
             sender.wait_ready(spec.time_limit)
         control.send(("ready", None))
         control.recv()  # the start barrier: "go"
-        extra = _credits(spec, counters)
-        result = READERS[spec.workload](spec, reader, sender, index, **extra)
+        run = getattr(reader, "run_workload", None)  # a reader with a loop of its own
+        if run is not None:
+            result = run(spec, sender, index)
+        else:
+            result = READERS[spec.workload](spec, reader, sender, index, **_credits(spec, counters))
         reader.close()
         if sender is not None:
             sender.close()

@@ -188,7 +188,18 @@ class _Receiver:
             return None
         late = self.check.awaiting_late  # only late arrivals can still come
         msg = self._recv(min(timeout, 1.0) if late else timeout)
-        now = time.monotonic_ns()
+        return self.accept(msg, time.monotonic_ns(), late)
+
+    async def anext(self, timeout: float) -> tuple[int, int, int, Any] | None:
+        """:meth:`next` for a reader that awaits (``reader.recv_async``), inside its loop."""
+        if self.check.complete:
+            return None
+        late = self.check.awaiting_late
+        msg = await self.reader.recv_async(min(timeout, 1.0) if late else timeout)
+        return self.accept(msg, time.monotonic_ns(), late)
+
+    def accept(self, msg: Any, now: int, late: bool) -> tuple[int, int, int, Any] | None:
+        """Check what one receive returned at ``now`` (None: nothing came); see :meth:`next`."""
         if msg is None:
             self.stalled = not late
             return None
@@ -428,20 +439,33 @@ def read_idle_cpu(spec: CaseSpec, reader: Reader, replies: ReplySender | None, i
     threads count too).
     """
     rx = _Receiver(reader, _payloads(spec), spec.messages)
-    burst_end = spec.messages - 2
-    cpu0 = cpu1 = 0.0
-    t0 = t1 = 0
+    window = IdleWindow(spec)
     while (got := rx.next(spec.idle_s + spec.stall_s)) is not None:
-        seq, _, now, _ = got
-        if seq == burst_end:
-            cpu0, t0 = _cpu_seconds(), now
-        elif seq == burst_end + 1:
-            cpu1, t1 = _cpu_seconds(), now
-    measured = bool(t0 and t1)
-    return rx.result(
-        idle_cpu_s=(cpu1 - cpu0) if measured else None,
-        window_s=((t1 - t0) / 1e9) if measured else None,
-    )
+        window.see(got[0], got[2])
+    return window.result(rx)
+
+
+class IdleWindow:
+    """The idle-CPU reader's measurement: CPU time and clock at the burst's last message and
+    at the final one (``see`` each message's number and arrival)."""
+
+    def __init__(self, spec: CaseSpec) -> None:
+        self.burst_end = spec.messages - 2
+        self.cpu0 = self.cpu1 = 0.0
+        self.t0 = self.t1 = 0
+
+    def see(self, seq: int, now: int) -> None:
+        if seq == self.burst_end:
+            self.cpu0, self.t0 = _cpu_seconds(), now
+        elif seq == self.burst_end + 1:
+            self.cpu1, self.t1 = _cpu_seconds(), now
+
+    def result(self, rx: _Receiver) -> dict[str, Any]:
+        measured = bool(self.t0 and self.t1)
+        return rx.result(
+            idle_cpu_s=(self.cpu1 - self.cpu0) if measured else None,
+            window_s=((self.t1 - self.t0) / 1e9) if measured else None,
+        )
 
 
 # -- engine ------------------------------------------------------------------------------------

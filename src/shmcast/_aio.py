@@ -1,0 +1,441 @@
+"""asyncio for both queues: ``get_async``/``put_async`` and their kin, and ``async for``.
+
+How an awaitable call waits (docs/protocol.md, "asyncio"):
+
+1. **Try at once.**  The call first makes the synchronous call with ``timeout=0``, in the
+   loop's thread: a message (or room) that is already there is taken with no context switch.
+   A ``QueueTimeout`` from that attempt means "not yet", with nothing taken or sent.
+2. **Spin cooperatively.**  Within the budget :class:`~shmcast.FutexWait` would spin (twice the
+   previous wait, at most ``spin_us``; ``min_spin_us`` after a long wait), the call looks at
+   the condition between passes of the event loop (``await asyncio.sleep(0)``): other tasks
+   run between two looks, so the loop is never blocked, and a message that comes quickly is
+   taken without any wake-up.  Spinners beyond the spare cores yield the CPU at every look,
+   as in the synchronous path.
+3. **Sleep through the endpoint's helper thread.**  One thread per endpoint, started on the
+   first wait that gets this far and stopped when the endpoint closes, runs the synchronous
+   path's sleep loop for the call (:class:`~shmcast.FutexWait` with no spin): rounds of the
+   waiter's own ``sleep`` (the announce / re-check / futex wait of P3, or P4 for a writer) of
+   at most one slice each, and the waiter's ``tick`` once per slice (QueueBroken for a dead
+   peer, within the same time as the synchronous call; long-wait logs).  When the condition
+   holds, the deadline passes, the call is cancelled (seen within a slice) or a tick raises,
+   it hands over to the loop (``loop.call_soon_threadsafe``), whose thread makes the attempt
+   of step 1 again.
+
+The helper never takes or sends a message: every change of the endpoint's position is made in
+the loop's thread, by the synchronous code and its guarantees (a message taken is delivered or
+still there, whatever raises when).  A cancelled call is cancelled at an ``await``, where
+nothing is taken: the next call gets the message.  A message larger than the ring is streamed
+with the endpoint's guard held across the awaits; a cancelled one is abandoned, which readers
+drop whole (nothing sent).
+
+While the helper waits the endpoint's position does not move (the loop's thread makes no
+attempt on it until the hand-over), so the helper's re-check is against the condition the
+attempt found false: the P3/P4 argument holds as it stands.  After a cancellation the wait
+may still run until its slice ends; its look at the ring is a few native calls that only read
+the segment and store the ring's last seen sequence, which is harmless beside a new call.
+
+Who may call: one call at a time per endpoint (a second concurrent async call raises
+RuntimeError, as a concurrent synchronous call does), from a running event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import _layout as L
+from ._endpoint import Endpoint, as_bytes_view, check_max_count, check_timeout
+from ._errors import QueueClosed, QueueTimeout
+from ._ring import RingWriter, timeout_error
+from ._wait import SPARE_CPUS, FutexWait
+
+_DEFAULTS = FutexWait()
+
+
+def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    if fut.done():  # the call was cancelled meanwhile
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+class _Job:
+    """What one helper wait sleeps on: the call's waiter, until the call is cancelled."""
+
+    __slots__ = ("cancelled", "waiter")
+
+    def __init__(self, waiter: Any) -> None:
+        self.waiter = waiter
+        self.cancelled = False
+
+    def ready(self) -> bool:
+        return self.cancelled or self.waiter.ready()
+
+    def sleep(self, timeout: float) -> bool:
+        return self.waiter.sleep(timeout)
+
+    def tick(self) -> None:
+        if not self.cancelled:
+            self.waiter.tick()
+
+    def begin_spin(self, limit: int) -> bool:
+        return False  # the loop spun already
+
+    def end_spin(self) -> None:
+        pass
+
+
+def _serve(jobs: queue.SimpleQueue) -> None:
+    """The helper thread: run waits until told to stop (None).  Holds no reference to the
+    endpoint between waits, so that the endpoint can be collected."""
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        loop, fut, policy, waiter, deadline = job
+        error: BaseException | None = None
+        try:
+            # The sync path's sleep loop (FutexWait with no spin): P3 / P4 rounds of at most
+            # a slice, the waiter's tick (liveness, long-wait logs) once per slice.
+            policy.wait(waiter, deadline)
+        except BaseException as exc:  # given to the loop, which decides
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(_settle, fut, error)
+        job = loop = fut = policy = waiter = error = None
+
+
+class _Helper:
+    """One endpoint's helper thread and its job queue (see the module docstring)."""
+
+    def __init__(self, owner: Endpoint) -> None:
+        self.pid = os.getpid()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=_serve, args=(self._jobs,), name=f"shmcast-aio {owner.name}", daemon=True
+        )
+        self._thread.start()
+        # Collected or left at exit without close(): the thread ends too.
+        self._stop = weakref.finalize(owner, self._jobs.put, None)
+
+    def wait(self, loop: asyncio.AbstractEventLoop, policy: FutexWait, job: _Job,
+             deadline: float | None) -> Any:  # fmt: skip
+        """A future settled once ``policy.wait(job, deadline)`` has returned in the helper
+        thread (or raised: the future holds the exception)."""
+        fut = loop.create_future()
+        self._jobs.put((loop, fut, policy, job, deadline))
+        return fut
+
+    def stop(self) -> None:
+        """End the thread (a round in flight ends within its slice; close wakes it)."""
+        self._stop()
+        self._thread.join(timeout=2.0)
+
+
+class AsyncEndpoint(Endpoint):
+    """The awaitable calls both queues share; each queue adds its own receive signatures."""
+
+    _aio_helper: _Helper | None = None
+    _aio_busy = False
+    _aio_budget = _DEFAULTS.min_spin_us * 1e-6
+
+    # -- the wait -------------------------------------------------------------------------------
+
+    def _aio_spin(self) -> tuple[float, float, int | None, bool]:
+        """(cap, floor, max_spinners, polite) of the spin phase, from the endpoint's policy
+        when it is a FutexWait, else FutexWait's defaults."""
+        p = self._policy if isinstance(self._policy, FutexWait) else _DEFAULTS
+        return p.spin_us * 1e-6, p.min_spin_us * 1e-6, p.max_spinners, p.polite
+
+    async def _aio_wait(self, attempt: Callable[[], Any], waiter_of: Callable[[], Any],
+                        deadline: float | None, timeout: float | None,
+                        what: str) -> Any:  # fmt: skip
+        """``attempt()`` (a synchronous call that raises QueueTimeout instead of waiting) until
+        it succeeds, waiting in between as the module docstring says."""
+        try:
+            return attempt()
+        except QueueTimeout:
+            pass
+        if self._aio_busy:
+            raise RuntimeError(
+                "this queue endpoint is already in use by another awaiting call (one call at a "
+                "time per endpoint)"
+            )
+        self._aio_busy = True
+        try:
+            return await self._aio_wait_slow(attempt, waiter_of(), deadline, timeout, what)
+        finally:
+            self._aio_busy = False
+
+    async def _aio_wait_slow(self, attempt: Callable[[], Any], waiter: Any,
+                             deadline: float | None, timeout: float | None,
+                             what: str) -> Any:  # fmt: skip
+        clock = time.monotonic
+        start = clock()
+        if deadline is not None and start >= deadline:
+            raise timeout_error(what, timeout)
+        cap, floor, max_spinners, polite = self._aio_spin()
+        budget = min(self._aio_budget, cap)
+        try:
+            # Step 2: look between passes of the loop.
+            limit = SPARE_CPUS if max_spinners is None else max_spinners
+            eager = budget > 0 and waiter.begin_spin(limit)
+            if eager or (budget > 0 and polite):
+                end = start + budget if deadline is None else min(start + budget, deadline)
+                try:
+                    while clock() < end:
+                        await asyncio.sleep(0)  # one pass of the loop: other tasks run
+                        if waiter.ready():
+                            try:
+                                return attempt()
+                            except QueueTimeout:
+                                pass
+                        if not eager:  # polite: hand the core to any process that wants it
+                            os.sched_yield()
+                finally:
+                    if eager:
+                        waiter.end_spin()
+            # Step 3: the helper thread sleeps as a sync call would, then hands over.
+            helper = self._aio_helper
+            if helper is None or helper.pid != os.getpid():
+                helper = self._aio_helper = _Helper(self)
+                p = self._policy
+                self._aio_sleeper = FutexWait(spin_us=0, min_spin_us=0, slice=p.slice,
+                                              warn_after=p.warn_after)  # fmt: skip
+            loop = asyncio.get_running_loop()
+            while True:
+                if deadline is not None and clock() >= deadline:
+                    raise timeout_error(what, timeout)
+                job = _Job(waiter)
+                error = None
+                try:
+                    await helper.wait(loop, self._aio_sleeper, job, deadline)
+                except asyncio.CancelledError:
+                    job.cancelled = True  # the helper's wait ends within a slice
+                    raise
+                except Exception as exc:  # closed, unmapped, a dead peer...
+                    error = exc
+                try:
+                    return attempt()  # what is there comes first (a dead peer's last messages)
+                except QueueTimeout:
+                    pass
+                if error is not None:
+                    raise error
+        finally:
+            took = clock() - start  # FutexWait's rule for the next spin budget
+            self._aio_budget = max(floor, min(cap, 2 * took)) if took <= cap else floor
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def _aio_writer(self) -> RingWriter:
+        with self._guard:
+            return self._sender()
+
+    async def _aio_send(self, parts: Any, kind: int, deadline: float | None,
+                        timeout: float | None, publish: bool = True) -> None:  # fmt: skip
+        """Send one encoded message: all of it, or (an exception or a cancellation) nothing."""
+        total = sum(
+            len(p) if type(p) is bytes or hasattr(p, "write_into") else as_bytes_view(p).nbytes
+            for p in parts
+        )
+        if total > self._geometry.capacity:
+            await self._aio_stream(parts, total, kind, deadline, timeout)
+            return
+
+        def attempt() -> None:
+            with self._guard:
+                self._send(self._sender(), parts, kind, 0, time.monotonic(), publish)
+
+        await self._aio_wait(attempt, self._aio_writer, deadline, timeout, "put")
+
+    async def _aio_stream(self, parts: Any, total: int, kind: int, deadline: float | None,
+                          timeout: float | None) -> None:  # fmt: skip
+        """A message larger than the ring, slot run by slot run as readers free them; the
+        guard is held across the awaits (the ring is mid-message).  Abandoned half-way (an
+        error, a cancellation), it is dropped by every reader: nothing is sent."""
+        from ._endpoint import materialize
+
+        streamed = [memoryview(materialize(p)) for p in parts]
+        with self._guard:
+            writer = self._sender()
+            steps = writer.stream_steps(streamed, total, kind)
+
+            def claim() -> None:
+                writer.claim(1, time.monotonic())
+
+            try:
+                for _ in steps:
+                    try:
+                        claim()
+                    except QueueTimeout:
+                        await self._aio_wait_slow(claim, writer, deadline, timeout, "put")
+            finally:
+                steps.close()
+            self._activity()
+        self._aio_kick()
+
+    def _aio_kick(self) -> None:
+        publisher = getattr(self, "_publisher", None)
+        if publisher is not None:
+            publisher.kick()
+
+    async def put_async(self, obj: Any, timeout: float | None = None) -> None:
+        """Send ``obj``, awaiting room without blocking the event loop.  Waits, times out and
+        raises as :meth:`put`; a cancelled call sent the whole message or nothing."""
+        deadline = self._aio_deadline(timeout)
+        self._aio_writer()  # RoleError, QueueClosed before any encoding
+        await self._aio_send(self._encode(obj), L.MSG_OBJECT, deadline, timeout)
+
+    async def put_bytes_async(self, data: Any, timeout: float | None = None) -> None:
+        """Send raw bytes (any contiguous buffer), as :meth:`put_bytes`; awaitable as
+        :meth:`put_async`."""
+        deadline = self._aio_deadline(timeout)
+        self._aio_writer()
+        try:
+            view = as_bytes_view(data)
+        except (TypeError, ValueError, BufferError) as exc:
+            raise TypeError(f"put_bytes needs a contiguous buffer: {exc}") from None
+        await self._aio_send((view,), L.MSG_RAW, deadline, timeout)
+
+    async def put_many_async(self, objs: Iterable[Any], timeout: float | None = None) -> None:
+        """Send several objects in order, publishing them together, as :meth:`put_many`
+        (``timeout`` bounds the whole call; on an error the exception's ``sent`` says how many
+        were sent).  A cancellation lands between two messages: those before it were sent
+        (``sent`` is not set then)."""
+        deadline = self._aio_deadline(timeout)
+        writer = self._aio_writer()
+        sent = 0
+        try:
+            for obj in objs:
+                await self._aio_send(self._encode(obj), L.MSG_OBJECT, deadline, timeout, False)
+                sent += 1
+        except Exception as exc:
+            exc.sent = sent  # type: ignore[attr-defined]
+            raise
+        finally:
+            try:
+                with self._guard:
+                    writer.flush()  # held-back slots (a wait has published those before it)
+            except QueueClosed:
+                pass  # closing published them
+            self._aio_kick()
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _aio_deadline(timeout: float | None) -> float | None:
+        check_timeout(timeout)
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _aio_data_waiter(self, source: int | None) -> Any:
+        """The Waiter whose sleep a receive's helper round runs (P3)."""
+        raise NotImplementedError
+
+    async def _get_async(self, timeout: float | None, source: int | None,
+                         want_kind: int | None) -> Any:  # fmt: skip
+        deadline = self._aio_deadline(timeout)
+        return await self._aio_wait(
+            lambda: self._get(0, source, want_kind),
+            lambda: self._aio_data_waiter(source),
+            deadline, timeout, "get",
+        )  # fmt: skip
+
+    async def _get_many_async(self, max_count: int, timeout: float | None,
+                              source: int | None) -> list[Any]:  # fmt: skip
+        check_max_count(max_count)
+        deadline = self._aio_deadline(timeout)
+        return await self._aio_wait(
+            lambda: self._get_many(max_count, 0, source),
+            lambda: self._aio_data_waiter(source),
+            deadline, timeout, "get",
+        )  # fmt: skip
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Any:
+        """``async for message in queue``: the messages in order; ends when the queue is
+        closed (the writer closed and everything was read, or this endpoint closed)."""
+        try:
+            return await self._get_async(None, None, None)
+        except QueueClosed:
+            raise StopAsyncIteration from None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """As :meth:`Endpoint.close`; also ends the endpoint's asyncio helper thread."""
+        super().close()  # wakes a round in flight (the close's own futex bumps, P5)
+        helper = self._aio_helper
+        if helper is not None and helper.pid == os.getpid():
+            self._aio_helper = None
+            helper.stop()
+            # A round still asleep on the segment made the unmap give up (Atomics.release
+            # refuses while a thread waits): unmap now, unless a call still runs.
+            if not self._guard.busy and not self._seg.atomics.released:
+                self._seg.close()
+
+
+class BroadcastAsync(AsyncEndpoint):
+    """The awaitable receive calls of a :class:`~shmcast.BroadcastQueue` reader."""
+
+    _reader: Any
+
+    def _aio_data_waiter(self, source: int | None) -> Any:
+        return self._reader
+
+    async def get_async(self, timeout: float | None = None) -> Any:
+        """Receive the next message, awaiting it without blocking the event loop.  Returns,
+        times out and raises as :meth:`get`; a cancelled call took nothing (the next call
+        gets the message)."""
+        return await self._get_async(timeout, None, None)
+
+    async def get_bytes_async(self, timeout: float | None = None) -> bytes:
+        """As :meth:`get_bytes`, awaitable as :meth:`get_async`."""
+        return await self._get_async(timeout, None, L.MSG_RAW)
+
+    async def get_many_async(self, max_count: int = 64, timeout: float | None = None) -> list:
+        """As :meth:`get_many`, awaitable as :meth:`get_async`."""
+        return await self._get_many_async(max_count, timeout, None)
+
+
+class GatherAsync(AsyncEndpoint):
+    """The awaitable receive calls of a :class:`~shmcast.GatherQueue`'s reader."""
+
+    _rings: list
+    _any: Any
+
+    def _aio_data_waiter(self, source: int | None) -> Any:
+        return self._any if source is None else self._rings[source]
+
+    async def get_async(self, timeout: float | None = None, writer: int | None = None) -> Any:
+        """As :meth:`get`, from ``writer`` or any writer, awaiting without blocking the event
+        loop; a cancelled call took nothing."""
+        return await self._get_async(timeout, writer, None)
+
+    async def get_with_sender_async(self, timeout: float | None = None) -> tuple[int, Any]:
+        """As :meth:`get_with_sender`, awaitable as :meth:`get_async`."""
+        obj = await self._get_async(timeout, None, None)
+        return self._last, obj
+
+    async def get_bytes_async(self, timeout: float | None = None,
+                              writer: int | None = None) -> bytes:  # fmt: skip
+        """As :meth:`get_bytes`, awaitable as :meth:`get_async`."""
+        return await self._get_async(timeout, writer, L.MSG_RAW)
+
+    async def get_many_async(self, max_count: int = 64, timeout: float | None = None,
+                             writer: int | None = None) -> list:  # fmt: skip
+        """As :meth:`get_many`, awaitable as :meth:`get_async`."""
+        return await self._get_many_async(max_count, timeout, writer)
+
+
+__all__ = ["AsyncEndpoint", "BroadcastAsync", "GatherAsync"]
