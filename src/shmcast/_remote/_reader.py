@@ -369,8 +369,8 @@ class RemoteReader(BroadcastQueue):
         consumes it, as documented); the entry goes to the stash's front in a statement
         without a call, then leaves the buffer in one native call (``popleft``) inside a
         ``try`` whose handler, without a call, looks at the buffer's front and leaves the
-        message in exactly one of the two.  The ACK counts change
-        with the move, in statements without calls."""
+        message in exactly one of the two.  The ACK counts change with the move, in statements
+        without calls."""
         if self._stash:
             item = self._stash[0]
             if want_kind is not None and item[0] != want_kind:
