@@ -29,10 +29,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from _procs import descendants, multiprocessing_helpers, record_child, recorded_children
+from _procs import (
+    descendants,
+    multiprocessing_helpers,
+    record_child,
+    recorded_children,
+    segment_users,
+)
 
+from shmcast._errors import SegmentError
 from shmcast._layout import HEADER, MAGIC
-from shmcast._segment import PREFIX, SHM_DIR
+from shmcast._segment import PREFIX, SHM_DIR, check_name
 
 CHILD_GRACE = 3.0  # seconds children get to finish exiting after a test before they are leaks
 
@@ -132,11 +139,22 @@ def _uses_segment(pid: int, name: str) -> bool:
     return False
 
 
+def _own_form(name: str) -> bool:
+    """Whether ``name`` has the form of the names shmcast makes (``shmcast-`` and 16 hex)."""
+    try:
+        check_name(name, own=True)
+    except SegmentError:
+        return False
+    return True
+
+
 def _leaked_segments(before: set[str]) -> list[str]:
     """New segments this test is responsible for.  A segment with a shmcast header is ours
     if its creator is this process or one it started (it is unlinked); one without a header
     (a raw segment, or garbage) is ours if this process or a descendant maps it or holds it
-    open (it is left alone: whoever made it removes it)."""
+    open (it is left alone: whoever made it removes it), and so is one with a name of
+    shmcast's own form that no process uses any more: what a creator killed before it wrote
+    the header leaves, which ``shmcast cleanup`` calls abandoned (it is unlinked)."""
     own = os.getpid()
     tree = {own} | set(descendants(own))
     ours = tree | set(recorded_children())
@@ -146,6 +164,11 @@ def _leaked_segments(before: set[str]) -> list[str]:
         if creator is None:
             if any(_uses_segment(pid, name) for pid in tree):
                 leaked.append(f"{name} (no shmcast header; still in use by this test)")
+            elif _own_form(name) and not segment_users(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(SHM_DIR, name))
+                leaked.append(f"{name} (no shmcast header, used by no process: abandoned; "
+                              "removed now)")  # fmt: skip
             continue
         if creator not in ours:
             continue  # another program's queue
