@@ -443,6 +443,18 @@ Cursor_count_message(CursorObject *self, PyObject *Py_UNUSED(ignored))
     return PyLong_FromUnsignedLongLong(msg_no);
 }
 
+/* The (slots, flag) arguments of commit, publish and finish: the cursor's base, a u64 and a
+ * truth value.  NULL (an exception set) if the cursor is released or an argument is bad. */
+static char *
+slots_and_flag(CursorObject *self, PyObject *const *args, uint64_t *k, int *flag)
+{
+    char *base = cursor_base(self);
+    if (base == NULL || parse_u64(args[0], k) < 0)
+        return NULL;
+    *flag = PyObject_IsTrue(args[1]);
+    return *flag < 0 ? NULL : base;
+}
+
 /*
  * commit(slots, flush) -> int   (writer)
  *
@@ -454,14 +466,10 @@ static PyObject *
 Cursor_commit(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGC(2, "commit");
-    char *base = cursor_base(self);
-    if (base == NULL)
-        return NULL;
     uint64_t k;
-    if (parse_u64(args[0], &k) < 0)
-        return NULL;
-    int flush = PyObject_IsTrue(args[1]);
-    if (flush < 0)
+    int flush;
+    char *base = slots_and_flag(self, args, &k, &flush);
+    if (base == NULL)
         return NULL;
     uint64_t msg_no = self->msgs++;
     __atomic_store_n((uint64_t *)(base + self->msgs_off), (uint64_t)self->msgs, __ATOMIC_RELEASE);
@@ -483,14 +491,10 @@ static PyObject *
 Cursor_publish(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGC(2, "publish");
-    char *base = cursor_base(self);
-    if (base == NULL)
-        return NULL;
     uint64_t k;
-    if (parse_u64(args[0], &k) < 0)
-        return NULL;
-    int flush = PyObject_IsTrue(args[1]);
-    if (flush < 0)
+    int flush;
+    char *base = slots_and_flag(self, args, &k, &flush);
+    if (base == NULL)
         return NULL;
     self->pos += k;
     if (flush)
@@ -725,14 +729,10 @@ static PyObject *
 Cursor_finish(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ARGC(2, "finish");
-    char *base = cursor_base(self);
-    if (base == NULL)
-        return NULL;
     uint64_t k;
-    if (parse_u64(args[0], &k) < 0)
-        return NULL;
-    int defer = PyObject_IsTrue(args[1]);
-    if (defer < 0)
+    int defer;
+    char *base = slots_and_flag(self, args, &k, &defer);
+    if (base == NULL)
         return NULL;
     if (cursor_finish(self, base, k, defer) < 0)
         return NULL;
