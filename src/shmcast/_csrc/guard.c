@@ -108,17 +108,27 @@ guard_idle(GuardObject *self)
     Py_DECREF(job);
 }
 
-static PyObject *
-Guard_enter(GuardObject *self, PyObject *Py_UNUSED(ignored))
+/* 0 if a call may take the guard now; -1 with the exception (InheritedEndpoint,
+ * QueueClosed, or RuntimeError while another call holds it) if not. */
+static int
+guard_may_take(GuardObject *self)
 {
     if (guard_refuse(self) < 0)
-        return NULL;
+        return -1;
     if (self->busy) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this queue endpoint is already in use: by another thread, or by an "
                         "enclosing reserve()/view() block of the same thread");
-        return NULL;
+        return -1;
     }
+    return 0;
+}
+
+static PyObject *
+Guard_enter(GuardObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (guard_may_take(self) < 0)
+        return NULL;
     self->busy = 1;
     Py_RETURN_NONE;
 }
@@ -275,14 +285,8 @@ hold_give_back(HoldObject *self)
 static PyObject *
 Guard_hold(GuardObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (guard_refuse(self) < 0)
+    if (guard_may_take(self) < 0)
         return NULL;
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "this queue endpoint is already in use: by another thread, or by an "
-                        "enclosing reserve()/view() block of the same thread");
-        return NULL;
-    }
     HoldObject *hold = PyObject_GC_New(HoldObject, &HoldType);
     if (hold == NULL)
         return NULL;
