@@ -27,6 +27,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -657,6 +658,35 @@ initialize(seg, header)
 print(seg.name, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
+
+
+#: Where a test that makes an abandoned-looking name on purpose says so: one file per name,
+#: holding the pid of the test's process.  Another test run's leak check (conftest) leaves
+#: such a name alone while that process lives, instead of taking it for its own leftover.
+PLANTED_DIR = os.path.join(tempfile.gettempdir(), "shmcast-tests-planted")
+
+
+def plant(name: str) -> None:
+    """Declare that this process makes the /dev/shm entry ``name`` on purpose (before it
+    makes it); :func:`unplant` when it is gone."""
+    os.makedirs(PLANTED_DIR, exist_ok=True)
+    with open(os.path.join(PLANTED_DIR, name), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def unplant(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(PLANTED_DIR, name))
+
+
+def planted_by(name: str) -> int | None:
+    """The live process that declared ``name`` with :func:`plant`, if any."""
+    try:
+        with open(os.path.join(PLANTED_DIR, name)) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return pid if process_state(pid) not in (None, "Z", "X") else None
 
 
 def killed_while_creating(kind: str = "broadcast", peers: int = 1) -> tuple[str, int]:

@@ -32,6 +32,7 @@ import pytest
 from _procs import (
     descendants,
     multiprocessing_helpers,
+    planted_by,
     record_child,
     recorded_children,
     segment_users,
@@ -154,7 +155,9 @@ def _leaked_segments(before: set[str]) -> list[str]:
     (a raw segment, or garbage) is ours if this process or a descendant maps it or holds it
     open (it is left alone: whoever made it removes it), and so is one with a name of
     shmcast's own form that no process uses any more: what a creator killed before it wrote
-    the header leaves, which ``shmcast cleanup`` calls abandoned (it is unlinked)."""
+    the header leaves, which ``shmcast cleanup`` calls abandoned (it is unlinked) - unless
+    another live process (another test run) declared that it made the name on purpose
+    (``_procs.plant``)."""
     own = os.getpid()
     tree = {own} | set(descendants(own))
     ours = tree | set(recorded_children())
@@ -164,7 +167,8 @@ def _leaked_segments(before: set[str]) -> list[str]:
         if creator is None:
             if any(_uses_segment(pid, name) for pid in tree):
                 leaked.append(f"{name} (no shmcast header; still in use by this test)")
-            elif _own_form(name) and not segment_users(name):
+            elif (_own_form(name) and not segment_users(name)
+                  and planted_by(name) in (None, *ours)):  # fmt: skip
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(SHM_DIR, name))
                 leaked.append(f"{name} (no shmcast header, used by no process: abandoned; "

@@ -22,10 +22,10 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
-from _procs import killed_while_creating, segment_users
+from _procs import killed_while_creating, plant, segment_users, unplant
 
 from shmcast import BroadcastQueue, GatherQueue, Handle, SegmentError
 from shmcast import _inspect as I
@@ -127,20 +127,37 @@ def children() -> Iterator[Children]:
         kids.kill_all()
 
 
+class OwnNames(list):
+    """Names of segments a test makes, each declared with ``_procs.plant`` as it is added
+    (before the test makes it), so that another test run's leak check leaves it alone."""
+
+    def append(self, name: str) -> None:
+        plant(name)
+        super().append(name)
+
+    def extend(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.append(name)
+
+
 @pytest.fixture
 def own_segments(children: Children) -> Iterator[list[str]]:
     """Names of segments this test made; at the end (its children killed) none may be left in
     /dev/shm (any that is, is removed, and the test fails) and no process may use one."""
-    names: list[str] = []
+    names = OwnNames()
     yield names
-    children.kill_all()
-    left = [n for n in names if os.path.exists(os.path.join(SHM, n))]
-    for n in left:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(SHM, n))
-    assert not left, f"segments left in {SHM}: {left}"
-    used = {n: segment_users(n) for n in names if segment_users(n)}
-    assert not used, f"segments still in use: {used}"
+    try:
+        children.kill_all()
+        left = [n for n in names if os.path.exists(os.path.join(SHM, n))]
+        for n in left:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM, n))
+        assert not left, f"segments left in {SHM}: {left}"
+        used = {n: segment_users(n) for n in names if segment_users(n)}
+        assert not used, f"segments still in use: {used}"
+    finally:
+        for name in names:
+            unplant(name)
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = STEP_TIMEOUT) -> None:
