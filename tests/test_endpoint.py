@@ -1,7 +1,8 @@
 """What every endpoint guarantees whatever happens around a call: an endpoint refuses to work
 in a forked child (and the parent's stream is untouched), an exception raised by a signal
-handler at any point leaves the endpoint usable and the message delivered or still there, and
-what view() hands out cannot be written."""
+handler at any point leaves the endpoint usable and the message delivered or still there,
+what view() hands out cannot be written, and on a queue with checksums no payload changed in
+the ring by another process is handed out unseen, however it is received."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from shmcast import (
     QueueClosed,
     QueueTimeout,
     RoleError,
+    SegmentError,
 )
 
 TIMEOUT = 10.0
@@ -335,3 +337,90 @@ def test_calls_on_the_wrong_role_say_so_and_leave_the_guard_free() -> None:
                 reader.put("x", timeout=0)
         writer.put("fine", timeout=0)
         assert reader.get(timeout=0) == "fine"
+
+
+# -- checksums: a payload changed in the ring is never handed out unseen ----------------------
+
+
+def _pairs(kind: str) -> tuple[Any, Any, Any]:
+    """(sender, receiver, the mapping a stray process would write through) of a small queue
+    with checksums."""
+    if kind == "broadcast":
+        writer = BroadcastQueue(1, n_slots=4, slot_size=256, checksum=True)
+        return writer, BroadcastQueue.attach(writer.handle, 0), writer._seg.buf
+    reader = GatherQueue(1, n_slots=4, slot_size=256, checksum=True)
+    return GatherQueue.attach(reader.handle, 0), reader, reader._seg.buf
+
+
+def _scribble_on(ring: memoryview, payload: bytes) -> None:
+    """Change one byte of ``payload`` where it lies in the ring (a stray process would)."""
+    at = bytes(ring).find(payload)
+    assert at > 0, "the payload is not in the ring"
+    ring[at + len(payload) // 2] ^= 0xFF
+
+
+KINDS = ("broadcast", "gather")
+RECEIVE_CALLS = {
+    "get": lambda q: q.get(timeout=TIMEOUT),
+    "get_bytes": lambda q: q.get_bytes(timeout=TIMEOUT),
+    "get_many": lambda q: q.get_many(4, timeout=TIMEOUT),
+}
+
+
+@pytest.mark.parametrize("how", RECEIVE_CALLS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_payload_changed_in_the_ring_is_refused_not_delivered(kind: str, how: str) -> None:
+    sender, receiver, ring = _pairs(kind)
+    with sender, receiver:
+        payload = random.Random(1).randbytes(300)
+        sender.put_bytes(payload, timeout=TIMEOUT)
+        _scribble_on(ring, payload)
+        for _ in range(2):  # refused, and not consumed: refused again
+            with pytest.raises(SegmentError, match="fail their checksum"):
+                RECEIVE_CALLS[how](receiver)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_payload_changed_while_viewed_raises_when_the_block_ends(kind: str) -> None:
+    """A view's bytes lie in the ring for the whole block; with checksums they are checked
+    when the message is taken and again when the block ends, so a change made while the
+    caller looked at them raises SegmentError there (the message is not consumed)."""
+    sender, receiver, ring = _pairs(kind)
+    with sender, receiver:
+        payload = random.Random(2).randbytes(300)
+        sender.put_bytes(payload, timeout=TIMEOUT)
+        with (
+            pytest.raises(SegmentError, match="fail their checksum"),
+            receiver.view(timeout=TIMEOUT) as view,
+        ):
+            assert bytes(view) == payload  # intact when taken
+            _scribble_on(ring, payload)
+        with pytest.raises(SegmentError, match="fail their checksum"):
+            receiver.get(timeout=TIMEOUT)
+        # An unchanged payload goes through a view block as usual.
+        sender2, receiver2, _ring2 = _pairs(kind)
+        with sender2, receiver2:
+            sender2.put({"a": np.arange(40)}, timeout=TIMEOUT)
+            with receiver2.view(timeout=TIMEOUT) as obj:
+                np.testing.assert_array_equal(obj["a"], np.arange(40))
+            with pytest.raises(QueueTimeout):
+                receiver2.get(timeout=0)  # consumed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reserve_with_checksums_seals_what_the_caller_wrote(kind: str) -> None:
+    """With checksums, reserve() hands out a private buffer and copies it into the ring at the
+    block's end: what a stray process writes into the reserved slots during the block is
+    overwritten, never sealed in, and a change after the seal is refused."""
+    sender, receiver, ring = _pairs(kind)
+    with sender, receiver:
+        first, second = random.Random(3).randbytes(300), random.Random(4).randbytes(300)
+        with sender.reserve(len(first), timeout=TIMEOUT) as region:
+            region[:] = first
+            assert bytes(ring).find(first) < 0  # not in the ring yet
+        assert receiver.get_bytes(timeout=TIMEOUT) == first
+        with sender.reserve(len(second), timeout=TIMEOUT) as region:
+            region[:] = second
+        _scribble_on(ring, second)
+        with pytest.raises(SegmentError, match="fail their checksum"):
+            receiver.get_bytes(timeout=TIMEOUT)

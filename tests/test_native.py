@@ -1042,13 +1042,17 @@ def test_checksummed_ring_seals_and_checks_payloads() -> None:
         # The slow path: descriptor first, then the data, then the seal, then the publish.
         writer.write_desc(2, 5, FIRST | CONTIG | RAW << 8, 1)
         mapping[DATA_OFF + 2 * SLOT : DATA_OFF + 2 * SLOT + 5] = b"hello"
-        writer.seal(2, 5)
+        with pytest.raises(ValueError, match="needs the payload's CRC-32C"):
+            writer.seal(2, 5)  # never computed from the ring: a stray write would be sealed in
+        with pytest.raises(ValueError, match="needs the payload's CRC-32C"):
+            writer.seal(2, 5, 2**32)
+        writer.seal(2, 5, _native.crc32c(b"hello"))
         writer.count_message()
         writer.publish(1, True)
         assert reader.read_desc(2)[3] == _native.crc32c(b"hello")
         assert reader.take_bytes(RAW) == b"hello"
         with pytest.raises(ValueError, match="past the end"):
-            writer.seal(3, 2 * SLOT)
+            writer.seal(3, 2 * SLOT, 0)
     finally:
         with contextlib.suppress(BufferError):
             a.release()

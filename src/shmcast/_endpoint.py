@@ -409,10 +409,13 @@ class Endpoint:
                         region[pos : pos + n] = v
                         if crc is not None:
                             crc = crc32c(v, crc)
-                    else:
+                    elif crc is None:
                         v.write_into(region[pos : pos + n])
-                        if crc is not None:  # what a deferred part wrote is only in the ring
-                            crc = crc32c(region[pos : pos + n], crc)
+                    else:  # the CRC of what it wrote, not of the ring (see reserve)
+                        private = bytearray(n)
+                        v.write_into(memoryview(private))
+                        region[pos : pos + n] = private
+                        crc = crc32c(private, crc)
                     pos += n
             finally:
                 release_quietly(region)
@@ -430,6 +433,11 @@ class Endpoint:
         if the block raises, nothing is published.  Do not keep the view, or arrays made on it,
         past the block.  MessageTooLarge if ``nbytes`` exceeds :attr:`capacity`.  Blocks and
         raises as :meth:`put` while waiting for room.
+
+        On a queue with checksums the view is a private buffer, copied into the ring at the
+        block's end: the CRC-32C is then that of the bytes the caller wrote, which a process
+        writing into the ring meanwhile cannot change unseen (one copy more than without
+        checksums).
         """
         if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
             raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
@@ -441,11 +449,18 @@ class Endpoint:
         with self._guard:
             writer = self._sender()
             k, region = writer.begin_contiguous(nbytes, L.MSG_RAW, deadline_of(timeout), timeout)
+            private = memoryview(bytearray(nbytes)) if self._checksum else None
             try:
-                yield region
+                yield region if private is None else private
+                crc = None
+                if private is not None:
+                    region[:] = private
+                    crc = crc32c(private)
             finally:
                 release_quietly(region)
-            writer.commit_contiguous(k, nbytes)
+                if private is not None:
+                    release_quietly(private)
+            writer.commit_contiguous(k, nbytes, crc=crc)
             self._activity()
 
     # -- receiving ----------------------------------------------------------------------------

@@ -134,8 +134,9 @@ class Cursor:
     def write_desc(self, seq: int, total: int, flags: int, msg_no: int, /) -> None:
         """Writer: store the descriptor of the slot at ``seq`` (with its check word)."""
     def seal(self, seq: int, nbytes: int, crc: int | None = None, /) -> None:
-        """Writer, checksums on: store the CRC-32C of the ``nbytes`` at slot ``seq`` (or the
-        ``crc`` given, computed from the source) in its descriptor."""
+        """Writer, checksums on: store ``crc``, the CRC-32C of the ``nbytes`` at slot ``seq``
+        as computed from their source (never from the ring), in its descriptor; ValueError
+        without it.  Without checksums, nothing."""
     def count_message(self) -> int:
         """Writer: spend the next message number and return it."""
     def publish(self, slots: int, flush: bool, /) -> None:

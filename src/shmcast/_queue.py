@@ -164,9 +164,11 @@ class BroadcastQueue(BroadcastAsync):
         on_dead_reader: ``"raise"`` (default): a writer blocked by a dead reader raises
             QueueBroken naming it; ``"drop"``: it drops that reader and goes on.
         checksum: if True, every message carries a CRC-32C of its bytes, which readers check
-            when they take it (SegmentError if another process changed them).  Costs a pass
-            over each message on both sides (about 8 GiB/s where the processor has a CRC-32C
-            instruction); off by default.
+            when they take it, and a :meth:`view` block again when it ends (SegmentError if
+            another process changed them).  Costs a pass over each message on both sides
+            (about 8 GiB/s where the processor has a CRC-32C instruction), a second one for a
+            view, and a copy for :meth:`reserve` (its block fills a private buffer); off by
+            default.
 
     Closing: the writer's :meth:`close` marks the queue closed (readers get QueueClosed once
     they have read everything); a reader's detaches it (the writer stops waiting for it and the
@@ -426,7 +428,9 @@ class BroadcastQueue(BroadcastAsync):
         message's slots are held until the block exits (also when it raises), and the message
         is consumed then; do not keep what it gives past the block.  A message larger than
         :attr:`capacity` is assembled privately (a copy, then).  Waits and raises as
-        :meth:`get` does, when called (before the block).
+        :meth:`get` does, when called (before the block).  On a queue with checksums the
+        block's exit raises SegmentError if the message's bytes changed in the ring while the
+        block ran (another process wrote there); the message is then not consumed.
         """
         return self._view(timeout, None)
 

@@ -298,7 +298,7 @@ class RingWriter:
         """Publish the message of ``total`` bytes begun by :meth:`begin_contiguous`; with
         ``publish=False`` hold it back until :meth:`flush` (or the next publish, or a wait for
         space) to batch.  ``crc``: the message's CRC-32C as computed from its source, where
-        the queue has checksums (None: computed from what is in the ring, for reserve())."""
+        the queue has checksums (needed there; None without checksums)."""
         c = self.cursor
         c.seal(c.pos, total, crc)
         c.commit(k, publish)  # counted and published in one call: both, or neither

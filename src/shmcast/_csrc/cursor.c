@@ -392,11 +392,12 @@ Cursor_write_desc(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
 /*
  * seal(seq, nbytes, crc=None)   (writer)
  *
- * With checksums on, store the CRC-32C of the payload of the slot at `seq` in
- * its descriptor: `crc` as computed from the source, or (None, for data the
- * caller wrote into the ring itself: reserve()) of the `nbytes` in the ring.
- * Call it after the data stores, before the publish.  Without checksums,
- * nothing.
+ * With checksums on, store `crc`, the CRC-32C of the payload of the slot at
+ * `seq` as computed from its source, in its descriptor; ValueError without it.
+ * Never computed from the ring: bytes a stray process wrote there before the
+ * seal would be sealed in (reserve() on such a queue fills a private buffer
+ * for that reason).  Call it after the data stores, before the publish.
+ * Without checksums, nothing.
  */
 static PyObject *
 Cursor_seal(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -421,8 +422,12 @@ Cursor_seal(CursorObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (!self->checksum)
         Py_RETURN_NONE;
-    if (!given)
-        crc = payload_crc(self, base + self->data_off + idx * (uint64_t)self->slot_size, nbytes);
+    if (!given || crc > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError,
+                        "seal: a ring with checksums needs the payload's CRC-32C (32 bits), "
+                        "computed from its source");
+        return NULL;
+    }
     seal_crc(self, base, seq, (uint32_t)crc);
     Py_RETURN_NONE;
 }
@@ -704,8 +709,15 @@ cursor_finish(CursorObject *self, char *base, uint64_t k, int defer)
     return 0;
 }
 
+/* The finish of a view() block (its Hold's exit): the message lay in the ring
+ * all the while the caller looked at it, where any process can write.  With
+ * checksums on, its payload is checked against its CRC-32C once more before
+ * the finish, so that bytes changed under the caller's eyes raise SegmentError
+ * (nothing consumed: the next call finds the message and refuses it) instead of
+ * passing unseen.  The check at the take (Cursor_next) covers the bytes up to
+ * then, this one the rest of the block. */
 int
-shmcast_cursor_finish(PyObject *cursor, uint64_t k)
+shmcast_cursor_finish_viewed(PyObject *cursor, uint64_t k)
 {
     if (!PyObject_TypeCheck(cursor, &CursorType)) {
         PyErr_SetString(PyExc_TypeError, "a Cursor is needed");
@@ -715,6 +727,21 @@ shmcast_cursor_finish(PyObject *cursor, uint64_t k)
     char *base = cursor_base(self);
     if (base == NULL)
         return -1;
+    if (k > 0 && self->checksum) {
+        Desc d;
+        if (read_desc(self, base, self->pos, &d) < 0)
+            return -1;
+        uint64_t idx = self->pos % (uint64_t)self->n_slots;
+        const char *data = base + self->data_off + idx * (uint64_t)self->slot_size;
+        if (d.total > k * (uint64_t)self->slot_size) {
+            PyErr_Format(shmcast_SegmentError,
+                         "the slot at sequence %llu changed while it was viewed",
+                         (unsigned long long)self->pos);
+            return -1;
+        }
+        if (verify_payload(self, &d, self->pos, data, d.total) < 0)
+            return -1;
+    }
     return cursor_finish(self, base, k, 0);
 }
 

@@ -359,7 +359,7 @@ Hold_exit(HoldObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_CLEAR(self->value);
     hold_release_views(self);
     if (self->entered && self->cursor != NULL) {
-        failed = shmcast_cursor_finish(self->cursor, self->slots) < 0;
+        failed = shmcast_cursor_finish_viewed(self->cursor, self->slots) < 0;
         Py_CLEAR(self->cursor);
     }
     hold_give_back(self);

@@ -91,8 +91,9 @@ parse_u64(PyObject *arg, uint64_t *out)
 /* atomics.c: wake up to n waiters of the futex word at `off`; the number woken. */
 long shmcast_wake_word(AtomicsObject *self, Py_ssize_t off, int n);
 
-/* cursor.c: a reader cursor's finish(k, defer=False), for Hold (0, or -1 with an error). */
-int shmcast_cursor_finish(PyObject *cursor, uint64_t k);
+/* cursor.c: a reader cursor's finish(k) at a view() block's exit, its payload checked again
+ * where the queue has checksums; for Hold (0, or -1 with an error). */
+int shmcast_cursor_finish_viewed(PyObject *cursor, uint64_t k);
 
 /* cursor.c: messages at least this large are declined at and after `early` (writer). */
 #define SHMCAST_EARLY_WRAP_MIN (64 * 1024)
