@@ -144,6 +144,9 @@ def test_ring_geometry_holds_the_chunks_in_slots_of_at_most_256_kib() -> None:
     assert ring_geometry(24 * 1024 * 1024, 10) == (960, 256 * 1024)
     assert ring_geometry(40 * 1024, 2) == (2, 40 * 1024)
     assert ring_geometry(1000, 1) == (2, 1024)  # at least two slots, sizes rounded to 64
+    # One chunk of four slots: three more, the most padding a chunk in place can need.
+    assert ring_geometry(1024 * 1024, 1) == (7, 256 * 1024)
+    assert ring_geometry(1024 * 1024, 2) == (8, 256 * 1024)  # two chunks: room already
     slots, size = ring_geometry(1 << 40, 4)  # more than a million slots: larger ones
     assert slots <= 1 << 20 and slots * size >= 4 << 40
 
@@ -296,6 +299,26 @@ def test_acquire_write_and_acquire_read_work_in_place() -> None:
         writer.enqueue({"then": "an object"})
         with reader.acquire_read(timeout=1) as obj:
             assert obj == {"then": "an object"}
+    finally:
+        writer.shutdown()
+        reader.shutdown()
+
+
+def test_a_whole_chunk_can_be_written_as_soon_as_the_last_message_was_read() -> None:
+    # One chunk of 1 MiB: four slots of 256 KiB.  Small messages move the writer off the start
+    # of the ring, and a chunk in place cannot wrap around its end: the slots before the end
+    # become padding, which the ring must have room for while the reader is not reading.
+    writer, reader = pair(max_chunk_bytes=1024 * 1024, max_chunks=1)
+    try:
+        for step in range(8):
+            for n in range(step % 3 + 1):
+                writer.enqueue(n, timeout=1)
+                assert reader.dequeue(timeout=1) == n
+            with writer.acquire_write(timeout=1) as buf:
+                assert len(buf) == 1024 * 1024
+                buf[-4:] = step.to_bytes(4, "little")
+            with reader.acquire_read(timeout=1) as view:
+                assert bytes(view[-4:]) == step.to_bytes(4, "little")
     finally:
         writer.shutdown()
         reader.shutdown()

@@ -65,15 +65,26 @@ def ring_geometry(max_chunk_bytes: int, max_chunks: int) -> tuple[int, int]:
     ``max_chunk_bytes`` (its room for messages in flight), cut into slots of at most
     :data:`MAX_SLOT_SIZE`.  A message of up to a chunk is written in place; a larger one (the
     original sends it over a socket) streams through the ring.
+
+    And a whole chunk fits wherever the writer stands once the readers have read everything
+    (what ``acquire_write`` needs to go on as soon as the last message was read, as in the
+    original): a message in place cannot wrap around the ring's end, so the slots before the
+    end become padding, up to one chunk's slots less one.  With two chunks or more the ring
+    has that room already; with one it gets that many slots more.
     """
     for name, value in (("max_chunk_bytes", max_chunk_bytes), ("max_chunks", max_chunks)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     total = max_chunk_bytes * max_chunks
+
+    def slots(size: int) -> int:
+        return max(2, _ceil_div(total, size), 2 * _ceil_div(max_chunk_bytes, size) - 1)
+
     slot = min(_round_up(max_chunk_bytes, L.SLOT_ALIGN), MAX_SLOT_SIZE)
-    if _ceil_div(total, slot) > L.MAX_SLOTS:  # an enormous ring: fewer, larger slots
-        slot = _round_up(_ceil_div(total, L.MAX_SLOTS), L.SLOT_ALIGN)
-    return max(2, _ceil_div(total, slot)), slot
+    if slots(slot) > L.MAX_SLOTS:  # an enormous ring: fewer, larger slots
+        room = max(total, 2 * max_chunk_bytes)
+        slot = _round_up(_ceil_div(room, L.MAX_SLOTS - 1), L.SLOT_ALIGN)
+    return slots(slot), slot
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -143,13 +154,13 @@ class MessageQueue:
     of band, copied once into shared memory and once out into memory the reader owns.
 
     Parameters are the original's.  ``max_chunk_bytes`` and ``max_chunks`` size the ring (the
-    same bytes as the original's chunks, see :func:`ring_geometry`); a message of any size can
-    be sent.  ``connect_ip``: where the socket of the ``n_reader - n_local_reader`` readers on
-    other hosts is bound (None: this host's address, as vLLM picks it; zmq.ZMQError for an
-    address this host does not have; see :mod:`shmcast.compat._remote`, also for security: as
-    vLLM's, remote readers unpickle what they receive, unauthenticated).
-    ``enable_shm_tensor_arena`` is
-    accepted and has nothing to do: tensors already travel straight into shared memory.
+    same bytes as the original's chunks, and room for a whole chunk wherever the writer stands,
+    see :func:`ring_geometry`); a message of any size can be sent.  ``connect_ip``: where the
+    socket of the ``n_reader - n_local_reader`` readers on other hosts is bound (None: this
+    host's address, as vLLM picks it; zmq.ZMQError for an address this host does not have; see
+    :mod:`shmcast.compat._remote`, also for security: as vLLM's, remote readers unpickle what
+    they receive, unauthenticated).  ``enable_shm_tensor_arena`` is accepted and has nothing
+    to do: tensors already travel straight into shared memory.
 
     Threads: one call at a time per queue, except :meth:`shutdown`, which any thread may call
     while a call waits.
