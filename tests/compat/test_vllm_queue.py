@@ -17,6 +17,7 @@ import threading
 import time
 import weakref
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -376,21 +377,24 @@ def shutdown_later(queue: MessageQueue, delay: float) -> threading.Thread:
 @pytest.mark.parametrize("state", ["idle", "busy"])
 def test_shutdown_cancels_a_waiting_reader(state: str) -> None:
     writer, reader = pair(**SMALL)
+    spin = reader._spin_condition
+    assert spin is not None
+    spin.detect_crowding = False  # spin whatever else runs on the machine
     try:
-        if state == "busy":  # messages just came: the reader's next wait starts spinning
-            for n in range(3):
-                writer.enqueue(n)
-                assert reader.dequeue(timeout=1) == n
-            delay = 0.001
-        else:  # nothing for a while: it sleeps in the kernel
-            with pytest.raises(TimeoutError):
-                reader.dequeue(timeout=0.3)
-            delay = 0.5
-        thread = shutdown_later(reader, delay)
-        start = time.monotonic()
-        with pytest.raises(RuntimeError, match="cancelled"):
-            reader.dequeue(timeout=20)
-        assert time.monotonic() - start < 5
+        if state == "busy":  # vLLM's busy loop: the whole wait spins (a budget of 5 s)
+            spin.busy_loop_s = 9999
+            spin.spin_us = spin.min_spin_us = 5e6
+        else:  # no read for ages: the wait sleeps in the kernel at once
+            spin.last_read = 0
+        with pytest.raises(TimeoutError):
+            reader.dequeue(timeout=0.05)  # (the next wait's budget follows from this one)
+        with mock.patch.object(spin, "_spin", wraps=spin._spin) as spun:
+            thread = shutdown_later(reader, 0.3)
+            start = time.monotonic()
+            with pytest.raises(RuntimeError, match="cancelled"):
+                reader.dequeue(timeout=20)
+            assert time.monotonic() - start < 3  # well within the spin's budget
+        assert spun.called == (state == "busy")
         thread.join(5)
         assert reader.shutting_down
         with pytest.raises(RuntimeError, match="cancelled"):

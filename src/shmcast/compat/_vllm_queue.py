@@ -29,9 +29,9 @@ from typing import Any
 from .. import _layout as L
 from .._errors import QueueClosed, QueueTimeout, RoleError, SerializationError
 from .._queue import BroadcastQueue
-from .._wait import FutexWait
 from . import _remote
 from ._tensors import TensorSerializer
+from ._vllm_attrs import RingFlags, SpinCondition
 
 log = logging.getLogger("shmcast.compat.vllm")
 
@@ -162,6 +162,12 @@ class MessageQueue:
     they receive, unauthenticated).  ``enable_shm_tensor_arena`` is accepted and has nothing
     to do: tensors already travel straight into shared memory.
 
+    Two of the original's private attributes are kept where the drop-in has what they stand
+    for (None on a remote reader and without readers; :mod:`shmcast.compat._vllm_attrs`):
+    ``_spin_condition``, how this end waits, with vLLM's knobs ``busy_loop_s`` and
+    ``last_read``; ``buffer``, a read-only look at the ring's slots whose ``get_metadata(i)``
+    yields vLLM's form of flag bytes for slot ``i``.
+
     Threads: one call at a time per queue, except :meth:`shutdown`, which any thread may call
     while a call waits.
     """
@@ -192,9 +198,10 @@ class MessageQueue:
                 remote = _remote.options(n_local_reader, n_reader, connect_ip)
             self._queue = BroadcastQueue(
                 n_reader, n_slots=n_slots, slot_size=slot_size,
-                wait=FutexWait(warn_after=warning_interval()), serializer=self._serializer,
+                wait=SpinCondition(warn_after=warning_interval()), serializer=self._serializer,
                 remote=remote,
             )  # fmt: skip
+            self._expose_ring()
         ring = None if self._queue is None else self._queue.handle
         info = None if ring is None else ring.remote
         self.handle = Handle(
@@ -219,6 +226,18 @@ class MessageQueue:
         #: vLLM's attribute, for callers that close it (None without a network side).
         self.remote_socket: _remote.RemoteSocket | None = None
         self._warn_every = warning_interval()
+        #: vLLM's attributes, mapped onto the ring (None without one, and on a remote reader):
+        #: how this end waits, and a read-only look at the ring's slots (_vllm_attrs).
+        self._spin_condition: SpinCondition | None = None
+        self.buffer: RingFlags | None = None
+
+    def _expose_ring(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        policy = queue._policy  # the queue's own copy of the policy it was given
+        assert isinstance(policy, SpinCondition)
+        self._spin_condition = policy
+        self.buffer = RingFlags(queue)
 
     def __repr__(self) -> str:
         if self._is_writer:
@@ -268,8 +287,9 @@ class MessageQueue:
             index = handle.local_reader_ranks.index(rank)
             self._queue = BroadcastQueue.attach(
                 handle.buffer_handle, reader=index, serializer=self._serializer, network=False,
-                wait=FutexWait(warn_after=None),  # dequeue logs long waits itself
+                wait=SpinCondition(warn_after=None),  # dequeue logs long waits itself
             )  # fmt: skip
+            self._expose_ring()
             self._is_local_reader = True
             self.local_reader_rank = index
         else:
