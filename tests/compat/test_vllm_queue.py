@@ -270,23 +270,62 @@ def test_every_timeout_is_a_timeout_error() -> None:
         reader.shutdown()
 
 
-def test_values_are_kept_after_the_ring_is_reused() -> None:
-    # One chunk of 64 KiB: the ring is two slots, so every later message reuses the memory
-    # the first one came through.
-    writer, reader = pair(max_chunk_bytes=64 * 1024, max_chunks=1)
+def _payload(kind: str, nbytes: int) -> tuple[Any, np.ndarray]:
+    """``(what is sent, the array it holds)``: a numpy array (writable or not) or a tensor."""
+    array = np.full(nbytes // 2, 17, dtype=np.uint16)
+    array.flags.writeable = kind != "numpy_readonly"
+    if kind == "tensor":
+        torch = pytest.importorskip("torch", reason="torch is not installed here")
+        return torch.from_numpy(array), array
+    return array, array
+
+
+@pytest.mark.parametrize("kind", ["numpy", "numpy_readonly", "tensor"])
+@pytest.mark.parametrize(
+    "nbytes",
+    [
+        pytest.param(64 * 1024, id="in-one-slot"),
+        pytest.param(1024 * 1024, id="over-slots"),
+        pytest.param(3 * 1024 * 1024, id="over-a-chunk"),
+        pytest.param(6 * 1024 * 1024, id="over-the-ring"),
+    ],
+)
+def test_values_are_kept_after_the_ring_is_reused(kind: str, nbytes: int) -> None:
+    # One chunk of 2 MiB: a ring of 15 slots of 256 KiB (3.75 MiB).  The first message lies
+    # in one slot, over several, over more than a chunk, or streams through the whole ring;
+    # the four after it (1 MiB each) reuse the memory it came through.  The reader takes them
+    # in a thread: a message larger than the ring's free room waits for the reader.
+    writer, reader = pair(max_chunk_bytes=2 * 1024 * 1024, max_chunks=1)
+    payload, array = _payload(kind, nbytes)
+    received: list[Any] = []
+
+    def read() -> None:
+        first = reader.dequeue(timeout=20)
+        received.append(first)
+        for value in range(4):
+            np.testing.assert_array_equal(reader.dequeue(timeout=20), value)
+            np.testing.assert_array_equal(first, array)
+        received.append("checked")
+
+    thread = threading.Thread(target=read)
     try:
-        first = np.full(8000, 17, dtype=np.uint16)
-        writer.enqueue(first)
-        received = reader.dequeue(timeout=5)
-        for value in range(20):
-            writer.enqueue(np.full(8000, value, dtype=np.uint16))
-            np.testing.assert_array_equal(reader.dequeue(timeout=5), value)
-            np.testing.assert_array_equal(received, 17)
-        received[0] = 42  # the reader owns it: writable, and the writer's copy is its own
-        assert first[0] == 17
+        thread.start()
+        writer.enqueue(payload, timeout=20)
+        for value in range(4):
+            writer.enqueue(np.full(512 * 1024, value, dtype=np.uint16), timeout=20)
+        thread.join(30)
+        assert not thread.is_alive() and received[1:] == ["checked"]
+        first = received[0]
+        assert type(first) is type(payload) and first.dtype == payload.dtype
+        if isinstance(first, np.ndarray):
+            assert first.flags.writeable == array.flags.writeable
+        if kind != "numpy_readonly":  # the reader owns it: writable, and not the sender's
+            first[0] = 42
+            assert array[0] == 17
     finally:
         writer.shutdown()
         reader.shutdown()
+        thread.join(30)
 
 
 def test_acquire_write_and_acquire_read_work_in_place() -> None:
