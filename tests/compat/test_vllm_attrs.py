@@ -13,6 +13,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from _procs import mq_pair
 
 from shmcast import SegmentError
 from shmcast.compat._vllm_attrs import RingFlags, SpinCondition
@@ -113,16 +114,8 @@ def test_bad_knob_values_are_refused(name: str, value: Any, error: type[Exceptio
     assert getattr(policy, name) == before
 
 
-def pair(**geometry: Any) -> tuple[MessageQueue, MessageQueue]:
-    writer = MessageQueue(1, 1, **geometry)
-    reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
-    writer.wait_until_ready(timeout=5)
-    reader.wait_until_ready(timeout=5)
-    return writer, reader
-
-
 def test_every_message_sets_last_read_and_every_wait_goes_through_the_spin_condition() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     spin = reader._spin_condition
     try:
         assert isinstance(spin, SpinCondition) and isinstance(writer._spin_condition, SpinCondition)
@@ -141,7 +134,7 @@ def test_every_message_sets_last_read_and_every_wait_goes_through_the_spin_condi
 
 
 def test_an_idle_reader_is_woken_by_the_next_message_and_is_busy_after_it() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     spin = reader._spin_condition
     assert spin is not None
     spin.detect_crowding = False
@@ -208,7 +201,7 @@ def test_the_flags_follow_each_slot_through_writes_and_reads() -> None:
 
 
 def test_a_slot_held_by_acquire_read_is_released_when_the_block_ends_even_raising() -> None:
-    writer, reader = pair(max_chunk_bytes=1024 * 1024, max_chunks=1)
+    writer, reader = mq_pair(max_chunk_bytes=1024 * 1024, max_chunks=1)
     try:
         writer.enqueue({"payload": "first"}, timeout=1)
         with pytest.raises(KeyError), reader.acquire_read(timeout=1) as obj:
@@ -226,7 +219,7 @@ def test_a_slot_held_by_acquire_read_is_released_when_the_block_ends_even_raisin
 
 
 def test_a_sleeping_reader_in_acquire_read_gets_what_acquire_write_sent() -> None:
-    writer, reader = pair(max_chunk_bytes=1024 * 1024, max_chunks=1)
+    writer, reader = mq_pair(max_chunk_bytes=1024 * 1024, max_chunks=1)
     spin = reader._spin_condition
     assert spin is not None
     spin.last_read = 0
@@ -252,7 +245,7 @@ def test_a_sleeping_reader_in_acquire_read_gets_what_acquire_write_sent() -> Non
 
 
 def test_bad_slot_indices_and_a_gone_segment_are_refused() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     buffer = writer.buffer
     assert buffer is not None
     try:

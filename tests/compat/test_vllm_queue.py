@@ -24,6 +24,7 @@ import pytest
 from _procs import (
     ChildFailed,
     group_member,
+    mq_pair,
     mq_reader,
     mq_reader_then_hold,
     process_group,
@@ -43,15 +44,6 @@ from shmcast.compat._vllm_queue import ring_geometry
 from shmcast.compat.vllm import Handle, MessageQueue
 
 SMALL = {"max_chunk_bytes": 4096, "max_chunks": 4}  # a ring of 4 slots of 4 KiB
-
-
-def pair(**geometry: Any) -> tuple[MessageQueue, MessageQueue]:
-    """A writer and its one reader, both in this process, ready."""
-    writer = MessageQueue(1, 1, **geometry)
-    reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
-    writer.wait_until_ready(timeout=5)
-    reader.wait_until_ready(timeout=5)
-    return writer, reader
 
 
 def fill(writer: MessageQueue) -> int:
@@ -224,7 +216,7 @@ def test_objects_of_every_size_reach_every_reader_in_order() -> None:
 
 
 def test_broadcast_object_sends_from_the_writer_and_returns_on_readers() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         assert writer.broadcast_object({"a": 1}) == {"a": 1}
         assert reader.broadcast_object() == {"a": 1}
@@ -234,7 +226,7 @@ def test_broadcast_object_sends_from_the_writer_and_returns_on_readers() -> None
 
 
 def test_roles_are_checked() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         with pytest.raises(RoleError):
             reader.enqueue(1)
@@ -250,7 +242,7 @@ def test_roles_are_checked() -> None:
 
 
 def test_every_timeout_is_a_timeout_error() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         start = time.monotonic()
         with pytest.raises(TimeoutError):
@@ -295,7 +287,7 @@ def test_values_are_kept_after_the_ring_is_reused(kind: str, nbytes: int) -> Non
     # in one slot, over several, over more than a chunk, or streams through the whole ring;
     # the four after it (1 MiB each) reuse the memory it came through.  The reader takes them
     # in a thread: a message larger than the ring's free room waits for the reader.
-    writer, reader = pair(max_chunk_bytes=2 * 1024 * 1024, max_chunks=1)
+    writer, reader = mq_pair(max_chunk_bytes=2 * 1024 * 1024, max_chunks=1)
     payload, array = _payload(kind, nbytes)
     received: list[Any] = []
 
@@ -329,7 +321,7 @@ def test_values_are_kept_after_the_ring_is_reused(kind: str, nbytes: int) -> Non
 
 
 def test_acquire_write_and_acquire_read_work_in_place() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         with writer.acquire_write(timeout=1) as buf:
             assert len(buf) == 4096
@@ -348,7 +340,7 @@ def test_a_whole_chunk_can_be_written_as_soon_as_the_last_message_was_read() -> 
     # One chunk of 1 MiB: four slots of 256 KiB.  Small messages move the writer off the start
     # of the ring, and a chunk in place cannot wrap around its end: the slots before the end
     # become padding, which the ring must have room for while the reader is not reading.
-    writer, reader = pair(max_chunk_bytes=1024 * 1024, max_chunks=1)
+    writer, reader = mq_pair(max_chunk_bytes=1024 * 1024, max_chunks=1)
     try:
         for step in range(8):
             for n in range(step % 3 + 1):
@@ -365,7 +357,7 @@ def test_a_whole_chunk_can_be_written_as_soon_as_the_last_message_was_read() -> 
 
 
 def test_nothing_is_published_when_the_writer_block_raises() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         with pytest.raises(ValueError, match="abandon"), writer.acquire_write(timeout=1):
             raise ValueError("abandon")
@@ -377,7 +369,7 @@ def test_nothing_is_published_when_the_writer_block_raises() -> None:
 
 
 def test_the_read_slot_is_released_when_the_reader_raises() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         sent = fill(writer)
         with pytest.raises(KeyError), reader.acquire_read(timeout=1) as first:
@@ -415,7 +407,7 @@ def shutdown_later(queue: MessageQueue, delay: float) -> threading.Thread:
 
 @pytest.mark.parametrize("state", ["idle", "busy"])
 def test_shutdown_cancels_a_waiting_reader(state: str) -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     spin = reader._spin_condition
     assert spin is not None
     spin.detect_crowding = False  # spin whatever else runs on the machine
@@ -445,7 +437,7 @@ def test_shutdown_cancels_a_waiting_reader(state: str) -> None:
 
 
 def test_shutdown_frees_a_blocked_writer() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         sent = fill(writer)
         thread = shutdown_later(writer, 0.3)
@@ -466,7 +458,7 @@ def test_shutdown_frees_a_blocked_writer() -> None:
 
 
 def test_shutdown_is_idempotent_and_safe_on_every_kind() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     for queue in (writer, reader, MessageQueue(0, 0)):
         queue.shutdown()
         queue.shutdown()
@@ -551,7 +543,7 @@ def test_a_long_dequeue_logs_whom_it_waits_for(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("VLLM_RINGBUFFER_WARNING_INTERVAL", "0.2")
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         with caplog.at_level(logging.INFO, logger="shmcast"):
             with pytest.raises(TimeoutError):
