@@ -724,6 +724,16 @@ def mq_class(impl: str) -> Any:
     return MessageQueue
 
 
+def mq_pair(**geometry: Any) -> tuple[Any, Any]:
+    """A writer of the drop-in and its one reader, both in this process, ready."""
+    queue = mq_class("shmcast")
+    writer = queue(1, 1, **geometry)
+    reader = queue.create_from_handle(writer.export_handle(), 0)
+    writer.wait_until_ready(timeout=5)
+    reader.wait_until_ready(timeout=5)
+    return writer, reader
+
+
 def mq_reader(impl: str, handle: Any, rank: int, count: int, timeout: float = 30) -> list[Any]:
     """Join as ``rank``, take part in the collective start, return the next ``count``
     objects."""

@@ -8,6 +8,7 @@ runs it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import pickle
 import struct
 from typing import Any
@@ -210,6 +211,31 @@ def test_a_message_larger_than_the_ring_streams() -> None:
             (described,) = group.results()
         assert described[0] == ("float8_e4m3fn", (512, 1024), _digest(tensor))
         assert described[1] == ("float32", (300, 300), _digest(strided))
+    finally:
+        writer.shutdown()
+
+
+def test_a_queue_asked_for_vllms_tensor_arena_sends_large_tensors_all_the_same() -> None:
+    # vLLM's arena is a second segment for tensors of 8 MiB and more.  The drop-in's tensors
+    # go straight into the ring whatever their size: the option is accepted and changes
+    # nothing, and a reader ignores an arena named in its handle (here one that does not exist).
+    huge = random_tensor(torch.float32, (2048, 2048))  # 16 MiB
+    mid = random_tensor(torch.float32, (1024, 512), seed=1)  # 2 MiB
+    writer = MessageQueue(1, 1, max_chunk_bytes=8 * 1024 * 1024, enable_shm_tensor_arena=True)
+    handle = writer.export_handle()
+    assert writer.tensor_arena is None and handle.tensor_arena_handle is None
+    handle = dataclasses.replace(handle, tensor_arena_handle=(1, 1 << 20, 4, "no-such-arena"))
+    try:
+        with process_group() as group:
+            group.start(_receive_and_describe, handle, 2)
+            writer.wait_until_ready(timeout=30)
+            writer.enqueue(huge, timeout=30)
+            writer.enqueue({"s": mid}, timeout=30)
+            (described,) = group.results()
+        assert described == [
+            ("float32", (2048, 2048), _digest(huge)),
+            ("float32", (1024, 512), _digest(mid)),
+        ]
     finally:
         writer.shutdown()
 

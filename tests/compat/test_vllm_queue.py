@@ -17,12 +17,14 @@ import threading
 import time
 import weakref
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
 from _procs import (
     ChildFailed,
     group_member,
+    mq_pair,
     mq_reader,
     mq_reader_then_hold,
     process_group,
@@ -42,15 +44,6 @@ from shmcast.compat._vllm_queue import ring_geometry
 from shmcast.compat.vllm import Handle, MessageQueue
 
 SMALL = {"max_chunk_bytes": 4096, "max_chunks": 4}  # a ring of 4 slots of 4 KiB
-
-
-def pair(**geometry: Any) -> tuple[MessageQueue, MessageQueue]:
-    """A writer and its one reader, both in this process, ready."""
-    writer = MessageQueue(1, 1, **geometry)
-    reader = MessageQueue.create_from_handle(writer.export_handle(), 0)
-    writer.wait_until_ready(timeout=5)
-    reader.wait_until_ready(timeout=5)
-    return writer, reader
 
 
 def fill(writer: MessageQueue) -> int:
@@ -144,6 +137,9 @@ def test_ring_geometry_holds_the_chunks_in_slots_of_at_most_256_kib() -> None:
     assert ring_geometry(24 * 1024 * 1024, 10) == (960, 256 * 1024)
     assert ring_geometry(40 * 1024, 2) == (2, 40 * 1024)
     assert ring_geometry(1000, 1) == (2, 1024)  # at least two slots, sizes rounded to 64
+    # One chunk of four slots: three more, the most padding a chunk in place can need.
+    assert ring_geometry(1024 * 1024, 1) == (7, 256 * 1024)
+    assert ring_geometry(1024 * 1024, 2) == (8, 256 * 1024)  # two chunks: room already
     slots, size = ring_geometry(1 << 40, 4)  # more than a million slots: larger ones
     assert slots <= 1 << 20 and slots * size >= 4 << 40
 
@@ -220,7 +216,7 @@ def test_objects_of_every_size_reach_every_reader_in_order() -> None:
 
 
 def test_broadcast_object_sends_from_the_writer_and_returns_on_readers() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         assert writer.broadcast_object({"a": 1}) == {"a": 1}
         assert reader.broadcast_object() == {"a": 1}
@@ -230,7 +226,7 @@ def test_broadcast_object_sends_from_the_writer_and_returns_on_readers() -> None
 
 
 def test_roles_are_checked() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         with pytest.raises(RoleError):
             reader.enqueue(1)
@@ -246,7 +242,7 @@ def test_roles_are_checked() -> None:
 
 
 def test_every_timeout_is_a_timeout_error() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         start = time.monotonic()
         with pytest.raises(TimeoutError):
@@ -266,27 +262,66 @@ def test_every_timeout_is_a_timeout_error() -> None:
         reader.shutdown()
 
 
-def test_values_are_kept_after_the_ring_is_reused() -> None:
-    # One chunk of 64 KiB: the ring is two slots, so every later message reuses the memory
-    # the first one came through.
-    writer, reader = pair(max_chunk_bytes=64 * 1024, max_chunks=1)
+def _payload(kind: str, nbytes: int) -> tuple[Any, np.ndarray]:
+    """``(what is sent, the array it holds)``: a numpy array (writable or not) or a tensor."""
+    array = np.full(nbytes // 2, 17, dtype=np.uint16)
+    array.flags.writeable = kind != "numpy_readonly"
+    if kind == "tensor":
+        torch = pytest.importorskip("torch", reason="torch is not installed here")
+        return torch.from_numpy(array), array
+    return array, array
+
+
+@pytest.mark.parametrize("kind", ["numpy", "numpy_readonly", "tensor"])
+@pytest.mark.parametrize(
+    "nbytes",
+    [
+        pytest.param(64 * 1024, id="in-one-slot"),
+        pytest.param(1024 * 1024, id="over-slots"),
+        pytest.param(3 * 1024 * 1024, id="over-a-chunk"),
+        pytest.param(6 * 1024 * 1024, id="over-the-ring"),
+    ],
+)
+def test_values_are_kept_after_the_ring_is_reused(kind: str, nbytes: int) -> None:
+    # One chunk of 2 MiB: a ring of 15 slots of 256 KiB (3.75 MiB).  The first message lies
+    # in one slot, over several, over more than a chunk, or streams through the whole ring;
+    # the four after it (1 MiB each) reuse the memory it came through.  The reader takes them
+    # in a thread: a message larger than the ring's free room waits for the reader.
+    writer, reader = mq_pair(max_chunk_bytes=2 * 1024 * 1024, max_chunks=1)
+    payload, array = _payload(kind, nbytes)
+    received: list[Any] = []
+
+    def read() -> None:
+        first = reader.dequeue(timeout=20)
+        received.append(first)
+        for value in range(4):
+            np.testing.assert_array_equal(reader.dequeue(timeout=20), value)
+            np.testing.assert_array_equal(first, array)
+        received.append("checked")
+
+    thread = threading.Thread(target=read)
     try:
-        first = np.full(8000, 17, dtype=np.uint16)
-        writer.enqueue(first)
-        received = reader.dequeue(timeout=5)
-        for value in range(20):
-            writer.enqueue(np.full(8000, value, dtype=np.uint16))
-            np.testing.assert_array_equal(reader.dequeue(timeout=5), value)
-            np.testing.assert_array_equal(received, 17)
-        received[0] = 42  # the reader owns it: writable, and the writer's copy is its own
-        assert first[0] == 17
+        thread.start()
+        writer.enqueue(payload, timeout=20)
+        for value in range(4):
+            writer.enqueue(np.full(512 * 1024, value, dtype=np.uint16), timeout=20)
+        thread.join(30)
+        assert not thread.is_alive() and received[1:] == ["checked"]
+        first = received[0]
+        assert type(first) is type(payload) and first.dtype == payload.dtype
+        if isinstance(first, np.ndarray):
+            assert first.flags.writeable == array.flags.writeable
+        if kind != "numpy_readonly":  # the reader owns it: writable, and not the sender's
+            first[0] = 42
+            assert array[0] == 17
     finally:
         writer.shutdown()
         reader.shutdown()
+        thread.join(30)
 
 
 def test_acquire_write_and_acquire_read_work_in_place() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         with writer.acquire_write(timeout=1) as buf:
             assert len(buf) == 4096
@@ -301,8 +336,28 @@ def test_acquire_write_and_acquire_read_work_in_place() -> None:
         reader.shutdown()
 
 
+def test_a_whole_chunk_can_be_written_as_soon_as_the_last_message_was_read() -> None:
+    # One chunk of 1 MiB: four slots of 256 KiB.  Small messages move the writer off the start
+    # of the ring, and a chunk in place cannot wrap around its end: the slots before the end
+    # become padding, which the ring must have room for while the reader is not reading.
+    writer, reader = mq_pair(max_chunk_bytes=1024 * 1024, max_chunks=1)
+    try:
+        for step in range(8):
+            for n in range(step % 3 + 1):
+                writer.enqueue(n, timeout=1)
+                assert reader.dequeue(timeout=1) == n
+            with writer.acquire_write(timeout=1) as buf:
+                assert len(buf) == 1024 * 1024
+                buf[-4:] = step.to_bytes(4, "little")
+            with reader.acquire_read(timeout=1) as view:
+                assert bytes(view[-4:]) == step.to_bytes(4, "little")
+    finally:
+        writer.shutdown()
+        reader.shutdown()
+
+
 def test_nothing_is_published_when_the_writer_block_raises() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         with pytest.raises(ValueError, match="abandon"), writer.acquire_write(timeout=1):
             raise ValueError("abandon")
@@ -314,7 +369,7 @@ def test_nothing_is_published_when_the_writer_block_raises() -> None:
 
 
 def test_the_read_slot_is_released_when_the_reader_raises() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         sent = fill(writer)
         with pytest.raises(KeyError), reader.acquire_read(timeout=1) as first:
@@ -352,22 +407,25 @@ def shutdown_later(queue: MessageQueue, delay: float) -> threading.Thread:
 
 @pytest.mark.parametrize("state", ["idle", "busy"])
 def test_shutdown_cancels_a_waiting_reader(state: str) -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
+    spin = reader._spin_condition
+    assert spin is not None
+    spin.detect_crowding = False  # spin whatever else runs on the machine
     try:
-        if state == "busy":  # messages just came: the reader's next wait starts spinning
-            for n in range(3):
-                writer.enqueue(n)
-                assert reader.dequeue(timeout=1) == n
-            delay = 0.001
-        else:  # nothing for a while: it sleeps in the kernel
-            with pytest.raises(TimeoutError):
-                reader.dequeue(timeout=0.3)
-            delay = 0.5
-        thread = shutdown_later(reader, delay)
-        start = time.monotonic()
-        with pytest.raises(RuntimeError, match="cancelled"):
-            reader.dequeue(timeout=20)
-        assert time.monotonic() - start < 5
+        if state == "busy":  # vLLM's busy loop: the whole wait spins (a budget of 5 s)
+            spin.busy_loop_s = 9999
+            spin.spin_us = spin.min_spin_us = 5e6
+        else:  # no read for ages: the wait sleeps in the kernel at once
+            spin.last_read = 0
+        with pytest.raises(TimeoutError):
+            reader.dequeue(timeout=0.05)  # (the next wait's budget follows from this one)
+        with mock.patch.object(spin, "_spin", wraps=spin._spin) as spun:
+            thread = shutdown_later(reader, 0.3)
+            start = time.monotonic()
+            with pytest.raises(RuntimeError, match="cancelled"):
+                reader.dequeue(timeout=20)
+            assert time.monotonic() - start < 3  # well within the spin's budget
+        assert spun.called == (state == "busy")
         thread.join(5)
         assert reader.shutting_down
         with pytest.raises(RuntimeError, match="cancelled"):
@@ -379,7 +437,7 @@ def test_shutdown_cancels_a_waiting_reader(state: str) -> None:
 
 
 def test_shutdown_frees_a_blocked_writer() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         sent = fill(writer)
         thread = shutdown_later(writer, 0.3)
@@ -400,7 +458,7 @@ def test_shutdown_frees_a_blocked_writer() -> None:
 
 
 def test_shutdown_is_idempotent_and_safe_on_every_kind() -> None:
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     for queue in (writer, reader, MessageQueue(0, 0)):
         queue.shutdown()
         queue.shutdown()
@@ -462,8 +520,8 @@ def test_readers_of_a_dead_writer_read_what_it_sent_then_are_told() -> None:
             assert [reader.dequeue(timeout=30) for _ in range(3)] == [0, 1, 2]
             group.join(child, 30)
             start = time.monotonic()
-            with pytest.raises(QueueBroken, match="died"):
-                reader.dequeue(timeout=30)
+            with pytest.raises(QueueBroken, match="died"):  # an idle worker's wait, too
+                reader.dequeue(indefinite=True)
             assert time.monotonic() - start < 5
             reader.shutdown()
     finally:
@@ -485,7 +543,7 @@ def test_a_long_dequeue_logs_whom_it_waits_for(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("VLLM_RINGBUFFER_WARNING_INTERVAL", "0.2")
-    writer, reader = pair(**SMALL)
+    writer, reader = mq_pair(**SMALL)
     try:
         with caplog.at_level(logging.INFO, logger="shmcast"):
             with pytest.raises(TimeoutError):

@@ -29,9 +29,9 @@ from typing import Any
 from .. import _layout as L
 from .._errors import QueueClosed, QueueTimeout, RoleError, SerializationError
 from .._queue import BroadcastQueue
-from .._wait import FutexWait
 from . import _remote
 from ._tensors import TensorSerializer
+from ._vllm_attrs import RingFlags, SpinCondition
 
 log = logging.getLogger("shmcast.compat.vllm")
 
@@ -65,15 +65,26 @@ def ring_geometry(max_chunk_bytes: int, max_chunks: int) -> tuple[int, int]:
     ``max_chunk_bytes`` (its room for messages in flight), cut into slots of at most
     :data:`MAX_SLOT_SIZE`.  A message of up to a chunk is written in place; a larger one (the
     original sends it over a socket) streams through the ring.
+
+    And a whole chunk fits wherever the writer stands once the readers have read everything
+    (what ``acquire_write`` needs to go on as soon as the last message was read, as in the
+    original): a message in place cannot wrap around the ring's end, so the slots before the
+    end become padding, up to one chunk's slots less one.  With two chunks or more the ring
+    has that room already; with one it gets that many slots more.
     """
     for name, value in (("max_chunk_bytes", max_chunk_bytes), ("max_chunks", max_chunks)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     total = max_chunk_bytes * max_chunks
+
+    def slots(size: int) -> int:
+        return max(2, _ceil_div(total, size), 2 * _ceil_div(max_chunk_bytes, size) - 1)
+
     slot = min(_round_up(max_chunk_bytes, L.SLOT_ALIGN), MAX_SLOT_SIZE)
-    if _ceil_div(total, slot) > L.MAX_SLOTS:  # an enormous ring: fewer, larger slots
-        slot = _round_up(_ceil_div(total, L.MAX_SLOTS), L.SLOT_ALIGN)
-    return max(2, _ceil_div(total, slot)), slot
+    if slots(slot) > L.MAX_SLOTS:  # an enormous ring: fewer, larger slots
+        room = max(total, 2 * max_chunk_bytes)
+        slot = _round_up(_ceil_div(room, L.MAX_SLOTS - 1), L.SLOT_ALIGN)
+    return slots(slot), slot
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -143,13 +154,19 @@ class MessageQueue:
     of band, copied once into shared memory and once out into memory the reader owns.
 
     Parameters are the original's.  ``max_chunk_bytes`` and ``max_chunks`` size the ring (the
-    same bytes as the original's chunks, see :func:`ring_geometry`); a message of any size can
-    be sent.  ``connect_ip``: where the socket of the ``n_reader - n_local_reader`` readers on
-    other hosts is bound (None: this host's address, as vLLM picks it; zmq.ZMQError for an
-    address this host does not have; see :mod:`shmcast.compat._remote`, also for security: as
-    vLLM's, remote readers unpickle what they receive, unauthenticated).
-    ``enable_shm_tensor_arena`` is
-    accepted and has nothing to do: tensors already travel straight into shared memory.
+    same bytes as the original's chunks, and room for a whole chunk wherever the writer stands,
+    see :func:`ring_geometry`); a message of any size can be sent.  ``connect_ip``: where the
+    socket of the ``n_reader - n_local_reader`` readers on other hosts is bound (None: this
+    host's address, as vLLM picks it; zmq.ZMQError for an address this host does not have; see
+    :mod:`shmcast.compat._remote`, also for security: as vLLM's, remote readers unpickle what
+    they receive, unauthenticated).  ``enable_shm_tensor_arena`` is accepted and has nothing
+    to do: tensors already travel straight into shared memory.
+
+    Two of the original's private attributes are kept where the drop-in has what they stand
+    for (None on a remote reader and without readers; :mod:`shmcast.compat._vllm_attrs`):
+    ``_spin_condition``, how this end waits, with vLLM's knobs ``busy_loop_s`` and
+    ``last_read``; ``buffer``, a read-only look at the ring's slots whose ``get_metadata(i)``
+    yields vLLM's form of flag bytes for slot ``i``.
 
     Threads: one call at a time per queue, except :meth:`shutdown`, which any thread may call
     while a call waits.
@@ -181,9 +198,10 @@ class MessageQueue:
                 remote = _remote.options(n_local_reader, n_reader, connect_ip)
             self._queue = BroadcastQueue(
                 n_reader, n_slots=n_slots, slot_size=slot_size,
-                wait=FutexWait(warn_after=warning_interval()), serializer=self._serializer,
+                wait=SpinCondition(warn_after=warning_interval()), serializer=self._serializer,
                 remote=remote,
             )  # fmt: skip
+            self._expose_ring()
         ring = None if self._queue is None else self._queue.handle
         info = None if ring is None else ring.remote
         self.handle = Handle(
@@ -208,6 +226,18 @@ class MessageQueue:
         #: vLLM's attribute, for callers that close it (None without a network side).
         self.remote_socket: _remote.RemoteSocket | None = None
         self._warn_every = warning_interval()
+        #: vLLM's attributes, mapped onto the ring (None without one, and on a remote reader):
+        #: how this end waits, and a read-only look at the ring's slots (_vllm_attrs).
+        self._spin_condition: SpinCondition | None = None
+        self.buffer: RingFlags | None = None
+
+    def _expose_ring(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        policy = queue._policy  # the queue's own copy of the policy it was given
+        assert isinstance(policy, SpinCondition)
+        self._spin_condition = policy
+        self.buffer = RingFlags(queue)
 
     def __repr__(self) -> str:
         if self._is_writer:
@@ -257,8 +287,9 @@ class MessageQueue:
             index = handle.local_reader_ranks.index(rank)
             self._queue = BroadcastQueue.attach(
                 handle.buffer_handle, reader=index, serializer=self._serializer, network=False,
-                wait=FutexWait(warn_after=None),  # dequeue logs long waits itself
+                wait=SpinCondition(warn_after=None),  # dequeue logs long waits itself
             )  # fmt: skip
+            self._expose_ring()
             self._is_local_reader = True
             self.local_reader_rank = index
         else:
