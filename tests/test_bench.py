@@ -7,7 +7,8 @@
   started is left: no process of its group, no shared-memory segment;
 - the report places each case (the core-to-core round trip around it) and compares large
   messages with this machine's memcpy;
-- the two probes beside the harness run: ``call_costs.py`` (warm and cold) and ``wake_floor.c``;
+- the probes beside the harness run: ``call_costs.py`` (warm and cold), ``wake_floor.c`` and
+  ``wake_layers.py``;
 - the saturated latency workload bounds the messages in flight per reader by the harness's
   credits, and the targets table gives each target per round and between the medians;
 - iceoryx2 (where its wheel is installed) runs every workload kind verified, through its own
@@ -509,6 +510,19 @@ def test_wake_floor_probe_builds_and_measures(tmp_path: Path) -> None:
         assert len(figures) == 3 and all(0 <= us < 10_000_000 for us in figures), out
     bad = subprocess.run([str(exe), "1", "0"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.timeout(120)
+def test_wake_layers_probe_reports_every_layer() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "wake_layers.py"), "0.01", "3"],
+        capture_output=True, text=True, timeout=100, check=True,
+    ).stdout  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert set(rows) == {"c", "python", "queue"}, out
+    for row in rows.values():
+        median, largest = float(row[1]), float(row[3])
+        assert 0 < median <= largest < 10_000_000, out
 
 
 @pytest.mark.timeout(180)
