@@ -628,12 +628,7 @@ class Endpoint:
         if not (self._checksum and slots):
             return bytes(data) if kind == L.MSG_RAW else self._decode(data, slots != 0)
         copy = bytes(data) if kind == L.MSG_RAW else bytearray(data)
-        cursor = ring.cursor
-        if crc32c(copy) != cursor.read_desc(cursor.pos)[3]:
-            raise SegmentError(
-                f"corrupted message at sequence {cursor.pos}: its {len(copy)} bytes fail their "
-                "checksum (another process wrote into the ring)"
-            )
+        ring.check_copy(copy)
         return copy if kind == L.MSG_RAW else self._decode(memoryview(copy), False)
 
     def _decode(self, data: memoryview, copy: bool) -> Any:

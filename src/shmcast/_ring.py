@@ -649,6 +649,18 @@ class RingReader:
         SegmentError, nothing released, if the slots were reused while they were read."""
         self.cursor.finish(k, defer)
 
+    def check_copy(self, copy: bytes | bytearray) -> None:
+        """With checksums: SegmentError unless ``copy``, a private copy of the contiguous
+        message at our position, matches its CRC-32C.  Whoever hands out a message's bytes
+        copies them first, then checks the copy: what was checked is what is handed out,
+        whatever another process writes into the ring meanwhile."""
+        c = self.cursor
+        if c.checksum and crc32c(copy) != c.read_desc(c.pos)[3]:
+            raise SegmentError(
+                f"corrupted message at sequence {c.pos}: its {len(copy)} bytes fail their "
+                "checksum (another process wrote into the ring)"
+            )
+
     def _corrupt(self, why: str) -> SegmentError:
         return SegmentError(f"corrupted slot at sequence {self.cursor.pos}: {why}")
 

@@ -25,6 +25,7 @@ from shmcast import (
     AttachError,
     BroadcastQueue,
     MessageKindError,
+    QueueBroken,
     QueueClosed,
     QueueTimeout,
     RemoteOptions,
@@ -413,3 +414,26 @@ def test_an_interrupted_remote_get_delivers_the_message_or_leaves_it_there() -> 
     seqs = [message_source_and_seq(m)[1] for m in received]
     assert seqs == list(range(count)), "a message was lost, doubled or reordered"
     assert [message_error(m, 0, i) for i, m in enumerate(received)] == [None] * count
+
+
+def test_a_payload_changed_in_the_ring_never_reaches_a_remote_reader() -> None:
+    """With checksums, the publisher checks what it sends: a message whose bytes another
+    process changed in the ring is not sent; the publisher stops (the segment is not to be
+    trusted any more) and the remote reader is told the writer is gone."""
+    with BroadcastQueue(1, remote=RemoteOptions(bind=LOOP4), checksum=True, **SMALL) as writer:
+        reader = BroadcastQueue.attach(writer.handle, 0, network=True, allow_pickle=True)
+        try:
+            writer.wait_until_ready(timeout=10)
+            writer.put_bytes(b"intact" * 100, timeout=5)
+            assert reader.get_bytes(timeout=5) == b"intact" * 100
+            payload = os.urandom(3000)
+            with writer._publisher._lock:  # the publisher takes nothing meanwhile
+                writer.put_bytes(payload, timeout=5)
+                ring = writer._seg.buf
+                at = bytes(ring).find(payload)
+                assert at > 0
+                ring[at + 1000] ^= 0xFF  # another process writes into the ring
+            with pytest.raises(QueueBroken):
+                reader.get_bytes(timeout=30)
+        finally:
+            reader.close()

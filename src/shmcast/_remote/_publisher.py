@@ -43,7 +43,7 @@ from typing import Any
 import zmq
 
 from .. import _layout as L
-from .._errors import AttachError, QueueClosed, QueueTimeout
+from .._errors import AttachError, QueueClosed, QueueTimeout, SegmentError
 from .._participants import announce
 from .._queue import attach_reader_ring
 from .._ring import RingReader
@@ -241,6 +241,10 @@ class Publisher:
                         break
                 if not progressed:
                     self._idle()
+        except SegmentError as exc:  # the segment was written into: nothing more is trusted
+            log.error("the shmcast publisher stopped: %s; remote readers are cut off", exc)
+            for s in list(self._sessions.values()):
+                self._declare_dead(s, f"the queue's shared memory is corrupted: {exc}")
         except Exception:  # a bug: say so loudly, and let the readers see the writer go silent
             log.exception("the shmcast publisher thread failed; remote readers are cut off")
             for s in list(self._sessions.values()):
@@ -410,7 +414,13 @@ class Publisher:
         fast = None if ring.streaming else ring.cursor.next()
         if fast is not None:
             kind, off, total, k = fast
-            return kind, self._seg.buf[off : off + total], k
+            data = self._seg.buf[off : off + total]
+            if ring.cursor.checksum:
+                # next() checked the payload in the ring, where any process can still write:
+                # what is sent is a copy, checked again (docs/protocol.md, "Trust").
+                data = bytes(data)
+                ring.check_copy(data)
+            return kind, data, k
         # Cheap looks first (P6: the writer's state before its sequence), then the general
         # path for padding, streamed messages and the end.
         closed = self._a.load32(self._ring.writer + L.STATE) & (L.DETACHED | L.DROPPED)
