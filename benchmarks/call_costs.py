@@ -8,9 +8,14 @@ With ``--after-sleep S`` each call is timed once right after the process slept S
 paced writer's ``put`` and a woken reader's ``get`` run (the median of ``--repetitions``): the
 same code run cold, after the processor's caches have been used by other work or powered down.
 
+``--size N`` sets the raw messages' size (64 B by default), ``--checksum`` makes the queue carry
+CRC-32Cs (what each call then pays for them: a pass over the bytes on each side, a second one
+at the end of a ``view()`` block, a private buffer for ``reserve()``).
+
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/call_costs.py [--messages N] [--after-sleep S [--repetitions N]]
+    .venv/bin/python benchmarks/call_costs.py [--messages N] [--size N] [--checksum]
+                                              [--after-sleep S [--repetitions N]]
 """
 
 from __future__ import annotations
@@ -61,21 +66,36 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--after-sleep", type=float, metavar="S", help="time calls run cold")
     parser.add_argument("--repetitions", type=int, default=10, help="with --after-sleep")
+    parser.add_argument("--size", type=int, default=64, help="bytes of the raw messages")
+    parser.add_argument("--checksum", action="store_true", help="a queue with checksums")
     args = parser.parse_args()
     small = {f"field{i}": i * 1.5 for i in range(10)}
-    raw = b"x" * 64
-    with BroadcastQueue(1) as writer, BroadcastQueue.attach(writer.handle, 0) as reader:
+    raw = b"x" * args.size
+    slot = max(4096, -(-args.size // 64) * 64)  # a batch of messages fits the ring, one per slot
+    queue = BroadcastQueue(1, n_slots=2 * BATCH, slot_size=slot, checksum=args.checksum)
+
+    def reserve() -> None:
+        with writer.reserve(len(raw)) as region:
+            region[:] = raw
+
+    def view() -> None:
+        with reader.view():
+            pass
+
+    with queue as writer, BroadcastQueue.attach(writer.handle, 0) as reader:
         cases = [
-            ("put_bytes / get_bytes, 64 B", lambda: writer.put_bytes(raw), reader.get_bytes),
+            (f"put_bytes / get_bytes, {args.size} B", lambda: writer.put_bytes(raw),
+             reader.get_bytes),
+            (f"reserve / view, {args.size} B", reserve, view),
             ("put / get, 10-field dict", lambda: writer.put(small), reader.get),
-        ]
+        ]  # fmt: skip
         for name, put, get in cases:
             measure(put, get, 10 * BATCH)  # warm up
             if args.after_sleep is None:
                 put_us, get_us = measure(put, get, args.messages)
             else:
                 put_us, get_us = measure_cold(put, get, args.after_sleep, args.repetitions)
-            print(f"{name:30s} put {put_us:5.2f} us   get {get_us:5.2f} us")
+            print(f"{name:36s} put {put_us:7.2f} us   get {get_us:7.2f} us")
 
 
 if __name__ == "__main__":

@@ -483,14 +483,17 @@ _US = re.compile(r"put +([0-9.]+) us +get +([0-9.]+) us")
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", [[], ["--after-sleep", "0.01", "--repetitions", "3"]])
+@pytest.mark.parametrize(
+    "mode",
+    [[], ["--after-sleep", "0.01", "--repetitions", "3"], ["--size", "100000", "--checksum"]],
+)
 def test_call_costs_probe_reports_both_calls(mode: list[str]) -> None:
     out = subprocess.run(
         [sys.executable, str(BENCHMARKS / "call_costs.py"), "--messages", "640", *mode],
         capture_output=True, text=True, timeout=100, check=True,
     ).stdout  # fmt: skip
     figures = [tuple(map(float, m.groups())) for m in _US.finditer(out)]
-    assert len(figures) == 2, out  # raw bytes and the dict
+    assert len(figures) == 3, out  # raw bytes, reserve and view, the dict
     assert all(0 < us < 100_000 for pair in figures for us in pair), out
 
 
