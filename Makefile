@@ -47,7 +47,7 @@ test: $(STAMP) spin
 # shmcast's MessageQueue, then shmcast's compat tests where torch and vLLM are installed.
 test-vllm: $(VLLM_STAMP)
 	$(VENV_VLLM)/bin/python tests_vllm/run.py
-	$(VENV_VLLM)/bin/python -m pytest tests/compat tests/test_bench.py::test_executor_loop_runs_vllms_shape $(ARGS)
+	$(VENV_VLLM)/bin/python -m pytest tests/compat tests/tools/test_bench.py::test_executor_loop_runs_vllms_shape $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests tests_vllm examples

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shmcast import _bench
+from shmcast._tools import bench as _bench
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,8 @@ from _procs import (
 )
 
 from shmcast import BroadcastQueue, GatherQueue
-from shmcast import _inspect as I
 from shmcast._segment import SHM_DIR
+from shmcast._tools import inspection as I
 
 TESTS = Path(__file__).resolve().parent
 SUBPROCESS_TIMEOUT = 60

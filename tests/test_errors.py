@@ -426,7 +426,7 @@ def hostile_operations(
     """Every operation that reads a participant's words, run once (``first`` first: a
     participant that runs rewrites its own words); per operation the type of what it raised
     (None: it returned)."""
-    from shmcast import _inspect
+    from shmcast._tools import inspection
 
     def fill() -> None:
         for _ in range(SLOTS + 1):
@@ -441,9 +441,11 @@ def hostile_operations(
         "put": fill,
         "get": take_all,
         "stats": writer.stats,
-        "ls": _inspect.list_segments,
-        "inspect": lambda: _inspect.format_queue_state(_inspect.inspect_queue(writer.handle.name)),
-        "cleanup": lambda: _inspect.cleanup(dry_run=True),
+        "ls": inspection.list_segments,
+        "inspect": lambda: inspection.format_queue_state(
+            inspection.inspect_queue(writer.handle.name)
+        ),
+        "cleanup": lambda: inspection.cleanup(dry_run=True),
     }
     order = sorted(operations, key=lambda what: what != first)
     outcome: dict[str, Any] = {}

@@ -103,7 +103,7 @@ def test_every_implementation_module_is_private() -> None:
     for module in modules:
         if module.name in PUBLIC_MODULES:
             continue
-        # Modules inside a private subpackage (shmcast._bench.x) are private through it; the
+        # Modules inside a private subpackage (shmcast._tools.bench.x) are private through it; the
         # compat package's implementation modules are private by their own names.
         parts = module.name.split(".")
         private = parts[1].startswith("_") or (parts[1] == "compat" and parts[2].startswith("_"))
@@ -119,6 +119,31 @@ def test_every_implementation_module_is_private() -> None:
         "shmcast._errors",
         "shmcast._liveness",
     }
+
+
+def test_the_queues_import_nothing_from_the_tools() -> None:
+    """The layers: the core and the endpoints (the modules at the package's top level) and the
+    transports import nothing from ``shmcast._tools`` (the command line, demo, stress, bench,
+    inspection); only ``python -m shmcast`` starts the command line."""
+    import ast
+    from pathlib import Path
+
+    root = Path(shmcast.__file__).parent
+    layers = [*root.glob("*.py"), *(root / "_remote").glob("*.py")]
+    offenders = []
+    for path in layers:
+        if path.name == "__main__.py":  # the command line's entry point
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any("_tools" in name.split(".") for name in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert len(layers) > 10 and not offenders, offenders
 
 
 def test_public_objects_live_in_private_modules_and_are_documented() -> None:

@@ -142,7 +142,7 @@ def test_the_writer_killed_across_namespaces(pair: NetnsPair) -> None:
 
 
 def test_curve_across_namespaces(pair: NetnsPair, tmp_path: Path) -> None:
-    from shmcast._cli import main as cli_main
+    from shmcast._tools.cli import main as cli_main
 
     for name in ("writer", "reader"):
         assert cli_main(["keygen", str(tmp_path), name]) == 0

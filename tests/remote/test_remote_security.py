@@ -20,8 +20,8 @@ from shmcast import (  # noqa: E402
     RemoteOptions,
     SegmentError,
 )
-from shmcast._cli import main as cli_main  # noqa: E402
 from shmcast._remote import _wire as W  # noqa: E402
+from shmcast._tools.cli import main as cli_main  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 

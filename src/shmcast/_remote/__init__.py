@@ -4,8 +4,9 @@
   addresses and keys (no ZeroMQ import: the package imports without pyzmq);
 - ``_wire``: the frame format;
 - ``_publisher``: the writer's side, a thread that reads the ring for the remote readers;
-- ``_reader``: a remote reader endpoint;
-- ``_keygen``: the ``shmcast keygen`` command.
+- ``_reader``: a remote reader endpoint.
+
+(``shmcast keygen``, which makes CURVE keys for it, is one of the tools: ``shmcast._tools``.)
 
 docs/remote.md describes the design, the wire format and the argument for why nothing is lost.
 """

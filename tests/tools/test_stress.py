@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from shmcast import _layout as L
-from shmcast._cli import UsageError
-from shmcast._stress import (
+from shmcast._tools.cli import UsageError
+from shmcast._tools.stress import (
     StressConfig,
     StressResult,
     _config_from_args,
@@ -50,7 +50,7 @@ WRAPPER = (
     # tests themselves run with SIGINT ignored (as a background job of a shell does).
     "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "import sys, argparse\n"
-    "from shmcast import _stress as s\n"
+    "from shmcast._tools import stress as s\n"
     "p = argparse.ArgumentParser()\n"
     "s.add_arguments(p)\n"
     "sys.exit(s.run(p.parse_args(sys.argv[1:])))\n"

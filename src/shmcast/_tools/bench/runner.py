@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import _native
-from .._liveness import all_stat_fields
+from ... import _native
+from ..._liveness import all_stat_fields
 from . import adapters
 from .workloads import CaseSpec
 
@@ -145,7 +145,7 @@ class Leader:
         config = {"impl": self.impl, "options": self.options, "start_method": self.start_method}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shmcast._bench.leader", str(cmd_r), str(evt_w),
+                [sys.executable, "-m", "shmcast._tools.bench.leader", str(cmd_r), str(evt_w),
                  json.dumps(config)],
                 pass_fds=(cmd_r, evt_w),
                 stdin=subprocess.DEVNULL,

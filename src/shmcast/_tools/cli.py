@@ -30,13 +30,13 @@ EXIT_INTERRUPTED = 130
 
 #: Subcommand name -> the module (relative to this package) that implements it.
 SUBCOMMANDS: dict[str, str] = {
-    "bench": "._bench",
-    "demo": "._demo",
-    "stress": "._stress",
-    "inspect": "._inspect",
-    "ls": "._inspect",
-    "cleanup": "._inspect",
-    "keygen": "._remote._keygen",
+    "bench": ".bench",
+    "demo": ".demo",
+    "stress": ".stress",
+    "inspect": ".inspection",
+    "ls": ".inspection",
+    "cleanup": ".inspection",
+    "keygen": ".keygen",
 }
 
 
@@ -78,7 +78,7 @@ def _load(name: str, module_name: str) -> _Subcommand:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

@@ -1,6 +1,6 @@
 """The leader: one process per implementation that runs its cases one after another.
 
-Started by the harness (``runner.py``) as ``python -m shmcast._bench.leader CMD_FD EVENT_FD
+Started by the harness (``runner.py``) as ``python -m shmcast._tools.bench.leader CMD_FD EVENT_FD
 CONFIG_JSON`` in a new session, so that the harness can kill it together with everything it
 started (the forkserver, reader processes, helper threads' processes) with one ``killpg``.
 
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     os.environ["SHMCAST_BENCH_START_METHOD"] = method
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
-        ctx.set_forkserver_preload([*preload, adapter_cls.__module__, "shmcast._bench.case"])
+        ctx.set_forkserver_preload([*preload, adapter_cls.__module__, "shmcast._tools.bench.case"])
         from multiprocessing import forkserver
 
         forkserver.ensure_running()

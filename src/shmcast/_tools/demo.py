@@ -228,8 +228,8 @@ class DemoConfig:
         both, it stops at whichever comes first.  ``numpy=None`` uses numpy if it is
         importable; ``numpy=True`` requires it.
         """
-        from ._queue import DEFAULT_SLOT_SIZE, DEFAULT_SLOTS
-        from ._wait import POLICIES
+        from .._queue import DEFAULT_SLOT_SIZE, DEFAULT_SLOTS
+        from .._wait import POLICIES
 
         n_slots = DEFAULT_SLOTS if n_slots is None else n_slots
         slot_size = DEFAULT_SLOT_SIZE if slot_size is None else slot_size
@@ -475,13 +475,13 @@ def _reader_main(
     if remote is not None:
         netns, force = remote
         if netns:
-            from ._remote._netns import enter_netns
+            from .._remote._netns import enter_netns
 
             enter_netns(netns)  # before any socket: the reader lives on "another host"
         # The demo's own network, made for this run: pickled objects are trusted on it.
         options = {"network": True if force else None, "allow_pickle": True}
-    from ._errors import QueueClosed, SerializationError
-    from ._queue import BroadcastQueue
+    from .._errors import QueueClosed, SerializationError
+    from .._queue import BroadcastQueue
 
     if plan.numpy:  # import now: the first array message must not pay for it in latency
         import numpy  # noqa: F401
@@ -680,8 +680,8 @@ def _reader_result(index: int, report: dict[str, Any]) -> ReaderResult:
 
 
 def _execute(config: DemoConfig, out: TextIO | None, progress: bool) -> DemoResult:
-    from ._errors import ShmcastError
-    from ._queue import BroadcastQueue
+    from .._errors import ShmcastError
+    from .._queue import BroadcastQueue
 
     plan = MessagePlan(config.n_slots, config.slot_size, config.numpy)
     ctx = multiprocessing.get_context(config.start_method)
@@ -858,8 +858,8 @@ def _remote_setup(config: DemoConfig, stack: contextlib.ExitStack,
     pair made for the run; this process and its other readers move into the writer's
     namespace until the run ends), or, where namespaces cannot be made, over loopback.
     Needs pyzmq (UsageError-worthy ImportError otherwise)."""
-    from ._remote import RemoteOptions, require_zmq
-    from ._remote._netns import NetnsUnavailable, enter_netns, netns_pair
+    from .._remote import RemoteOptions, require_zmq
+    from .._remote._netns import NetnsUnavailable, enter_netns, netns_pair
 
     require_zmq()
     last = (config.readers - 1,)
@@ -888,7 +888,7 @@ def _setns_fd(fd: int) -> None:
     """Re-enter the network namespace open at ``fd`` (the one this thread started in)."""
     import ctypes
 
-    from ._remote._netns import CLONE_NEWNET
+    from .._remote._netns import CLONE_NEWNET
 
     if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
         raise OSError(ctypes.get_errno(), "cannot return to the original network namespace")
@@ -1140,8 +1140,8 @@ def _size(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``shmcast demo``."""
-    from ._queue import DEFAULT_SLOT_SIZE, DEFAULT_SLOTS
-    from ._wait import POLICIES
+    from .._queue import DEFAULT_SLOT_SIZE, DEFAULT_SLOTS
+    from .._wait import POLICIES
 
     parser.add_argument(
         "--readers", type=_positive_int, default=DEFAULT_READERS, metavar="N",
@@ -1200,7 +1200,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``shmcast demo``: print progress, the table and the verdict; 0 if OK, 1 if not."""
-    from ._cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, UsageError
+    from .cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, UsageError
 
     try:
         config = DemoConfig.checked(

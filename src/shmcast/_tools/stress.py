@@ -45,14 +45,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from . import _layout as L
-from ._endpoint import Handle
-from ._errors import QueueBroken, QueueClosed, QueueTimeout, SegmentError
-from ._gather import GatherQueue
-from ._liveness import stat_fields
-from ._queue import BroadcastQueue
-from ._segment import Segment
-from ._wait import POLICIES, IdleWait, WaitPolicy, resolve_policy
+from .. import _layout as L
+from .._endpoint import Handle
+from .._errors import QueueBroken, QueueClosed, QueueTimeout, SegmentError
+from .._gather import GatherQueue
+from .._liveness import stat_fields
+from .._queue import BroadcastQueue
+from .._segment import Segment
+from .._wait import POLICIES, IdleWait, WaitPolicy, resolve_policy
 
 START_METHODS = ("forkserver", "spawn", "fork")
 DEFAULT_START_METHOD = (
@@ -625,7 +625,7 @@ class _Engine:
         self.replies_q = GatherQueue(n_writers=c.workers, wait=c.wait)
         ctx = multiprocessing.get_context(c.start_method)
         if c.start_method == "forkserver":
-            ctx.set_forkserver_preload(["shmcast._stress"])
+            ctx.set_forkserver_preload(["shmcast._tools.stress"])
         idle_limit = c.startup_timeout + c.watchdog + 10.0
         for i in range(c.workers):
             proc = ctx.Process(
@@ -1136,7 +1136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> StressConfig:
-    from ._cli import UsageError
+    from .cli import UsageError
 
     wait: str | WaitPolicy = args.wait
     if args.idle_busy_period is not None:

@@ -32,18 +32,18 @@ from typing import Any
 
 import pytest
 
-from shmcast import _bench
-from shmcast._bench import adapters, floor, iceoryx2_adapter, report, targets
-from shmcast._bench.adapters import (
+from shmcast._liveness import all_stat_fields
+from shmcast._tools import bench
+from shmcast._tools.bench import adapters, floor, iceoryx2_adapter, report, targets
+from shmcast._tools.bench.adapters import (
     MultiprocessingQueueAdapter,
     Reader,
     ShmcastAdapter,
     Writer,
 )
-from shmcast._bench.memcpy import memcpy_bandwidth
-from shmcast._bench.stats import SequenceCheck, percentile
-from shmcast._bench.workloads import Credits
-from shmcast._liveness import all_stat_fields
+from shmcast._tools.bench.memcpy import memcpy_bandwidth
+from shmcast._tools.bench.stats import SequenceCheck, percentile
+from shmcast._tools.bench.workloads import Credits
 
 # -- fake implementations ------------------------------------------------------------------------
 
@@ -152,14 +152,14 @@ class SlowReaderAdapter(MultiprocessingQueueAdapter):
 def bench_args(*argv: str) -> argparse.Namespace:
     """``shmcast bench ARGV`` parsed as the command line does."""
     parser = argparse.ArgumentParser()
-    _bench.add_arguments(parser)
+    bench.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
 def run_bench(tmp_path: Path, *argv: str) -> tuple[int, dict[str, Any]]:
     """Run ``shmcast bench ARGV --out tmp_path`` in this process; return its exit code and the
     JSON document it wrote."""
-    code = _bench.run(bench_args(*argv, "--out", str(tmp_path), "--no-plots"))
+    code = bench.run(bench_args(*argv, "--out", str(tmp_path), "--no-plots"))
     files = sorted(tmp_path.glob("bench-*.json"))
     assert len(files) == 1, files
     return code, json.loads(files[0].read_text())
@@ -350,7 +350,7 @@ def test_rounds_run_the_plan_again_and_report_medians(
     ratio = next(r for r in doc["ratios"] if r["metric"] == "msgs_per_s_per_reader")
     values = sorted(c["metrics"]["msgs_per_s_per_reader"] for c in cases_of(doc, "shmcast-futex"))
     assert ratio["value"] == pytest.approx(sum(values) / 2)
-    assert _bench.run(bench_args("--quick", "--rounds", "0")) == 2
+    assert bench.run(bench_args("--quick", "--rounds", "0")) == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
@@ -406,7 +406,7 @@ def test_executor_loop_runs_vllms_shape(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def _plan_specs(doc: dict[str, Any]) -> list[Any]:
-    from shmcast._bench.workloads import CaseSpec
+    from shmcast._tools.bench.workloads import CaseSpec
 
     return [CaseSpec.from_dict(c) for c in doc["settings"]["cases"]]
 
@@ -478,7 +478,7 @@ def test_hanging_implementation_is_killed_within_its_time_limit(
 
 # -- the probes beside the harness ---------------------------------------------------------------
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 _US = re.compile(r"put +([0-9.]+) us +get +([0-9.]+) us")
 
 

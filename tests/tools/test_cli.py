@@ -21,9 +21,9 @@ import pytest
 from _procs import run_command
 
 import shmcast
-from shmcast import _demo
-from shmcast._cli import SUBCOMMANDS, main
-from shmcast._demo import RAW_HEADER, MessagePlan, format_report, run_demo
+from shmcast._tools import demo
+from shmcast._tools.cli import SUBCOMMANDS, main
+from shmcast._tools.demo import RAW_HEADER, MessagePlan, format_report, run_demo
 
 TIMEOUT = 90  # seconds for one demo run (below pytest's own 120 s, so that this kills first)
 SMALL = ["--readers", "2", "--slots", "8", "--slot-size", "16K", "--stall-timeout", "20"]
@@ -151,7 +151,7 @@ def test_demo_runs_without_numpy():
     """Nothing of the CLI or the demo may need numpy: block its import in the writer."""
     code = (
         "import sys; sys.modules['numpy'] = None\n"
-        "from shmcast._cli import main\n"
+        "from shmcast._tools.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     args = ["demo", "--messages", "120", *SMALL]
@@ -247,24 +247,24 @@ def test_check_message_accepts_good_and_catches_damaged_messages():
     size = plan.kind_of(seq).size
     payload = os.urandom(size)
     good = memoryview(raw_message(plan, seq, payload))
-    assert _demo._check_message(good, seq, plan)[3] == ""
+    assert demo._check_message(good, seq, plan)[3] == ""
 
     damaged = bytearray(good)
     damaged[-1] ^= 0x01
-    assert "checksum" in _demo._check_message(memoryview(damaged), seq, plan)[3]
+    assert "checksum" in demo._check_message(memoryview(damaged), seq, plan)[3]
     short = memoryview(raw_message(plan, seq, payload[:-64]))
-    assert "bytes, expected" in _demo._check_message(short, seq, plan)[3]
-    assert "no header" in _demo._check_message(memoryview(b"abc"), seq, plan)[3]
+    assert "bytes, expected" in demo._check_message(short, seq, plan)[3]
+    assert "no header" in demo._check_message(memoryview(b"abc"), seq, plan)[3]
 
     dict_seq = next(s for s in range(100) if plan.kind_of(s).form == "dict")
-    body = _demo.make_dict(dict_seq)
-    crc = zlib.crc32(_demo.dict_bytes(body))
+    body = demo.make_dict(dict_seq)
+    crc = zlib.crc32(demo.dict_bytes(body))
     envelope = (dict_seq, 0, crc, plan.index_of(dict_seq), body)
-    assert _demo._check_message(envelope, dict_seq, plan)[3] == ""
+    assert demo._check_message(envelope, dict_seq, plan)[3] == ""
     body["ratio"] += 1
-    assert "checksum" in _demo._check_message(envelope, dict_seq, plan)[3]
+    assert "checksum" in demo._check_message(envelope, dict_seq, plan)[3]
     wrong_kind = (dict_seq, 0, crc, plan.index_of(seq), body)
-    assert "kind index" in _demo._check_message(wrong_kind, dict_seq, plan)[3]
+    assert "kind index" in demo._check_message(wrong_kind, dict_seq, plan)[3]
 
 
 def test_check_message_catches_a_damaged_array():
@@ -274,11 +274,11 @@ def test_check_message_catches_a_damaged_array():
     kind = plan.kind_of(seq)
     arr = np.arange(np.prod(kind.shape), dtype=kind.dtype).reshape(kind.shape)
     envelope = (seq, 0, zlib.crc32(arr), plan.index_of(seq), arr)
-    assert _demo._check_message(envelope, seq, plan)[3] == ""
+    assert demo._check_message(envelope, seq, plan)[3] == ""
     arr.flat[7] += 1
-    assert "checksum" in _demo._check_message(envelope, seq, plan)[3]
+    assert "checksum" in demo._check_message(envelope, seq, plan)[3]
     wrong_shape = (seq, 0, 0, plan.index_of(seq), arr.reshape(-1))
-    assert "not the" in _demo._check_message(wrong_shape, seq, plan)[3]
+    assert "not the" in demo._check_message(wrong_shape, seq, plan)[3]
 
 
 def test_plan_opens_with_one_message_of_every_kind():
@@ -299,7 +299,7 @@ def test_progress_redraws_one_line_on_a_terminal():
             return True
 
     screen = Terminal()
-    progress = _demo._Progress(screen, enabled=True)
+    progress = demo._Progress(screen, enabled=True)
     progress.update(10, 1000, progress.started + 1.0)
     progress.update(20, 2000, progress.started + 2.0)
     progress.finish()
@@ -309,7 +309,7 @@ def test_progress_redraws_one_line_on_a_terminal():
 
 
 def test_latency_samples_are_decimated_not_unbounded():
-    lat = _demo._Latencies(cap=100)
+    lat = demo._Latencies(cap=100)
     for ns in range(1, 1001):
         lat.add(ns)
     assert lat.max == 1000 and len(lat.samples) < 100 and lat.seen == 1000
@@ -320,21 +320,21 @@ def valid_message(plan: MessagePlan, seq: int):
     """Message ``seq`` as the writer sends it and a reader sees it (numpy-free plan)."""
     kind = plan.kind_of(seq)
     if kind.form == "dict":
-        body = _demo.make_dict(seq)
-        return (seq, 0, zlib.crc32(_demo.dict_bytes(body)), plan.index_of(seq), body)
+        body = demo.make_dict(seq)
+        return (seq, 0, zlib.crc32(demo.dict_bytes(body)), plan.index_of(seq), body)
     return memoryview(raw_message(plan, seq, os.urandom(kind.size)))
 
 
 def test_verifier_counts_lost_repeated_and_undecodable_messages():
     plan = MessagePlan(8, 16 * 1024, numpy=False)
-    good = _demo._Verifier(plan)
+    good = demo._Verifier(plan)
     for seq in range(12):
         good.receive(valid_message(plan, seq), now_ns=1000)
-    good.receive((_demo.END_OF_STREAM, 12, 0, 0, None), now_ns=1000)
+    good.receive((demo.END_OF_STREAM, 12, 0, 0, None), now_ns=1000)
     assert (good.messages, good.errors, good.end_count) == (12, 0, 12)
     assert good.latencies.seen == 12
 
-    bad = _demo._Verifier(plan)
+    bad = demo._Verifier(plan)
     for seq in [0, 1, 3, 3, 4]:  # #2 lost, #3 delivered twice
         bad.receive(valid_message(plan, seq), now_ns=1000)
     bad.undecodable(ValueError("garbage"))

@@ -28,10 +28,10 @@ import pytest
 from _procs import killed_while_creating, plant, segment_users, unplant
 
 from shmcast import BroadcastQueue, GatherQueue, Handle, SegmentError
-from shmcast import _inspect as I
 from shmcast import _layout as L
 from shmcast._liveness import identity
 from shmcast._segment import Segment
+from shmcast._tools import inspection as I
 
 SHM = "/dev/shm"
 STEP_TIMEOUT = 10.0  # seconds any single wait in these tests may take

@@ -231,7 +231,7 @@ def _command_line() -> str:
 def _source_state() -> dict[str, Any]:
     """The commit the shmcast under test was built from, and its uncommitted changes (when
     it runs from a git checkout); the benchmark measures whatever code is there."""
-    root = Path(__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[4]
     state: dict[str, Any] = {"version": _package_version()}
     try:
         commit = subprocess.run(
@@ -246,7 +246,7 @@ def _source_state() -> dict[str, Any]:
         return state
     state["commit"] = commit
     state["uncommitted"] = [
-        line[3:] for line in changed if not line[3:].startswith("src/shmcast/_bench")
+        line[3:] for line in changed if not line[3:].startswith("src/shmcast/_tools/bench")
     ]
     return state
 
@@ -319,7 +319,7 @@ def _network_envs(runnable: dict[str, Any], implementations: dict[str, dict[str,
             envs[name] = {BIND_HOST_ENV: "127.0.0.1"}
         elif net == "netns":
             if pair is None:
-                from .._remote._netns import NetnsUnavailable, netns_pair
+                from ..._remote._netns import NetnsUnavailable, netns_pair
 
                 try:
                     pair = stack.enter_context(netns_pair())

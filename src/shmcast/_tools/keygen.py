@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._cli import UsageError
+    from .cli import UsageError
 
     try:
         import zmq.auth

@@ -437,7 +437,8 @@ class ShmcastIdleAdapter(ShmcastAdapter):
 class ShmcastFutexSpinAlwaysAdapter(ShmcastAdapter):
     """``shmcast-futex`` with its oversubscription check off (``FutexWait(detect_crowding=
     False)``: it spins whatever the load), to compare the check with the rule before it.  Not
-    in a plain run: name it as ``--impl shmcast._bench.adapters:ShmcastFutexSpinAlwaysAdapter``."""
+    in a plain run: name it as
+    ``--impl shmcast._tools.bench.adapters:ShmcastFutexSpinAlwaysAdapter``."""
 
     name = "shmcast-futex-nodetect"
 

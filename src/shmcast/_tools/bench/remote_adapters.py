@@ -51,7 +51,7 @@ def enter_case_netns(role: str) -> None:
     each reader process."""
     name = os.environ.get(WRITER_NETNS_ENV if role == "writer" else READER_NETNS_ENV)
     if name:
-        from .._remote._netns import enter_netns
+        from ..._remote._netns import enter_netns
 
         enter_netns(name)
 

@@ -50,11 +50,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import _layout as L
-from ._errors import SegmentError
-from ._liveness import is_alive
-from ._region import MAGIC as REGION_MAGIC
-from ._segment import PREFIX, SHM_DIR, check_name
+from .. import _layout as L
+from .._errors import SegmentError
+from .._liveness import is_alive
+from .._region import MAGIC as REGION_MAGIC
+from .._segment import PREFIX, SHM_DIR, check_name
 
 log = logging.getLogger("shmcast")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from .stats import latency_summary
 
-SOURCE = Path(__file__).resolve().parents[3] / "benchmarks" / "wake_floor.c"
+SOURCE = Path(__file__).resolve().parents[4] / "benchmarks" / "wake_floor.c"
 _PREFIX = "store to sleeper running:"
 
 
