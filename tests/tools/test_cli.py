@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -57,6 +58,23 @@ def test_version():
     proc = run_cli("--version", timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"shmcast {shmcast.__version__}"
+
+
+def test_output_to_a_pipe_closed_early_ends_quietly():
+    """``shmcast ls | head -1``: the reader of the output goes away; the command ends with
+    141 (128 + SIGPIPE, as a shell reports a writer killed by it), no traceback."""
+    script = Path(sys.executable).parent / "shmcast"
+    proc = subprocess.Popen([str(script), "bench", "--list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        proc.stdout.close()  # before the command writes anything
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 141, err
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err
 
 
 def test_help_lists_every_subcommand():

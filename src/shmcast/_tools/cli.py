@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by it
 
 #: Subcommand name -> the module (relative to this package) that implements it.
 SUBCOMMANDS: dict[str, str] = {
@@ -117,8 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit status.
 
     Never raises SystemExit: ``--help`` and ``--version`` return 0, bad arguments print a
-    usage message on stderr and return 2, Ctrl-C returns 130.  Any other exception from a
-    subcommand propagates (it is a bug, and its traceback is what one needs to fix it).
+    usage message on stderr and return 2, Ctrl-C returns 130, output to a pipe closed early
+    (``shmcast ls | head``) ends quietly with 141, as a killed writer to a pipe does.  Any
+    other exception from a subcommand propagates (it is a bug, and its traceback is what one
+    needs to fix it).
     """
     parser = build_parser()
     try:
@@ -128,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub: argparse.ArgumentParser = args._parser
     try:
         status = args._run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
     except UsageError as exc:
         sub.print_usage(sys.stderr)
         print(f"{sub.prog}: error: {exc}", file=sys.stderr)
@@ -135,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{sub.prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read the output has gone: what is left to print goes nowhere (and so does
+        # the flush at exit, which would raise again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return int(status)
 
 
