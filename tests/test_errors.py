@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _procs import handle_path, process_group, reader_attach_and_hold, writer_then_die
+from _procs import (
+    handle_path,
+    plant,
+    process_group,
+    reader_attach_and_hold,
+    unplant,
+    writer_then_die,
+)
 
 from shmcast import (
     AttachError,
@@ -404,6 +411,7 @@ def test_handles_naming_what_is_no_segment_are_refused(
     path = os.path.join("/dev/shm", name)
     target = tmp_path / "elsewhere"
     target.write_bytes(bytes(8192))
+    plant(name)  # made on purpose: another test run's leak check leaves it alone
     {"directory": os.mkdir, "fifo": os.mkfifo,
      "symlink": lambda p: os.symlink(target, p)}[kind](path)  # fmt: skip
     try:
@@ -411,6 +419,7 @@ def test_handles_naming_what_is_no_segment_are_refused(
             BroadcastQueue.attach(dataclasses.replace(writer.handle, name=name), 1)
     finally:
         (os.rmdir if kind == "directory" else os.unlink)(path)
+        unplant(name)
     assert target.read_bytes() == bytes(8192)
     assert_delivers(writer, reader)
 
