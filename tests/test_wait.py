@@ -466,6 +466,38 @@ def test_futex_wait_sleeps_in_quanta_instead_of_spinning_while_crowded(load: Fak
     assert waiter.sleeps and all(t == pytest.approx(300e-6) for t in waiter.sleeps)
 
 
+def test_without_a_quantum_a_crowded_wait_sleeps_until_woken(load: FakeLoad) -> None:
+    load.running = CROWDED
+    waiter = ScriptedWaiter()
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=None, slice=5.0)
+    wake = threading.Timer(0.05, waiter.event.set)
+    wake.start()
+    try:
+        assert policy.wait(waiter, time.monotonic() + 10) is True
+    finally:
+        wake.cancel()
+    assert waiter.spins == 0, "nobody spins while every core is taken"
+    assert waiter.sleeps == [5.0], "one sleep, ended by the wake-up, not by a quantum"
+
+
+def test_without_a_quantum_a_spin_that_finds_the_cores_taken_sleeps_until_woken(
+    load: FakeLoad,
+) -> None:
+    waiter = ScriptedWaiter()
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=None, slice=5.0)
+    change = threading.Timer(0.02, lambda: setattr(load, "running", CROWDED))
+    wake = threading.Timer(0.1, waiter.event.set)
+    change.start()
+    wake.start()
+    try:
+        assert policy.wait(waiter, time.monotonic() + 10) is True
+    finally:
+        change.cancel()
+        wake.cancel()
+    assert waiter.spins == 1 and waiter.spins_ended == 1 and waiter.spinning_now == 0
+    assert waiter.sleeps == [5.0]
+
+
 def wait_while_the_load_changes(
     load: FakeLoad, running: int, change_at: float, ready_at: float
 ) -> ScriptedWaiter:
