@@ -487,10 +487,12 @@ def _step_loop(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None, w
     first_problem = ""
     completed = 0
     start = time.monotonic_ns()
+    cpu_start = _cpu_seconds()
     workers = list(range(spec.readers))
     for step, msg in enumerate(steps):
         if step == spec.warmup:
             start = time.monotonic_ns()
+            cpu_start = _cpu_seconds()
         sent = time.monotonic_ns()
         pl.stamp(msg, sent)
         writer.send(wrap(msg), pl.raw and wrap is _same)
@@ -512,8 +514,10 @@ def _step_loop(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None, w
         if step >= spec.warmup:
             rtt.append(done - sent)
     elapsed = (time.monotonic_ns() - start) / 1e9
+    cpu = _cpu_seconds() - cpu_start
     timed = completed - spec.warmup
     return {
+        "cpu_s": cpu,
         "steps_completed": completed,
         "reply_problems": problems,
         "first_problem": first_problem,
@@ -591,11 +595,15 @@ def read_executor(spec: CaseSpec, reader: Reader, replies: ReplySender | None, i
     """A worker of vLLM's executor loop: wait for each request as long as it takes, reply."""
     assert replies is not None
     rx = _Receiver(reader, _payloads(spec), spec.messages, _executor_payload, indefinite=True)
+    cpu_start = None  # CPU time when the first timed request arrived (the engine's warm-up)
     while (got := rx.next(spec.stall_s)) is not None:
         seq = got[0]
+        if seq == spec.warmup:
+            cpu_start = _cpu_seconds()
         if seq >= 0:
             replies.send(("SUCCESS", {"step": seq, "worker": index}))
-    return rx.result()
+    cpu = None if cpu_start is None else _cpu_seconds() - cpu_start
+    return rx.result(cpu_s=cpu)
 
 
 #: Workloads whose workers reply to the writer (they need a reply path).
@@ -707,6 +715,13 @@ def summarize(spec: CaseSpec, writer: dict, readers: list[dict]) -> dict[str, An
         metrics["steps_per_s"] = writer["steps_per_s"]
         metrics["steps_completed"] = writer["steps_completed"]
         metrics["workers"] = spec.readers
+        timed = writer["steps_completed"] - spec.warmup
+        worker_cpu = [r.get("cpu_s") for r in readers]
+        if "cpu_s" in writer and timed > 0 and None not in worker_cpu:
+            # CPU time of the engine and every worker over the timed steps (user + system,
+            # every thread): what one step costs the machine, whatever else runs on it.
+            metrics["cpu_us_per_step"] = (writer["cpu_s"] + sum(worker_cpu)) / timed * 1e6
+            metrics["engine_cpu_us_per_step"] = writer["cpu_s"] / timed * 1e6
         for key, value in writer["step_rtt"].items():
             metrics[f"step_rtt_{key}"] = value
     return {"status": status, "detail": detail, "verification": verification, "metrics": metrics}
