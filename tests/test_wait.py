@@ -8,6 +8,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -480,31 +481,15 @@ def test_without_a_quantum_a_crowded_wait_sleeps_until_woken(load: FakeLoad) -> 
     assert waiter.sleeps == [5.0], "one sleep, ended by the wake-up, not by a quantum"
 
 
-def test_without_a_quantum_a_spin_that_finds_the_cores_taken_sleeps_until_woken(
-    load: FakeLoad,
-) -> None:
-    waiter = ScriptedWaiter()
-    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=None, slice=5.0)
-    change = threading.Timer(0.02, lambda: setattr(load, "running", CROWDED))
-    wake = threading.Timer(0.1, waiter.event.set)
-    change.start()
-    wake.start()
-    try:
-        assert policy.wait(waiter, time.monotonic() + 10) is True
-    finally:
-        change.cancel()
-        wake.cancel()
-    assert waiter.spins == 1 and waiter.spins_ended == 1 and waiter.spinning_now == 0
-    assert waiter.sleeps == [5.0]
-
-
 def wait_while_the_load_changes(
-    load: FakeLoad, running: int, change_at: float, ready_at: float
+    load: FakeLoad, running: int, change_at: float, ready_at: float, **policy_options: Any
 ) -> ScriptedWaiter:
-    """A FutexWait with a long budget, while the load turns to ``running`` tasks after
-    ``change_at`` s and the condition comes after ``ready_at`` s; the waiter, after the wait."""
+    """A FutexWait with a long budget (and ``policy_options``; a quantum of 1 ms unless they
+    say otherwise), while the load turns to ``running`` tasks after ``change_at`` s and the
+    condition comes after ``ready_at`` s; the waiter, after the wait."""
     waiter = ScriptedWaiter()
-    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=1000)
+    options = {"quantum_us": 1000, **policy_options}
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, **options)
     change = threading.Timer(change_at, lambda: setattr(load, "running", running))
     ready = threading.Timer(ready_at, waiter.event.set)
     change.start()
@@ -530,6 +515,14 @@ def test_futex_wait_spin_stops_when_the_cores_fill_up(load: FakeLoad) -> None:
     assert waiter.spins >= 1 and waiter.spins == waiter.spins_ended
     assert len(waiter.sleeps) >= 10, "left the spin for quanta of sleep"
     assert waiter.spinning_now == 0
+
+
+def test_without_a_quantum_a_spin_that_finds_the_cores_taken_sleeps_until_woken(
+    load: FakeLoad,
+) -> None:
+    waiter = wait_while_the_load_changes(load, CROWDED, 0.02, 0.1, quantum_us=None, slice=5.0)
+    assert waiter.spins == 1 and waiter.spins_ended == 1 and waiter.spinning_now == 0
+    assert waiter.sleeps == [5.0], "one sleep, ended by the wake-up"
 
 
 def test_futex_wait_counts_itself_among_spinners_while_it_spins(load: FakeLoad) -> None:
