@@ -8,6 +8,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -466,13 +467,29 @@ def test_futex_wait_sleeps_in_quanta_instead_of_spinning_while_crowded(load: Fak
     assert waiter.sleeps and all(t == pytest.approx(300e-6) for t in waiter.sleeps)
 
 
-def wait_while_the_load_changes(
-    load: FakeLoad, running: int, change_at: float, ready_at: float
-) -> ScriptedWaiter:
-    """A FutexWait with a long budget, while the load turns to ``running`` tasks after
-    ``change_at`` s and the condition comes after ``ready_at`` s; the waiter, after the wait."""
+def test_without_a_quantum_a_crowded_wait_sleeps_until_woken(load: FakeLoad) -> None:
+    load.running = CROWDED
     waiter = ScriptedWaiter()
-    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=1000)
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, quantum_us=None, slice=5.0)
+    wake = threading.Timer(0.05, waiter.event.set)
+    wake.start()
+    try:
+        assert policy.wait(waiter, time.monotonic() + 10) is True
+    finally:
+        wake.cancel()
+    assert waiter.spins == 0, "nobody spins while every core is taken"
+    assert waiter.sleeps == [5.0], "one sleep, ended by the wake-up, not by a quantum"
+
+
+def wait_while_the_load_changes(
+    load: FakeLoad, running: int, change_at: float, ready_at: float, **policy_options: Any
+) -> ScriptedWaiter:
+    """A FutexWait with a long budget (and ``policy_options``; a quantum of 1 ms unless they
+    say otherwise), while the load turns to ``running`` tasks after ``change_at`` s and the
+    condition comes after ``ready_at`` s; the waiter, after the wait."""
+    waiter = ScriptedWaiter()
+    options = {"quantum_us": 1000, **policy_options}
+    policy = FutexWait(spin_us=1_000_000, min_spin_us=1_000_000, **options)
     change = threading.Timer(change_at, lambda: setattr(load, "running", running))
     ready = threading.Timer(ready_at, waiter.event.set)
     change.start()
@@ -498,6 +515,14 @@ def test_futex_wait_spin_stops_when_the_cores_fill_up(load: FakeLoad) -> None:
     assert waiter.spins >= 1 and waiter.spins == waiter.spins_ended
     assert len(waiter.sleeps) >= 10, "left the spin for quanta of sleep"
     assert waiter.spinning_now == 0
+
+
+def test_without_a_quantum_a_spin_that_finds_the_cores_taken_sleeps_until_woken(
+    load: FakeLoad,
+) -> None:
+    waiter = wait_while_the_load_changes(load, CROWDED, 0.02, 0.1, quantum_us=None, slice=5.0)
+    assert waiter.spins == 1 and waiter.spins_ended == 1 and waiter.spinning_now == 0
+    assert waiter.sleeps == [5.0], "one sleep, ended by the wake-up"
 
 
 def test_futex_wait_counts_itself_among_spinners_while_it_spins(load: FakeLoad) -> None:

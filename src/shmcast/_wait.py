@@ -202,7 +202,9 @@ class FutexWait(WaitPolicy):
       spinning than CPUs) nobody spins: the spin phase sleeps in ``quantum_us`` (200 us)
       pieces instead, looking at the load after each, and spins again once a core is free.
       The pieces count against the same budget, and each is the announced sleep of P3/P4: the
-      peer wakes the sleeper at once when its condition comes.  ``detect_crowding=False``
+      peer wakes the sleeper at once when its condition comes.  ``quantum_us=None`` ends the
+      spin phase instead: a wait that finds every core taken sleeps until its condition comes
+      (or a slice passes), with no wake-up of its own before that.  ``detect_crowding=False``
       spins whatever the load (the rule before this check).
 
     Why polite spinning is the default while a core is free: a sleeper costs its waker a
@@ -222,7 +224,7 @@ class FutexWait(WaitPolicy):
     max_spinners: int | None = None
     polite: bool = True
     detect_crowding: bool = True
-    quantum_us: float = 200.0
+    quantum_us: float | None = 200.0
     name: ClassVar[str] = "futex"
 
     def __post_init__(self) -> None:
@@ -272,9 +274,11 @@ class FutexWait(WaitPolicy):
         clock = time.monotonic
         budget = min(self._budget, self.spin_us * 1e-6)
         end = now + budget if deadline is None else min(now + budget, deadline)
-        quantum = self.quantum_us * 1e-6
+        quantum = None if self.quantum_us is None else self.quantum_us * 1e-6
         while now < end:
             if self.detect_crowding and LOAD.crowded(now, waiter.spinning() + 1):
+                if quantum is None:
+                    break  # every core is taken by work: sleep until woken (below)
                 # Every core is taken by work: sleep a quantum (woken at once by the peer,
                 # P3/P4), then look at the load again.
                 if waiter.sleep(min(quantum, end - now)) or waiter.ready():

@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 from _procs import mq_pair
 
-from shmcast import SegmentError
+from shmcast import SegmentError, _wait
 from shmcast.compat._vllm_attrs import RingFlags, SpinCondition
 from shmcast.compat.vllm import MessageQueue
 
@@ -28,12 +28,14 @@ class NeverReady:
     def __init__(self) -> None:
         self.looks = 0
         self.looks_before_sleep: int | None = None
+        self.sleeps: list[float] = []
 
     def ready(self) -> bool:
         self.looks += 1
         return False
 
     def sleep(self, timeout: float) -> bool:
+        self.sleeps.append(timeout)
         if self.looks_before_sleep is None:
             self.looks_before_sleep = self.looks
         time.sleep(min(timeout, 0.001))
@@ -93,6 +95,22 @@ def test_busy_loop_s_is_how_long_after_the_last_message_an_end_is_busy() -> None
     policy.last_read = time.monotonic() - 0.1
     assert policy.busy(time.monotonic())
     assert not policy.busy(time.monotonic() + 0.2)
+
+
+def test_a_busy_end_that_finds_every_core_taken_sleeps_until_woken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_wait, "runnable_tasks", lambda: 1000)  # more tasks than any CPUs
+    monkeypatch.setattr(_wait, "LOAD", _wait.CpuLoad())
+    policy = SpinCondition(min_spin_us=20_000, spin_us=20_000, slice=0.04)
+    policy.activity()  # busy: it would spin if a core were free
+    assert policy.quantum_us is None
+    waiter = NeverReady()
+    assert policy.wait(waiter, time.monotonic() + 0.05) is False
+    # No spin (the look before the wait, then the futex), and the first sleep is for a whole
+    # slice: until woken, not a 200 us piece after which it looks at the load again.
+    assert waiter.looks_before_sleep == 1
+    assert waiter.sleeps[0] == pytest.approx(0.04)
 
 
 @pytest.mark.parametrize(

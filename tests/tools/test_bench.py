@@ -395,6 +395,9 @@ def test_executor_loop_runs_vllms_shape(tmp_path: Path, capsys: pytest.CaptureFi
     for case in ran:
         assert case["status"] == "ok", (case["impl"], case["detail"])
         assert case["metrics"]["steps_completed"] == 30 and case["metrics"]["steps_per_s"] > 0
+        # The CPU time of every process over the timed steps; the engine's is part of it.
+        cpu, engine = case["metrics"]["cpu_us_per_step"], case["metrics"]["engine_cpu_us_per_step"]
+        assert 0 < engine < cpu < 1e6, case["metrics"]
         for reader in case["verification"]["readers"]:
             assert reader["ok"] and reader["received"] == 30, reader
     if doc["implementations"]["shmcast-vllm"]["status"] == "ok":
@@ -402,7 +405,7 @@ def test_executor_loop_runs_vllms_shape(tmp_path: Path, capsys: pytest.CaptureFi
         assert config["max_chunk_bytes"] == 16 * 1024 * 1024 and config["n_slots"] == 640
     else:  # the drop-in's adapter needs torch, as vLLM's processes have it
         assert doc["implementations"]["shmcast-vllm"]["status"] == "not installed"
-    assert "== executor" in out
+    assert "== executor" in out and "CPU us/step" in out
 
 
 def _plan_specs(doc: dict[str, Any]) -> list[Any]:

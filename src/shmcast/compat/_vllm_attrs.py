@@ -56,6 +56,15 @@ class SpinCondition(FutexWait):
     makes the next wait start asleep, ``busy_loop_s = 0`` makes every wait sleep at once, and a
     large ``busy_loop_s`` keeps every wait starting with its spin.
 
+    While every core is taken by work (the :class:`~shmcast.FutexWait` crowding check), a
+    wait sleeps until its peer wakes it (``quantum_us=None``), where a plain FutexWait sleeps
+    in 200 us pieces and looks at the load after each.  vLLM's shape is why: in its executor
+    loop every worker waits for the next step (``dequeue(indefinite=True)``) while the engine
+    gathers the other workers' replies, so with more workers than cores the wait lasts a whole
+    step and a wake-up of the sleeper's own only takes a core from a worker that has work,
+    for nothing (measured with 12 workers on 2 cores: 1.5 sleeps per wait instead of one,
+    about a fifth of the loop's CPU time; docs/vllm.md, "How it compares").
+
     Where vLLM differs: its busy reader keeps spinning (``sched_yield()`` between looks at the
     ring) for the whole ``busy_loop_s``, and its ``wait()`` is one such look (an idle one polls
     its notification socket), called again and again by one read.  Here ``wait(waiter,
@@ -68,6 +77,7 @@ class SpinCondition(FutexWait):
     """
 
     tracks_activity: ClassVar[bool] = True
+    quantum_us: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

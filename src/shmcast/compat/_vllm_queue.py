@@ -87,6 +87,32 @@ def ring_geometry(max_chunk_bytes: int, max_chunks: int) -> tuple[int, int]:
     return slots(slot), slot
 
 
+def map_slot_heads(queue: BroadcastQueue) -> int:
+    """Map, in the calling process, the pages of ``queue``'s ring that a small message
+    touches: the slot descriptors and the first page of every slot.  Returns how many pages
+    it looked at.
+
+    The ring of the drop-in has many slots (640 of 256 KiB for vLLM's executor queue), and
+    each small message takes the next one, so that each of a process's first trips round
+    the ring takes a page fault per message, in the writer and in every reader: about a dozen
+    per step of an executor loop with 12 workers, for its first 640 steps, measured at about
+    a tenth of the loop's CPU time then (docs/vllm.md, "How it compares").  Looking at each
+    page once, when the queue is created or joined, maps them all at once (a few
+    milliseconds per queue).  The memory was reserved when the queue was created: this
+    adds page-table entries, not memory.  Nothing is written.
+    """
+    buf = queue._seg.buf
+    ring = queue._geometry.ring()
+    page = L.PAGE
+    first = ring.desc_off - ring.desc_off % page
+    end = ring.desc_off + L.DESC_SIZE * ring.n_slots
+    heads = [*range(first, end, page), *(ring.data_at(i) for i in range(ring.n_slots))]
+    seen = 0
+    for offset in heads:
+        seen |= buf[offset]  # a read: enough to map a page of a shared mapping writable
+    return len(heads)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -201,6 +227,7 @@ class MessageQueue:
                 wait=SpinCondition(warn_after=warning_interval()), serializer=self._serializer,
                 remote=remote,
             )  # fmt: skip
+            map_slot_heads(self._queue)
             self._expose_ring()
         ring = None if self._queue is None else self._queue.handle
         info = None if ring is None else ring.remote
@@ -289,6 +316,7 @@ class MessageQueue:
                 handle.buffer_handle, reader=index, serializer=self._serializer, network=False,
                 wait=SpinCondition(warn_after=None),  # dequeue logs long waits itself
             )  # fmt: skip
+            map_slot_heads(self._queue)
             self._expose_ring()
             self._is_local_reader = True
             self.local_reader_rank = index

@@ -55,7 +55,11 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "wakeup": [("count", "samples")],
     "idle_cpu": [("reader_cpu_s_max", "max CPU s"), ("window_s", "window s")],
     "engine": [("step_rtt_p50_us", "step p50 us"), ("step_rtt_p99_us", "step p99 us")],
-    "executor": [("step_rtt_p50_us", "step p50 us"), ("step_rtt_p99_us", "step p99 us")],
+    "executor": [
+        ("step_rtt_p50_us", "step p50 us"),
+        ("step_rtt_p99_us", "step p99 us"),
+        ("cpu_us_per_step", "CPU us/step"),
+    ],
 }
 
 

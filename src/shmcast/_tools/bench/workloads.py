@@ -15,6 +15,7 @@ starts, and a payload is never modified after it was sent (implementations may s
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import struct
@@ -486,10 +487,12 @@ def _step_loop(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None, w
     first_problem = ""
     completed = 0
     start = time.monotonic_ns()
+    cpu_start = _cpu_seconds()
     workers = list(range(spec.readers))
     for step, msg in enumerate(steps):
         if step == spec.warmup:
             start = time.monotonic_ns()
+            cpu_start = _cpu_seconds()
         sent = time.monotonic_ns()
         pl.stamp(msg, sent)
         writer.send(wrap(msg), pl.raw and wrap is _same)
@@ -511,8 +514,10 @@ def _step_loop(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None, w
         if step >= spec.warmup:
             rtt.append(done - sent)
     elapsed = (time.monotonic_ns() - start) / 1e9
+    cpu = _cpu_seconds() - cpu_start
     timed = completed - spec.warmup
     return {
+        "cpu_s": cpu,
         "steps_completed": completed,
         "reply_problems": problems,
         "first_problem": first_problem,
@@ -572,19 +577,33 @@ def _executor_reply(reply: Any) -> tuple[int, int]:
 
 
 def write_executor(spec: CaseSpec, writer: Writer, replies: ReplyCollector | None) -> dict:
-    """The engine of vLLM's executor loop; steps/s after the warm-up."""
-    return _step_loop(spec, writer, replies, _executor_request, _executor_reply)
+    """The engine of vLLM's executor loop; steps/s after the warm-up.
+
+    As vLLM's engine core does once started, the objects that exist when the loop starts are
+    frozen out of the garbage collector (``gc.freeze()``), so that a full collection costs
+    the loop's own objects only: in the harness's process, with torch loaded, one otherwise
+    took about 90 ms, landing at random in one implementation's case or the other's.
+    """
+    gc.freeze()
+    try:
+        return _step_loop(spec, writer, replies, _executor_request, _executor_reply)
+    finally:
+        gc.unfreeze()
 
 
 def read_executor(spec: CaseSpec, reader: Reader, replies: ReplySender | None, index: int) -> dict:
     """A worker of vLLM's executor loop: wait for each request as long as it takes, reply."""
     assert replies is not None
     rx = _Receiver(reader, _payloads(spec), spec.messages, _executor_payload, indefinite=True)
+    cpu_start = None  # CPU time when the first timed request arrived (the engine's warm-up)
     while (got := rx.next(spec.stall_s)) is not None:
         seq = got[0]
+        if seq == spec.warmup:
+            cpu_start = _cpu_seconds()
         if seq >= 0:
             replies.send(("SUCCESS", {"step": seq, "worker": index}))
-    return rx.result()
+    cpu = None if cpu_start is None else _cpu_seconds() - cpu_start
+    return rx.result(cpu_s=cpu)
 
 
 #: Workloads whose workers reply to the writer (they need a reply path).
@@ -696,6 +715,13 @@ def summarize(spec: CaseSpec, writer: dict, readers: list[dict]) -> dict[str, An
         metrics["steps_per_s"] = writer["steps_per_s"]
         metrics["steps_completed"] = writer["steps_completed"]
         metrics["workers"] = spec.readers
+        timed = writer["steps_completed"] - spec.warmup
+        worker_cpu = [r.get("cpu_s") for r in readers]
+        if "cpu_s" in writer and timed > 0 and None not in worker_cpu:
+            # CPU time of the engine and every worker over the timed steps (user + system,
+            # every thread): what one step costs the machine, whatever else runs on it.
+            metrics["cpu_us_per_step"] = (writer["cpu_s"] + sum(worker_cpu)) / timed * 1e6
+            metrics["engine_cpu_us_per_step"] = writer["cpu_s"] / timed * 1e6
         for key, value in writer["step_rtt"].items():
             metrics[f"step_rtt_{key}"] = value
     return {"status": status, "detail": detail, "verification": verification, "metrics": metrics}
