@@ -53,7 +53,8 @@ from typing import Any
 from . import _layout as L
 from ._endpoint import Endpoint, as_bytes_view, check_max_count, check_timeout
 from ._errors import QueueClosed, QueueTimeout
-from ._ring import RingWriter, timeout_error
+from ._ring import RingReader, RingWriter, timeout_error
+from ._sockwake import WakeSocket, same_netns
 from ._wait import SPARE_CPUS, FutexWait
 
 _DEFAULTS = FutexWait()
@@ -145,6 +146,8 @@ class AsyncEndpoint(Endpoint):
     """The awaitable calls both queues share; each queue adds its own receive signatures."""
 
     _aio_helper: _Helper | None = None
+    #: (pid, the wake-up socket or None for "use the helper") once decided in that process
+    _aio_sock: tuple[int, WakeSocket | None] | None = None
     _aio_busy = False
     _aio_budget = _DEFAULTS.min_spin_us * 1e-6
 
@@ -204,7 +207,11 @@ class AsyncEndpoint(Endpoint):
                 finally:
                     if eager:
                         waiter.end_spin()
-            # Step 3: the helper thread sleeps as a sync call would, then hands over.
+            # Step 3, a broadcast reader: sleep on its own socket, which the publisher signals.
+            sock = self._aio_socket(waiter)
+            if sock is not None:
+                return await self._aio_sleep_on(sock, attempt, waiter, deadline, timeout, what)
+            # Step 3, otherwise: the helper thread sleeps as a sync call would, then hands over.
             helper = self._aio_helper
             if helper is None or helper.pid != os.getpid():
                 helper = self._aio_helper = _Helper(self)
@@ -233,6 +240,44 @@ class AsyncEndpoint(Endpoint):
         finally:
             took = clock() - start  # FutexWait's rule for the next spin budget
             self._aio_budget = max(floor, min(cap, 2 * took)) if took <= cap else floor
+
+    def _aio_socket(self, waiter: Any) -> WakeSocket | None:
+        """The wake-up socket a data wait of ``waiter`` sleeps on, or None: the helper thread."""
+        return None
+
+    async def _aio_sleep_on(self, sock: WakeSocket, attempt: Callable[[], Any], waiter: Any,
+                            deadline: float | None, timeout: float | None,
+                            what: str) -> Any:  # fmt: skip
+        """Step 3 on the reader's socket (shmcast._sockwake): rounds of drain, mark and
+        announce, re-check, await a datagram for at most a slice, until ``attempt()``
+        succeeds; the waiter's tick once per slice.  The guard is held during a round (a
+        close meanwhile unmaps after it, never under a mark); ``attempt`` takes it itself."""
+        loop = asyncio.get_running_loop()
+        clock = time.monotonic
+        slice_ = self._policy.slice
+        next_tick = clock() + slice_
+        while True:
+            now = clock()
+            if deadline is not None and now >= deadline:
+                raise timeout_error(what, timeout)
+            with self._guard:
+                sock.drain()  # P3 step 1: a datagram pending from now on is a fresh signal
+                ready = waiter.sock_arm()  # steps 2-4: mark, announce, re-check
+                if not ready:
+                    try:
+                        wait = slice_ if deadline is None else min(slice_, deadline - now)
+                        await sock.wait(loop, wait)  # step 5 (a cancellation lands here)
+                    finally:
+                        waiter.sock_disarm()
+                    ready = waiter.ready()
+                if not ready and (now := clock()) >= next_tick:
+                    waiter.tick()  # a dead writer (QueueBroken), long-wait logs
+                    next_tick = now + slice_
+            if ready:
+                try:
+                    return attempt()
+                except QueueTimeout:
+                    pass
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -373,8 +418,14 @@ class AsyncEndpoint(Endpoint):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """As :meth:`Endpoint.close`; also ends the endpoint's asyncio helper thread."""
+        """As :meth:`Endpoint.close`; also ends the endpoint's asyncio helper thread and
+        closes its wake-up socket."""
         super().close()  # wakes a round in flight (the close's own futex bumps, P5)
+        got = self._aio_sock
+        if got is not None and got[0] == os.getpid():
+            self._aio_sock = None
+            if got[1] is not None:
+                got[1].close()  # after the round in flight, if any
         helper = self._aio_helper
         if helper is not None and helper.pid == os.getpid():
             self._aio_helper = None
@@ -392,6 +443,21 @@ class BroadcastAsync(AsyncEndpoint):
 
     def _aio_data_waiter(self, source: int | None) -> Any:
         return self._reader
+
+    def _aio_socket(self, waiter: Any) -> WakeSocket | None:
+        if not isinstance(waiter, RingReader):  # a put waits for room: the helper (P4)
+            return None
+        pid = os.getpid()
+        got = self._aio_sock
+        if got is None or got[0] != pid:
+            sock = None
+            # The writer must reach our address: the same network namespace (abstract names
+            # live there).  A taken address (squatted) falls back too.
+            if same_netns(waiter.writer_pid()):
+                with contextlib.suppress(OSError):
+                    sock = WakeSocket(waiter.nonce, waiter.index)
+            got = self._aio_sock = (pid, sock)
+        return got[1]
 
     async def get_async(self, timeout: float | None = None) -> Any:
         """Receive the next message, awaiting it without blocking the event loop.  Returns,
