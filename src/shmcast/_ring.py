@@ -559,11 +559,12 @@ class RingReader:
         a = self._a
         self.closing = True
         a.store32(self._line + L.STATE, L.DETACHED)
+        # A get_async of ours asleep on its socket: the signal is sent to the pid in the line.
+        signal_sockets(a, self._ring, self._nonce)
         a.store64(self._line + L.PID, 0)
         announce(a, self._ring.space_futex)
         announce(a, L.ATTACH_FUTEX_OFF)
         announce(a, self._ring.data_futex)
-        signal_sockets(a, self._ring, self._nonce)
 
     # -- the Waiter protocol, for data (P3) -----------------------------------------------------
 
