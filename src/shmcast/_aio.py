@@ -11,15 +11,20 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    run between two looks, so the loop is never blocked, and a message that comes quickly is
    taken without any wake-up.  Spinners beyond the spare cores yield the CPU at every look,
    as in the synchronous path.
-3. **Sleep through the endpoint's helper thread.**  One thread per endpoint, started on the
-   first wait that gets this far and stopped when the endpoint closes, runs the synchronous
-   path's sleep loop for the call (:class:`~shmcast.FutexWait` with no spin): rounds of the
-   waiter's own ``sleep`` (the announce / re-check / futex wait of P3, or P4 for a writer) of
-   at most one slice each, and the waiter's ``tick`` once per slice (QueueBroken for a dead
-   peer, within the same time as the synchronous call; long-wait logs).  When the condition
-   holds, the deadline passes, the call is cancelled (seen within a slice) or a tick raises,
-   it hands over to the loop (``loop.call_soon_threadsafe``), whose thread makes the attempt
-   of step 1 again.
+3. **Sleep.**  A broadcast reader sleeps on its own wake-up socket (:mod:`shmcast._sockwake`,
+   docs/protocol.md "P3 on a socket"), which its event loop watches and the publisher signals:
+   one wake-up.  Rounds in the loop's thread: drain, mark and announce, re-check, await the
+   socket's readability, with a look and the waiter's ``tick`` once per slice (QueueBroken for
+   a dead writer, long-wait logs); when the condition holds, the attempt of step 1 again.
+   Everything else (a ``put_async`` waiting for room, a gather reader, a reader whose address
+   could not be bound or whose writer is in another network namespace) sleeps through the
+   endpoint's helper thread: one thread per endpoint, started on the first wait that gets this
+   far and stopped when the endpoint closes, runs the synchronous path's sleep loop for the
+   call (:class:`~shmcast.FutexWait` with no spin): rounds of the waiter's own ``sleep`` (the
+   announce / re-check / futex wait of P3, or P4 for a writer) of at most one slice each, and
+   the waiter's ``tick`` once per slice.  When the condition holds, the deadline passes, the
+   call is cancelled (seen within a slice) or a tick raises, it hands over to the loop
+   (``loop.call_soon_threadsafe``), whose thread makes the attempt of step 1 again.
 
 The helper never takes or sends a message: every change of the endpoint's position is made in
 the loop's thread, by the synchronous code and its guarantees (a message taken is delivered or
@@ -249,30 +254,37 @@ class AsyncEndpoint(Endpoint):
                             deadline: float | None, timeout: float | None,
                             what: str) -> Any:  # fmt: skip
         """Step 3 on the reader's socket (shmcast._sockwake): rounds of drain, mark and
-        announce, re-check, await a datagram for at most a slice, until ``attempt()``
-        succeeds; the waiter's tick once per slice.  The guard is held during a round (a
+        announce, re-check, await a datagram (a look and the waiter's tick once per slice),
+        until ``attempt()`` succeeds.  The guard is held during a round (a
         close meanwhile unmaps after it, never under a mark); ``attempt`` takes it itself."""
         loop = asyncio.get_running_loop()
         clock = time.monotonic
         slice_ = self._policy.slice
         next_tick = clock() + slice_
+
+        def on_slice() -> bool:  # a slice without a datagram: look, and tick
+            nonlocal next_tick
+            if waiter.ready():
+                return True
+            waiter.tick()  # a dead writer (QueueBroken), long-wait logs
+            next_tick = clock() + slice_
+            return False
+
         while True:
-            now = clock()
-            if deadline is not None and now >= deadline:
+            if deadline is not None and clock() >= deadline:
                 raise timeout_error(what, timeout)
             with self._guard:
                 sock.drain()  # P3 step 1: a datagram pending from now on is a fresh signal
                 ready = waiter.sock_arm()  # steps 2-4: mark, announce, re-check
                 if not ready:
                     try:
-                        wait = slice_ if deadline is None else min(slice_, deadline - now)
-                        await sock.wait(loop, wait)  # step 5 (a cancellation lands here)
+                        # step 5, until a datagram or the deadline (a cancellation lands here)
+                        await sock.wait(loop, deadline, slice_, on_slice)
                     finally:
                         waiter.sock_disarm()
                     ready = waiter.ready()
-                if not ready and (now := clock()) >= next_tick:
-                    waiter.tick()  # a dead writer (QueueBroken), long-wait logs
-                    next_tick = now + slice_
+                if not ready and clock() >= next_tick:  # stray datagrams, one after another
+                    on_slice()
             if ready:
                 try:
                     return attempt()

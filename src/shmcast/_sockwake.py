@@ -12,8 +12,8 @@ the process ends.  The sleep (docs/protocol.md, P3 "on a socket"):
    ``sock_sleepers`` word;
 3. announce, as a futex sleeper does (``announced`` and ``sleepers``);
 4. re-check; if the condition holds, undo and take;
-5. else await the socket's readability for at most a slice (then the waiter's tick), undo,
-   and go round.
+5. else await the socket's readability (a look and the waiter's tick once per slice without
+   a datagram, in a timer callback), undo, and go round.
 
 A wake that decides to wake (the writer's publish, a close or detach) sends one byte to every
 marked reader while the count is non-zero (``_csrc/sockwake.c``).  A datagram stays until it is
@@ -34,7 +34,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import weakref
+from collections.abc import Callable
 
 #: Datagrams one drain reads at most (a hostile sender cannot keep a drain going: what is
 #: left only makes the next await return at once, and the reader re-checks).
@@ -92,23 +94,47 @@ class WakeSocket:
             except (BlockingIOError, InterruptedError):
                 return
 
-    async def wait(self, loop: asyncio.AbstractEventLoop, timeout: float) -> bool:
-        """Step 5: await readability for at most ``timeout`` seconds; True if a datagram came.
-        Reads nothing (the next round's drain does)."""
+    async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float | None,
+                   slice_: float, on_slice: Callable[[], bool]) -> bool:  # fmt: skip
+        """Step 5: await readability until ``deadline`` (None: no end), calling
+        ``on_slice()`` after every ``slice_`` seconds without a datagram (it returns True to
+        stop, or raises); True if a datagram came.  Reads nothing (the next drain does).  The
+        loop watches the socket for the whole wait, not once per slice."""
         fut = loop.create_future()
+        clock = time.monotonic
+        timer: asyncio.TimerHandle | None = None
 
-        def settle(woke: bool) -> None:
+        def readable() -> None:
             if not fut.done():
-                fut.set_result(woke)
+                fut.set_result(True)
+
+        def slice_ended() -> None:  # in a timer callback: the task resumes only at the end
+            nonlocal timer
+            if fut.done():
+                return
+            try:
+                stop = on_slice()
+            except Exception as exc:  # QueueBroken, SegmentError...: the await raises it
+                fut.set_exception(exc)
+                return
+            wait = slice_ if deadline is None else min(slice_, deadline - clock())
+            if stop or wait <= 0:
+                fut.set_result(False)
+            else:
+                timer = loop.call_later(wait, slice_ended)
 
         fd = self._sock.fileno()
         self._waiting = True
-        loop.add_reader(fd, settle, True)
-        timer = loop.call_later(timeout, settle, False)
+        loop.add_reader(fd, readable)
         try:
+            first = slice_ if deadline is None else min(slice_, deadline - clock())
+            if first <= 0:
+                return False
+            timer = loop.call_later(first, slice_ended)
             woke = await fut
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             loop.remove_reader(fd)
             self._waiting = False
             if self._closed:  # closed while we waited: now that the loop let go of it

@@ -13,8 +13,9 @@
  * socket (a dead reader, a datagram already pending) is ignored.  A garbage
  * mark costs one datagram to nobody; a garbage count one scan.
  */
-#include "native.h"
+#include "native.h"   /* Python.h defines _GNU_SOURCE: sendmmsg */
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
@@ -39,6 +40,32 @@ sock_address(struct sockaddr_un *sa, uint64_t nonce, uint64_t index, uint64_t pi
     return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + n);
 }
 
+/* Send the batch (one system call for all of them: a reader woken by the first
+ * datagram cannot preempt the writer before the others are sent, as it could
+ * between separate sendto calls); the number sent. */
+static int
+send_batch(int fd, struct mmsghdr *msgs, unsigned n)
+{
+    int sent = 0;
+    unsigned done = 0;
+    while (done < n) {
+        int r = sendmmsg(fd, msgs + done, n - done, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (r > 0) {
+            sent += r;
+            done += (unsigned)r;
+        } else {
+            /* The first datagram left failed: ECONNREFUSED / ENOENT (no such reader),
+             * EAGAIN (one is pending already); skip it and go on with the rest. */
+            if (r < 0 && errno == EINTR)
+                continue;
+            done++;
+        }
+    }
+    return sent;
+}
+
+#define BATCH 64
+
 int
 shmcast_sock_signal(char *base, Py_ssize_t count_off, Py_ssize_t lines_off, Py_ssize_t n_lines,
                     uint64_t nonce, int *fd)
@@ -48,6 +75,11 @@ shmcast_sock_signal(char *base, Py_ssize_t count_off, Py_ssize_t lines_off, Py_s
      * before an announcement the caller's count load saw is seen here. */
     if (__atomic_load_n((uint32_t *)(base + count_off), __ATOMIC_SEQ_CST) == 0)
         return 0;
+    static const char one = 1;
+    struct sockaddr_un addrs[BATCH];
+    struct iovec iov = {(void *)&one, 1};
+    struct mmsghdr msgs[BATCH];
+    unsigned n = 0;
     int sent = 0;
     for (Py_ssize_t i = 0; i < n_lines; i++) {
         char *line = base + lines_off + LINE * i;
@@ -61,13 +93,18 @@ shmcast_sock_signal(char *base, Py_ssize_t count_off, Py_ssize_t lines_off, Py_s
             if (*fd < 0)
                 return sent;   /* out of descriptors: the reader's slice bounds its wait */
         }
-        struct sockaddr_un sa;
-        socklen_t len = sock_address(&sa, nonce, (uint64_t)i, pid);
-        static const char one = 1;
-        if (sendto(*fd, &one, 1, MSG_DONTWAIT | MSG_NOSIGNAL, (struct sockaddr *)&sa, len) == 1)
-            sent++;
-        /* else ECONNREFUSED / ENOENT (no such reader), EAGAIN (one is pending): nothing to do */
+        memset(&msgs[n], 0, sizeof(msgs[n]));
+        msgs[n].msg_hdr.msg_name = &addrs[n];
+        msgs[n].msg_hdr.msg_namelen = sock_address(&addrs[n], nonce, (uint64_t)i, pid);
+        msgs[n].msg_hdr.msg_iov = &iov;
+        msgs[n].msg_hdr.msg_iovlen = 1;
+        if (++n == BATCH) {
+            sent += send_batch(*fd, msgs, n);
+            n = 0;
+        }
     }
+    if (n > 0)
+        sent += send_batch(*fd, msgs, n);
     return sent;
 }
 
