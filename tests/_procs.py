@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -1125,3 +1126,16 @@ def inherited_async_reader(queue: Any) -> dict[str, Any]:
     except InheritedEndpoint:
         refused = True
     return {"socket_closed": sock._sock.fileno() == -1, "refused": refused}
+
+
+def later(delay: float, fn: Callable, *args: Any) -> threading.Thread:
+    """Call ``fn(*args)`` from another thread of this process after ``delay`` seconds (a peer
+    that is not the event loop's thread)."""
+
+    def body() -> None:
+        time.sleep(delay)
+        fn(*args)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 import pytest
-from _procs import async_reader_gaps, inherited_async_reader, process_group
+from _procs import async_reader_gaps, inherited_async_reader, later, process_group
 
 from shmcast import BroadcastQueue, FutexWait, QueueClosed
 from shmcast import _layout as L
@@ -24,16 +24,6 @@ pytestmark = pytest.mark.timeout(120)
 
 #: A slice far longer than any test waits: only a datagram can end an await in time.
 LONG = FutexWait(spin_us=0, min_spin_us=0, slice=30.0)
-
-
-def later(delay: float, fn: Any, *args: Any) -> threading.Thread:
-    def body() -> None:
-        time.sleep(delay)
-        fn(*args)
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.fixture
