@@ -22,6 +22,15 @@
  *       wake (woken_at is only updated by a wake; nobody else reads the bit,
  *       and an announcement in between would only set it too).  It starts
  *       true, as `woken_at` starts at a value no count has.
+ *   P3  on a socket: the first NASYNC readers (an event loop's readers) sleep
+ *       on a datagram socket of their own instead of the futex: drain the
+ *       socket, mark their line and count themselves in `sock_sleepers`,
+ *       announce as above, re-check, block until a datagram is pending.  The
+ *       writer's wake (when it decides to wake, as above) also sends a
+ *       datagram to every marked reader while `sock_sleepers > 0`; a
+ *       datagram stays pending until the reader drains it (`pending[i]`, one
+ *       bit: a second datagram to a full socket is dropped, EAGAIN).  The
+ *       skip on an unmoved count applies to the signal too.
  *   P4  the writer sleeps on space_futex (Dekker handshake with
  *       `writer_sleeping`).
  *   Futexes: futex_wait(word, expected) compares the word and, if it still
@@ -78,13 +87,20 @@
  *                         full fence forbids).
  *   BROKEN_NO_WAKE        P3: the writer never does the fence/check/wake after
  *                         a publish.
+ *   BROKEN_LATE_DRAIN     P3 on a socket: the reader drains its socket after
+ *                         its re-check (it may drain the signal of a publish
+ *                         the re-check missed, then sleep through it).
+ *   BROKEN_LATE_MARK      P3 on a socket: the reader marks its line after its
+ *                         re-check (a wake that saw the announcement but not
+ *                         the mark sends nothing).
  *   BROKEN_WRITER_LATE_FLAG  P4: the writer sets `writer_sleeping` after its
  *                         re-check of the readers (lost wake-up).
  *   BROKEN_EARLY_PUBLISH  P1: the writer stores write_seq before the slot data.
  *   BROKEN_EARLY_RELEASE  P2: the reader stores read_seq before copying out.
  *   BROKEN_GATE           I1: off-by-one backpressure (one slot too many).
  * Sizes can be changed with -DNREADERS=.. (1 to 3), -DNSLOTS=.., -DNMSG=..
- * (below 64: every counter is a byte).
+ * (below 64: every counter is a byte), -DNASYNC=.. (readers asleep on a
+ * socket, 0 to NREADERS; by default 1: one of each kind).
  */
 
 #ifndef NREADERS
@@ -95,6 +111,9 @@
 #endif
 #ifndef NMSG
 #define NMSG 5
+#endif
+#ifndef NASYNC
+#define NASYNC 1
 #endif
 
 /* the value carried by message s: distinct for every s, and never 0 (the
@@ -111,10 +130,13 @@ byte sleepers;                  /* P3: readers asleep now (atomic add)          
 byte data_futex;                /* own line: bumped by the writer (P3)         */
 byte space_futex;               /* own line: bumped by readers (P4)            */
 byte slot[NSLOTS];              /* slot data                                   */
+bool marked[NREADERS];          /* reader i's line: asleep on its socket (P3)  */
+byte sock_sleepers;             /* P3: readers marked now (atomic add)          */
 
 /* kernel state: the futex wait sets */
 bool data_waiting[NREADERS];    /* reader i is queued on data_futex            */
 bool space_waiting;             /* the writer is queued on space_futex         */
+bool pending[NREADERS];         /* a datagram is queued on reader i's socket   */
 
 /* ------------------------------------------------------- futex primitives */
 
@@ -226,6 +248,33 @@ active [NREADERS] proctype Reader()
             :: else -> skip
             fi
 
+        :: else -> if
+        :: me < NASYNC ->
+            /* P3 on a socket, reader side: nothing to read. */
+#ifndef BROKEN_LATE_DRAIN
+            pending[me] = false;        /* 1: drain (recv until EAGAIN) */
+#endif
+#ifndef BROKEN_LATE_MARK
+            marked[me] = true;          /* 2: mark the line (seq_cst exchange) */
+            sock_sleepers++;            /*    and count it (atomic add) */
+#endif
+            moved = true;               /* 3: announce: atomic_add(announced, +1) */
+            sleepers++;                 /*    atomic_add(sleepers, +1) */
+            if
+            :: r < write_seq -> skip    /* 4: re-check write_seq: it moved, go read */
+            :: else ->
+#ifdef BROKEN_LATE_DRAIN
+                pending[me] = false;    /* BROKEN: drain after the re-check */
+#endif
+#ifdef BROKEN_LATE_MARK
+                marked[me] = true;      /* BROKEN: mark after the re-check */
+                sock_sleepers++;
+#endif
+                pending[me]             /* 5: await readability, no timeout */
+            fi;
+            marked[me] = false;         /* undo, loop (the next round drains) */
+            sock_sleepers--;
+            sleepers--
         :: else ->
             /* P3, reader side: nothing to read. */
 #ifndef BROKEN_LATE_ANNOUNCE
@@ -257,7 +306,7 @@ active [NREADERS] proctype Reader()
             fi;
 #endif
             e = 0
-        fi
+        fi fi
     od;
     /* The only valid end state of a reader: it read every message. */
     assert(read_seq[me] == NMSG)
@@ -320,7 +369,27 @@ active proctype Writer()
             if
             :: c && sleepers > 0 ->     /* P3 writer 2: then load(sleepers) > 0 */
                 data_futex++;           /* P3 writer 2: atomic_add(data_futex, +1) */
-                futex_wake_data_all(k)  /* P3 writer 2: futex_wake(data_futex, all) */
+                futex_wake_data_all(k); /* P3 writer 2: futex_wake(data_futex, all) */
+                /* P3 on a socket, writer side: if readers sleep on a socket
+                 * (seq_cst load of the count, after the add above), load each
+                 * line's mark (acquire) and send it a datagram (a separate
+                 * step: the reader may have moved on meanwhile). */
+                if
+                :: sock_sleepers > 0 ->
+                    k = 0;
+                    do
+                    :: k < NREADERS ->
+                        t = marked[k];
+                        if
+                        :: t -> pending[k] = true   /* sendto(MSG_DONTWAIT) */
+                        :: else -> skip
+                        fi;
+                        k++
+                    :: else -> break
+                    od;
+                    k = 0; t = 0
+                :: else -> skip
+                fi
             :: else ->
                 if
                 :: c -> moved = true    /* no wake: woken_at stays */

@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -1077,3 +1078,64 @@ def async_gather_writer(
 
     with GatherQueue.attach(handle, writer) as queue:
         return asyncio.run(main(queue))
+
+
+def async_reader_gaps(handle: Any, reader: int, count: int, slice_: float,
+                      timeout: float = 60.0) -> dict[str, Any]:  # fmt: skip
+    """Attach as ``reader`` with a wait policy that does not spin and sleeps in slices of
+    ``slice_`` seconds, and receive ``count`` messages (0, 1, ... in order) with
+    ``get_async``.  Returns the longest gap between two messages, how many awaits a datagram
+    ended, and whether the helper thread was ever started."""
+    import asyncio
+
+    from shmcast import BroadcastQueue, FutexWait
+
+    policy = FutexWait(spin_us=0, min_spin_us=0, slice=slice_)
+
+    async def main(queue: Any) -> dict[str, Any]:
+        longest = 0.0
+        last = time.monotonic()
+        for number in range(count):
+            got = await queue.get_async(timeout=timeout)
+            if got != number:
+                raise AssertionError(f"reader {reader}: message {number} was {got!r}")
+            now = time.monotonic()
+            longest, last = max(longest, now - last), now
+        sock = queue._aio_sock[1] if queue._aio_sock else None
+        return {
+            "longest": longest,
+            "wakes": sock.wakes if sock is not None else 0,
+            "helper": queue._aio_helper is not None,
+        }
+
+    with BroadcastQueue.attach(handle, reader, wait=policy) as queue:
+        return asyncio.run(asyncio.wait_for(main(queue), timeout))
+
+
+def inherited_async_reader(queue: Any) -> dict[str, Any]:
+    """In a forked child: what an async reader inherited from the parent does here (its
+    wake-up socket is closed, the endpoint refuses)."""
+    import asyncio
+
+    from shmcast import InheritedEndpoint
+
+    sock = queue._aio_sock[1]
+    try:
+        asyncio.run(queue.get_async(timeout=0.5))
+        refused = False
+    except InheritedEndpoint:
+        refused = True
+    return {"socket_closed": sock._sock.fileno() == -1, "refused": refused}
+
+
+def later(delay: float, fn: Callable, *args: Any) -> threading.Thread:
+    """Call ``fn(*args)`` from another thread of this process after ``delay`` seconds (a peer
+    that is not the event loop's thread)."""
+
+    def body() -> None:
+        time.sleep(delay)
+        fn(*args)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread

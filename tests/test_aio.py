@@ -16,6 +16,7 @@ import pytest
 from _procs import (
     async_gather_writer,
     async_reader_check_plan,
+    later,
     plan_digest,
     process_group,
     send_plan,
@@ -27,7 +28,6 @@ from shmcast import (
     GatherQueue,
     MessageKindError,
     QueueBroken,
-    QueueClosed,
     QueueTimeout,
     RoleError,
 )
@@ -49,19 +49,6 @@ def run(coro: Any, loop_kind: str = "asyncio") -> Any:
 
         return uvloop.run(coro)
     return asyncio.run(coro)
-
-
-def later(delay: float, fn: Any, *args: Any) -> threading.Thread:
-    """Call ``fn(*args)`` from another thread after ``delay`` seconds (a peer that is not the
-    loop)."""
-
-    def body() -> None:
-        time.sleep(delay)
-        fn(*args)
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    return thread
 
 
 @pytest.fixture
@@ -229,17 +216,7 @@ def test_async_for_ends_when_the_writer_closes(pair) -> None:
     assert run(main()) == list(range(50))
 
 
-def test_closing_wakes_a_waiting_get_async(pair) -> None:
-    _writer, reader = pair
-
-    async def main() -> None:
-        later(0.3, reader.close)
-        with pytest.raises(QueueClosed):
-            await reader.get_async(timeout=10)
-
-    start = time.monotonic()
-    run(main())
-    assert time.monotonic() - start < 2.0
+# Closing wakes an awaiting get_async: tests/test_sockwake.py (with a slice no test waits for).
 
 
 def test_one_call_at_a_time(pair) -> None:

@@ -11,15 +11,20 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    run between two looks, so the loop is never blocked, and a message that comes quickly is
    taken without any wake-up.  Spinners beyond the spare cores yield the CPU at every look,
    as in the synchronous path.
-3. **Sleep through the endpoint's helper thread.**  One thread per endpoint, started on the
-   first wait that gets this far and stopped when the endpoint closes, runs the synchronous
-   path's sleep loop for the call (:class:`~shmcast.FutexWait` with no spin): rounds of the
-   waiter's own ``sleep`` (the announce / re-check / futex wait of P3, or P4 for a writer) of
-   at most one slice each, and the waiter's ``tick`` once per slice (QueueBroken for a dead
-   peer, within the same time as the synchronous call; long-wait logs).  When the condition
-   holds, the deadline passes, the call is cancelled (seen within a slice) or a tick raises,
-   it hands over to the loop (``loop.call_soon_threadsafe``), whose thread makes the attempt
-   of step 1 again.
+3. **Sleep.**  A broadcast reader sleeps on its own wake-up socket (:mod:`shmcast._sockwake`,
+   docs/protocol.md "P3 on a socket"), which its event loop watches and the publisher signals:
+   one wake-up.  Rounds in the loop's thread: drain, mark and announce, re-check, await the
+   socket's readability, with a look and the waiter's ``tick`` once per slice (QueueBroken for
+   a dead writer, long-wait logs); when the condition holds, the attempt of step 1 again.
+   Everything else (a ``put_async`` waiting for room, a gather reader, a reader whose address
+   could not be bound or whose writer is in another network namespace) sleeps through the
+   endpoint's helper thread: one thread per endpoint, started on the first wait that gets this
+   far and stopped when the endpoint closes, runs the synchronous path's sleep loop for the
+   call (:class:`~shmcast.FutexWait` with no spin): rounds of the waiter's own ``sleep`` (the
+   announce / re-check / futex wait of P3, or P4 for a writer) of at most one slice each, and
+   the waiter's ``tick`` once per slice.  When the condition holds, the deadline passes, the
+   call is cancelled (seen within a slice) or a tick raises, it hands over to the loop
+   (``loop.call_soon_threadsafe``), whose thread makes the attempt of step 1 again.
 
 The helper never takes or sends a message: every change of the endpoint's position is made in
 the loop's thread, by the synchronous code and its guarantees (a message taken is delivered or
@@ -53,7 +58,8 @@ from typing import Any
 from . import _layout as L
 from ._endpoint import Endpoint, as_bytes_view, check_max_count, check_timeout
 from ._errors import QueueClosed, QueueTimeout
-from ._ring import RingWriter, timeout_error
+from ._ring import RingReader, RingWriter, timeout_error
+from ._sockwake import WakeSocket, same_netns
 from ._wait import SPARE_CPUS, FutexWait
 
 _DEFAULTS = FutexWait()
@@ -145,6 +151,8 @@ class AsyncEndpoint(Endpoint):
     """The awaitable calls both queues share; each queue adds its own receive signatures."""
 
     _aio_helper: _Helper | None = None
+    #: (pid, the wake-up socket or None for "use the helper") once decided in that process
+    _aio_sock: tuple[int, WakeSocket | None] | None = None
     _aio_busy = False
     _aio_budget = _DEFAULTS.min_spin_us * 1e-6
 
@@ -204,7 +212,11 @@ class AsyncEndpoint(Endpoint):
                 finally:
                     if eager:
                         waiter.end_spin()
-            # Step 3: the helper thread sleeps as a sync call would, then hands over.
+            # Step 3, a broadcast reader: sleep on its own socket, which the publisher signals.
+            sock = self._aio_socket(waiter)
+            if sock is not None:
+                return await self._aio_sleep_on(sock, attempt, waiter, deadline, timeout, what)
+            # Step 3, otherwise: the helper thread sleeps as a sync call would, then hands over.
             helper = self._aio_helper
             if helper is None or helper.pid != os.getpid():
                 helper = self._aio_helper = _Helper(self)
@@ -233,6 +245,51 @@ class AsyncEndpoint(Endpoint):
         finally:
             took = clock() - start  # FutexWait's rule for the next spin budget
             self._aio_budget = max(floor, min(cap, 2 * took)) if took <= cap else floor
+
+    def _aio_socket(self, waiter: Any) -> WakeSocket | None:
+        """The wake-up socket a data wait of ``waiter`` sleeps on, or None: the helper thread."""
+        return None
+
+    async def _aio_sleep_on(self, sock: WakeSocket, attempt: Callable[[], Any], waiter: Any,
+                            deadline: float | None, timeout: float | None,
+                            what: str) -> Any:  # fmt: skip
+        """Step 3 on the reader's socket (shmcast._sockwake): rounds of drain, mark and
+        announce, re-check, await a datagram (a look and the waiter's tick once per slice),
+        until ``attempt()`` succeeds.  The guard is held during a round (a
+        close meanwhile unmaps after it, never under a mark); ``attempt`` takes it itself."""
+        loop = asyncio.get_running_loop()
+        clock = time.monotonic
+        slice_ = self._policy.slice
+        next_tick = clock() + slice_
+
+        def on_slice() -> bool:  # a slice without a datagram: look, and tick
+            nonlocal next_tick
+            if waiter.ready():
+                return True
+            waiter.tick()  # a dead writer (QueueBroken), long-wait logs
+            next_tick = clock() + slice_
+            return False
+
+        while True:
+            if deadline is not None and clock() >= deadline:
+                raise timeout_error(what, timeout)
+            with self._guard:
+                sock.drain()  # P3 step 1: a datagram pending from now on is a fresh signal
+                ready = waiter.sock_arm()  # steps 2-4: mark, announce, re-check
+                if not ready:
+                    try:
+                        # step 5, until a datagram or the deadline (a cancellation lands here)
+                        await sock.wait(loop, deadline, slice_, on_slice)
+                    finally:
+                        waiter.sock_disarm()
+                    ready = waiter.ready()
+                if not ready and clock() >= next_tick:  # stray datagrams, one after another
+                    on_slice()
+            if ready:
+                try:
+                    return attempt()
+                except QueueTimeout:
+                    pass
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -373,8 +430,14 @@ class AsyncEndpoint(Endpoint):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """As :meth:`Endpoint.close`; also ends the endpoint's asyncio helper thread."""
+        """As :meth:`Endpoint.close`; also ends the endpoint's asyncio helper thread and
+        closes its wake-up socket."""
         super().close()  # wakes a round in flight (the close's own futex bumps, P5)
+        got = self._aio_sock
+        if got is not None and got[0] == os.getpid():
+            self._aio_sock = None
+            if got[1] is not None:
+                got[1].close()  # after the round in flight, if any
         helper = self._aio_helper
         if helper is not None and helper.pid == os.getpid():
             self._aio_helper = None
@@ -392,6 +455,21 @@ class BroadcastAsync(AsyncEndpoint):
 
     def _aio_data_waiter(self, source: int | None) -> Any:
         return self._reader
+
+    def _aio_socket(self, waiter: Any) -> WakeSocket | None:
+        if not isinstance(waiter, RingReader):  # a put waits for room: the helper (P4)
+            return None
+        pid = os.getpid()
+        got = self._aio_sock
+        if got is None or got[0] != pid:
+            sock = None
+            # The writer must reach our address: the same network namespace (abstract names
+            # live there).  A taken address (squatted) falls back too.
+            if same_netns(waiter.writer_pid()):
+                with contextlib.suppress(OSError):
+                    sock = WakeSocket(waiter.nonce, waiter.index)
+            got = self._aio_sock = (pid, sock)
+        return got[1]
 
     async def get_async(self, timeout: float | None = None) -> Any:
         """Receive the next message, awaiting it without blocking the event loop.  Returns,

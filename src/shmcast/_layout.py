@@ -9,6 +9,8 @@ writers, each with the one reader).  Layout::
     128               128                     broadcast: the writer's line      (gather: unused)
     256               128                     sleepers      (u32 at +0): readers asleep on data
                                               announced     (u64 at +8): sleeps announced, ever
+                                              sock_sleepers (u32 at +16): readers asleep on a
+                                              socket (P3, an event loop's reader)
     384               128                     data_futex    (u32 at +0): readers sleep here
     512               128                     broadcast: space_futex (u32)      (gather: unused)
     640               128                     attach_futex  (u32 at +0): attach/detach events
@@ -44,7 +46,9 @@ Participant line (the same shape for writers and readers)::
     +0   u64  seq              writer: slots published (docs/protocol.md P1)
                                reader: slots consumed (P2)
     +8   u32  sleeping         writer: 1 while it sleeps for space (P4, read by readers)
-                               reader: 1 while it sleeps for data (informational)
+                               reader: 1 while it sleeps for data on the futex
+                               (informational), SLEEP_SOCKET while it sleeps on its
+                               socket (read by the writer's wake, P3)
     +12  u32  state            EXPECTED, ATTACHED, DETACHED or DROPPED
     +16  u64  pid
     +24  u64  start_time
@@ -81,7 +85,7 @@ from dataclasses import dataclass
 from ._errors import SegmentError
 
 MAGIC = b"SHMCAST\x00"
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 KIND_BROADCAST = 1
 KIND_GATHER = 2
 KIND_NAMES = {KIND_BROADCAST: "broadcast", KIND_GATHER: "gather"}
@@ -99,6 +103,7 @@ OPTIONS = OPT_CHECKSUM  #: every option this version knows
 BCAST_WRITER_OFF = 1 * LINE
 SLEEPERS_OFF = 2 * LINE
 ANNOUNCED_OFF = SLEEPERS_OFF + 8  # counts up by one for every sleep a reader announces (P3)
+SOCK_SLEEPERS_OFF = SLEEPERS_OFF + 16  # readers asleep on their socket now (P3)
 DATA_FUTEX_OFF = 3 * LINE
 BCAST_SPACE_FUTEX_OFF = 4 * LINE
 ATTACH_FUTEX_OFF = 5 * LINE
@@ -114,6 +119,9 @@ STATE = 12
 PID = 16
 START = 24
 MSGS = 32
+
+#: A reader's ``sleeping`` word while it sleeps on its socket (P3): wakes send it a datagram.
+SLEEP_SOCKET = 2
 
 # Participant states (bits, so that a mask selects several).
 EXPECTED = 1  # not attached yet; a writer waits for such a reader (gating)

@@ -98,14 +98,21 @@ class Cursor:
         count_off: int = -1,
         key: int = 0,
         checksum: bool = False,
+        sock_off: int = -1,
+        lines_off: int = 0,
+        n_lines: int = 0,
     ) -> None:
         """With ``count_off`` (a writer), wake readers after a publish only if the u64
         announcement count there moved since the last wake, instead of whenever the u32 at
-        ``flag_off`` is non-zero.  ``key`` (the queue's nonce) keys the check word of every
+        ``flag_off`` is non-zero.  With ``sock_off`` (a writer), a wake also sends a datagram
+        to every reader asleep on its socket (:func:`sock_signal`) while the u32 there is
+        non-zero.  ``key`` (the queue's nonce) keys the check word of every
         descriptor; ``checksum`` makes payloads carry a CRC-32C (written by put/seal, checked
         by next/take_bytes)."""
     #: Whether payloads carry a CRC-32C (read-only).
     checksum: int
+    #: Writer: datagrams sent to readers asleep on their socket (read-only).
+    signals: int
     #: Reader: what :meth:`take_bytes` returned last, until the caller sets it to None (so a
     #: call interrupted after the copy still delivers it).
     last: bytes | None
@@ -198,6 +205,14 @@ class Hold:
 def scan(cursors: list[Cursor], start: int, /) -> int:
     """Index of the first reader cursor, round robin from ``start``, with a published slot at
     its position (refreshing its ``bound``); -1 if none."""
+
+def sock_signal(
+    atomics: Atomics, count_off: int, lines_off: int, n_lines: int, nonce: int, /
+) -> int:
+    """A full fence, then, if the u32 at ``count_off`` is non-zero, one datagram to each of
+    the ``n_lines`` reader lines from ``lines_off`` marked asleep on a socket (sleeping word
+    ``SLEEP_SOCKET``), at the address :func:`shmcast._sockwake.address` derives from
+    ``nonce``, the line's index and its pid.  Returns the number sent."""
 
 def crc32c(data: Buffer, value: int = 0, portable: bool = False) -> int:
     """CRC-32C (Castagnoli) of ``data``, continuing from ``value``; ``portable`` forces the

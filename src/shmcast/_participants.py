@@ -20,6 +20,7 @@ from typing import NamedTuple
 from . import _layout as L
 from ._errors import AttachError, SegmentError
 from ._liveness import identity, is_alive, plausible_pid
+from ._native import sock_signal
 from ._segment import Segment
 
 _WAKE_ALL = 0
@@ -140,3 +141,10 @@ def announce(a, futex_off: int) -> None:
     """The other half of :func:`event_wait`: bump the word and wake every waiter (P5)."""
     a.add32(futex_off, 1)
     a.wake32(futex_off, _WAKE_ALL)
+
+
+def signal_sockets(a, ring: L.RingLayout, nonce: int) -> None:
+    """After a P5/P6 wake of ``ring``'s data waiters (:func:`announce` of its data futex):
+    the same wake for the readers asleep on their sockets (P3), a datagram each.  Costs one
+    load when none sleeps so; bounded by the ring's reader lines whatever the segment says."""
+    sock_signal(a, L.SOCK_SLEEPERS_OFF, ring.readers, ring.n_readers, nonce)

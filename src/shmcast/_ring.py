@@ -51,7 +51,7 @@ from ._errors import (
     SegmentError,
 )
 from ._native import EARLY_WRAP_MIN, Cursor, crc32c
-from ._participants import announce, read_participant
+from ._participants import announce, read_participant, signal_sockets
 from ._segment import Segment
 from ._wait import WaitPolicy
 
@@ -100,8 +100,9 @@ class RingWriter:
             self._a, ring.n_slots, ring.slot_size, ring.data_off, ring.desc_off,
             ring.writer + L.SEQ, ring.writer + L.MSGS, ring.writer + L.SEQ,
             ring.sleepers, ring.data_futex, _WAKE_ALL, count_off=ring.announced,
-            key=header.nonce, checksum=header.checksum,
+            key=header.nonce, checksum=header.checksum, **self._signal_args(ring, header),
         )  # fmt: skip
+        self._nonce = header.nonce
         # Large messages stay within the first HOT_BYTES of the ring while the readers keep
         # up (see begin_contiguous); cursor.early is where the next look at that is due.
         # (A ring no larger than that keeps the Cursor's default: never.)
@@ -122,6 +123,15 @@ class RingWriter:
         self.end_spin = self._spin.end
         self.count_spin = self._spin.count
         self.spinning = self._spin.spinning
+
+    @staticmethod
+    def _signal_args(ring: L.RingLayout, header: L.Header) -> dict:
+        """The Cursor's socket signal (P3, readers asleep on a socket): a broadcast ring's
+        readers may sleep so; a gather reader sleeps on the futex (docs/protocol.md)."""
+        if header.geometry.kind != L.KIND_BROADCAST:
+            return {}
+        return {"sock_off": L.SOCK_SLEEPERS_OFF, "lines_off": ring.readers,
+                "n_lines": ring.n_readers}  # fmt: skip
 
     # -- the Waiter protocol, for space (P4) --------------------------------------------------
 
@@ -357,6 +367,7 @@ class RingWriter:
         announce(self._a, self._ring.space_futex)
         self._a.store32(self._ring.writer + L.STATE, L.DETACHED)
         announce(self._a, self._ring.data_futex)
+        signal_sockets(self._a, self._ring, self._nonce)
         announce(self._a, L.ATTACH_FUTEX_OFF)
 
     @property
@@ -498,6 +509,7 @@ class RingReader:
         self._slot = ring.slot_size
         self.index = index
         self._line = ring.reader_line(index)
+        self.nonce = self._nonce = header.nonce
         self._seq_off = self._line + L.SEQ
         self._wseq_off = ring.writer + L.SEQ
         self._wstate_off = ring.writer + L.STATE
@@ -547,6 +559,8 @@ class RingReader:
         a = self._a
         self.closing = True
         a.store32(self._line + L.STATE, L.DETACHED)
+        # A get_async of ours asleep on its socket: the signal is sent to the pid in the line.
+        signal_sockets(a, self._ring, self._nonce)
         a.store64(self._line + L.PID, 0)
         announce(a, self._ring.space_futex)
         announce(a, L.ATTACH_FUTEX_OFF)
@@ -588,6 +602,31 @@ class RingReader:
             a.store32(self._line + L.SLEEPING, 0)
             a.add32(ring.sleepers, _DEC)
 
+    def sock_arm(self) -> bool:
+        """P3 for a reader whose event loop sleeps on its socket (shmcast._sockwake): mark the
+        line, count the sleep, announce, re-check.  The caller drained the socket first (step
+        1, in place of the futex word's load).  True if the re-check found the condition (the
+        marks are undone); else the caller awaits a datagram for at most a slice, then calls
+        :meth:`sock_disarm`.  Every step is a seq_cst read-modify-write (a full fence): the
+        writer's wake that misses the re-check sees the announcement, hence the mark before
+        it, and sends a datagram after the drain (docs/protocol.md P3)."""
+        a, ring = self._a, self._ring
+        a.exchange32(self._line + L.SLEEPING, L.SLEEP_SOCKET)  # step 2: mark ...
+        a.add32(L.SOCK_SLEEPERS_OFF, 1)  # ... and count, before the announcement
+        a.add64(ring.announced, 1)  # step 3: announce, as on the futex
+        a.add32(ring.sleepers, 1)
+        if self.ready():  # step 4: re-check
+            self.sock_disarm()
+            return True
+        return False
+
+    def sock_disarm(self) -> None:
+        """Undo :meth:`sock_arm` (after the await, or after a re-check that found data)."""
+        a = self._a
+        a.store32(self._line + L.SLEEPING, 0)
+        a.add32(L.SOCK_SLEEPERS_OFF, _DEC)
+        a.add32(self._ring.sleepers, _DEC)
+
     def tick(self) -> None:
         """A dead writer: once everything it published is read, raise QueueBroken.
         After a long wait, log whom we wait for."""
@@ -608,8 +647,12 @@ class RingReader:
                 self.label, waited, self.writer_name, who, self.cursor.pos,
             )  # fmt: skip
 
+    def writer_pid(self) -> int:
+        """The pid in this ring's writer line (checked: SegmentError for garbage)."""
+        return read_participant(self._a, self._ring.writer, f"the {self.writer_name}").pid
+
     def broken(self) -> QueueBroken:
-        pid = read_participant(self._a, self._ring.writer, f"the {self.writer_name}").pid
+        pid = self.writer_pid()
         return QueueBroken(
             f"{self.writer_name} (pid {pid}) died; everything it published has been read",
             peer=self.writer_name,

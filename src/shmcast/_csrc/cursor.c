@@ -43,6 +43,11 @@
  *                          (P3); with it, the writer wakes only if, besides
  *                          flag_off being non-zero, the count moved since its
  *                          last wake (cursor_flush says why);
+ *   sock_off, lines_off, n_lines
+ *                          writer (optional): the count of readers asleep on a
+ *                          socket and the reader lines to look at when it is
+ *                          non-zero: a wake also sends those readers a datagram
+ *                          (sockwake.c; cursor_flush says why it is enough);
  *   key                    the queue's nonce, which keys the descriptor check;
  *   checksum               whether payloads carry a CRC-32C (the writer seals
  *                          each descriptor with it, readers check it).
@@ -62,6 +67,7 @@
 
 #include <string.h>
 #include <structmember.h>
+#include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the shmcast segment layout is little-endian"
@@ -102,6 +108,10 @@ typedef struct {
     int wake_n;
     Py_ssize_t count_off;   /* writer: the announcement count (-1: use flag_off) */
     uint64_t woken_at;      /* writer: the count as loaded before the last wake */
+    Py_ssize_t sock_off;    /* writer: the socket sleepers' count (-1: none) */
+    Py_ssize_t lines_off, n_lines;  /* writer: the reader lines a socket signal looks at */
+    int sock_fd1;           /* writer: 1 + the socket signals are sent from (0: none yet) */
+    unsigned long long signals;  /* writer: datagrams sent (statistics, tests) */
     uint64_t key;           /* the queue's nonce */
     int checksum;           /* payloads carry a CRC-32C */
     unsigned long long pos, stored, msgs, bound, early;
@@ -289,6 +299,20 @@ observe(CursorObject *self, char *base, uint64_t *w)
  * with the flag alone a writer publishing faster than readers are scheduled
  * made one futex_wake system call per message; the count alone would wake for
  * readers that announced since and are awake again.
+ *
+ * A reader asleep on a socket (an event loop's reader, docs/protocol.md P3)
+ * drains its socket, then marks its line and counts itself in `sock_off`,
+ * then announces as above, then re-checks; a wake that decided to wake also
+ * sends a datagram to every marked reader once that count is non-zero.  A
+ * datagram stays until the reader drains it, so no signal sent after the
+ * drain is lost.  Either the reader's re-check sees the publish, or this
+ * wake's loads (after the full fence) see its announcement, and so the mark
+ * stored before it (the count is loaded first, the marks after the futex bump,
+ * a full barrier, with acquire loads): it sends after the drain.  The skip on
+ * an unmoved count holds for the same reason as for the futex: the last wake
+ * saw the announcement, hence the mark, hence sent a datagram after the
+ * drain, which is still there unless the reader woke; to sleep again it must
+ * announce again.
  */
 static void
 cursor_flush(CursorObject *self, char *base)
@@ -309,6 +333,12 @@ cursor_flush(CursorObject *self, char *base)
     self->woken_at = count;
     __atomic_add_fetch((uint32_t *)(base + self->futex_off), 1, __ATOMIC_SEQ_CST);
     shmcast_wake_word(self->atomics, self->futex_off, self->wake_n);
+    if (self->sock_off >= 0) {
+        int fd = self->sock_fd1 - 1;
+        self->signals += (unsigned long long)shmcast_sock_signal(
+            base, self->sock_off, self->lines_off, self->n_lines, self->key, &fd);
+        self->sock_fd1 = fd + 1;
+    }
 }
 
 static void
@@ -843,18 +873,23 @@ Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"atomics", "n_slots", "slot_size", "data_off", "desc_off",
                              "seq_off", "msgs_off", "peer_seq_off", "flag_off", "futex_off",
-                             "wake_n", "count_off", "key", "checksum", NULL};
+                             "wake_n", "count_off", "key", "checksum", "sock_off",
+                             "lines_off", "n_lines", NULL};
     PyObject *atomics;
     int wake_n;
     unsigned long long key = 0;
     self->count_off = -1;
     self->checksum = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnnnnnnnni|$nKp:Cursor", kwlist,
+    self->sock_off = -1;
+    self->lines_off = 0;
+    self->n_lines = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!nnnnnnnnni|$nKpnnn:Cursor", kwlist,
                                      &AtomicsType, &atomics, &self->n_slots, &self->slot_size,
                                      &self->data_off, &self->desc_off, &self->seq_off,
                                      &self->msgs_off, &self->peer_seq_off, &self->flag_off,
                                      &self->futex_off, &wake_n, &self->count_off, &key,
-                                     &self->checksum))
+                                     &self->checksum, &self->sock_off, &self->lines_off,
+                                     &self->n_lines))
         return -1;
     AtomicsObject *a = (AtomicsObject *)atomics;
     if (a->base == NULL) {
@@ -871,8 +906,15 @@ Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
     if (check_word(a, self->seq_off, 8) < 0 || check_word(a, self->msgs_off, 8) < 0 ||
         check_word(a, self->peer_seq_off, 8) < 0 || check_word(a, self->flag_off, 4) < 0 ||
         check_word(a, self->futex_off, 4) < 0 ||
-        (self->count_off >= 0 && check_word(a, self->count_off, 8) < 0))
+        (self->count_off >= 0 && check_word(a, self->count_off, 8) < 0) ||
+        (self->sock_off >= 0 && check_word(a, self->sock_off, 4) < 0))
         return -1;
+    if (self->sock_off >= 0 &&
+        (self->n_lines < 0 || self->lines_off < 0 || self->lines_off % 128 != 0 ||
+         self->n_lines > (a->len - self->lines_off) / 128)) {
+        PyErr_SetString(PyExc_ValueError, "Cursor: the reader lines do not fit in the buffer");
+        return -1;
+    }
     /* No wake yet: the first publish wakes whatever the count (a reader may
      * have announced before this writer attached). */
     self->woken_at = ~(uint64_t)0;
@@ -890,6 +932,8 @@ Cursor_init(CursorObject *self, PyObject *args, PyObject *kwds)
 static void
 Cursor_dealloc(CursorObject *self)
 {
+    if (self->sock_fd1 > 0)
+        close(self->sock_fd1 - 1);
     Py_CLEAR(self->last);
     Py_XDECREF(self->atomics);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -933,6 +977,8 @@ static PyMemberDef Cursor_members[] = {
      "Writer: the cached gate; reader: write_seq as last seen."},
     {"early", T_ULONGLONG, offsetof(CursorObject, early), 0,
      "Writer: from this position on, put() declines messages of EARLY_WRAP_MIN bytes or more."},
+    {"signals", T_ULONGLONG, offsetof(CursorObject, signals), READONLY,
+     "Writer: datagrams sent to readers asleep on a socket."},
     {"checksum", T_INT, offsetof(CursorObject, checksum), READONLY,
      "Whether payloads carry a CRC-32C."},
     {"last", T_OBJECT, offsetof(CursorObject, last), 0,

@@ -14,6 +14,8 @@
  *   - crc32c.c: CRC-32C for the optional payload checksums;
  *   - lease.c: the Lease type, a read-only view of a piece of a shared region
  *     that hands the piece back (clears its mark) when its last view is gone;
+ *   - sockwake.c: the datagram a wake sends to an async reader asleep on its
+ *     own socket (docs/protocol.md, P3);
  *   - load.c: `runnable_tasks`, how crowded the CPUs are, for the futex
  *     wait policy's choice between spinning and sleeping;
  *   - probe.c: `core_to_core_ns`, a diagnostic for benchmarks, the round trip
@@ -96,6 +98,8 @@ static PyMethodDef module_methods[] = {
      "set_errors(segment_error, closed_error, inherited_error): the classes the native code raises."},
     {"scan", (PyCFunction)(void (*)(void))shmcast_scan, METH_FASTCALL,
      "scan(cursors, start) -> int: the first reader cursor (round robin) with a published slot, or -1."},
+    {"sock_signal", (PyCFunction)(void (*)(void))shmcast_sock_signal_py, METH_FASTCALL,
+     "sock_signal(atomics, count_off, lines_off, n_lines, nonce) -> int: signal async sleepers."},
     {"shm_open", native_shm_open, METH_VARARGS, "shm_open(name, flags, mode) -> fd (close-on-exec)."},
     {"shm_unlink", native_shm_unlink, METH_VARARGS, "shm_unlink(name): remove a shared-memory name."},
     {"runnable_tasks", shmcast_runnable_tasks, METH_NOARGS,

@@ -99,6 +99,14 @@ int shmcast_cursor_finish_viewed(PyObject *cursor, uint64_t k);
 #define SHMCAST_EARLY_WRAP_MIN (64 * 1024)
 PyObject *shmcast_scan(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 
+/* sockwake.c: the socket signal to async readers asleep on a socket (their line's
+ * sleeping word holds SHMCAST_SLEEP_SOCKET); the number of datagrams sent.  *fd is the
+ * sending socket, created on first need (-1 until then), the caller's to close. */
+#define SHMCAST_SLEEP_SOCKET 2u
+int shmcast_sock_signal(char *base, Py_ssize_t count_off, Py_ssize_t lines_off,
+                        Py_ssize_t n_lines, uint64_t nonce, int *fd);
+PyObject *shmcast_sock_signal_py(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+
 /* crc32c.c: CRC-32C of n bytes, continuing from crc (0 to start). */
 void shmcast_crc32c_init(void);
 uint32_t shmcast_crc32c(uint32_t crc, const void *data, size_t n);

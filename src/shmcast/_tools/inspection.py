@@ -128,7 +128,7 @@ class ReaderState:
     alive: bool  #: the process recorded in the line still runs (pid and start time match)
     seq: int  #: slots consumed (P2)
     lag: int  #: the writer's published sequence minus ``seq``: slots not consumed yet
-    sleeping: bool  #: asleep on the futex, waiting for data on this ring (P3)
+    sleeping: bool  #: asleep waiting for data on this ring (P3: on the futex, or on its socket)
     messages: int  #: messages consumed
 
 

@@ -1,0 +1,168 @@
+"""An async reader's wake-up socket: one wake-up from the publisher to the event loop.
+
+A broadcast reader awaiting in an event loop sleeps on a descriptor the loop watches: an
+``AF_UNIX`` datagram socket of its own, bound in the abstract namespace at an address derived
+from what the writer reads in the segment (:func:`address`: the queue's nonce, the reader's
+index and the pid in its participant line).  Nothing is passed between the processes and
+nothing is left in the file system: the kernel frees the name when the socket is closed or
+the process ends.  The sleep (docs/protocol.md, P3 "on a socket"):
+
+1. drain the socket (a datagram left from an earlier wake);
+2. mark the reader's line (``sleeping = SLEEP_SOCKET``) and count the sleep in the queue's
+   ``sock_sleepers`` word;
+3. announce, as a futex sleeper does (``announced`` and ``sleepers``);
+4. re-check; if the condition holds, undo and take;
+5. else await the socket's readability (a look and the waiter's tick once per slice without
+   a datagram, in a timer callback), undo, and go round.
+
+A wake that decides to wake (the writer's publish, a close or detach) sends one byte to every
+marked reader while the count is non-zero (``_csrc/sockwake.c``).  A datagram stays until it is
+drained, so a signal sent after step 1 is not lost; the ordering argument is in
+docs/protocol.md and at :meth:`shmcast._ring.RingReader.sock_arm`.
+
+Anyone may send to an abstract address: a stray datagram only wakes the reader, which always
+re-checks, and a drain reads a bounded number of datagrams.  If the address is taken
+(squatted), or the writer runs in another network namespace (where the address names another
+socket, or none), the reader keeps the helper thread of :mod:`shmcast._aio` instead.
+
+A socket belongs to the process that bound it: an inherited one is closed in a forked child
+(an endpoint refuses to work there anyway), and it is close-on-exec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import weakref
+from collections.abc import Callable
+
+#: Datagrams one drain reads at most (a hostile sender cannot keep a drain going: what is
+#: left only makes the next await return at once, and the reader re-checks).
+DRAIN_MAX = 64
+
+_LIVE: weakref.WeakSet[WakeSocket] = weakref.WeakSet()
+
+
+def address(nonce: int, index: int, pid: int) -> bytes:
+    """The abstract-namespace address of reader ``index`` of the queue with ``nonce``, held
+    by process ``pid`` (the name ``_csrc/sockwake.c`` sends to)."""
+    return b"\0shmcast-%016x-%d-%d" % (nonce, index, pid)
+
+
+def same_netns(pid: int) -> bool:
+    """True if process ``pid`` provably shares this process's network namespace (where
+    abstract socket names live); False if it does not or that cannot be read."""
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net")
+        ours = os.stat("/proc/self/ns/net")
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+
+class WakeSocket:
+    """One reader endpoint's wake-up socket in this process.
+
+    Who may call: the thread of the event loop that awaits on the endpoint (one call at a time,
+    which the endpoint enforces).  Raises OSError from the constructor if the address cannot be
+    bound (taken, or no socket can be made): the caller falls back to the helper thread.
+    """
+
+    def __init__(self, nonce: int, index: int) -> None:
+        self.pid = os.getpid()
+        self.wakes = 0  #: awaits ended by a datagram (statistics, tests)
+        self._waiting = False
+        self._closed = False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            sock.bind(address(nonce, index, self.pid))
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        _LIVE.add(self)
+
+    def drain(self) -> None:
+        """Step 1: read what is pending (at most DRAIN_MAX datagrams)."""
+        recv = self._sock.recv
+        for _ in range(DRAIN_MAX):
+            try:
+                recv(16)
+            except (BlockingIOError, InterruptedError):
+                return
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float | None,
+                   slice_: float, on_slice: Callable[[], bool]) -> bool:  # fmt: skip
+        """Step 5: await readability until ``deadline`` (None: no end), calling
+        ``on_slice()`` after every ``slice_`` seconds without a datagram (it returns True to
+        stop, or raises); True if a datagram came.  Reads nothing (the next drain does).  The
+        loop watches the socket for the whole wait, not once per slice."""
+        fut = loop.create_future()
+        clock = time.monotonic
+        timer: asyncio.TimerHandle | None = None
+
+        def readable() -> None:
+            if not fut.done():
+                fut.set_result(True)
+
+        def slice_ended() -> None:  # in a timer callback: the task resumes only at the end
+            nonlocal timer
+            if fut.done():
+                return
+            try:
+                stop = on_slice()
+            except Exception as exc:  # QueueBroken, SegmentError...: the await raises it
+                fut.set_exception(exc)
+                return
+            wait = slice_ if deadline is None else min(slice_, deadline - clock())
+            if stop or wait <= 0:
+                fut.set_result(False)
+            else:
+                timer = loop.call_later(wait, slice_ended)
+
+        fd = self._sock.fileno()
+        self._waiting = True
+        loop.add_reader(fd, readable)
+        try:
+            first = slice_ if deadline is None else min(slice_, deadline - clock())
+            if first <= 0:
+                return False
+            timer = loop.call_later(first, slice_ended)
+            woke = await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            loop.remove_reader(fd)
+            self._waiting = False
+            if self._closed:  # closed while we waited: now that the loop let go of it
+                self._sock.close()
+        if woke:
+            self.wakes += 1
+        return woke
+
+    def close(self) -> None:
+        """Close the socket (its name is free again); deferred to the end of an await in
+        progress, so that the loop never watches a closed descriptor."""
+        self._closed = True
+        _LIVE.discard(self)
+        if not self._waiting:
+            self._sock.close()
+
+    def _forget(self) -> None:
+        """In a forked child: close the inherited copy (the parent's stays bound)."""
+        self._closed = True
+        self._sock.close()
+
+
+def _after_fork_in_child() -> None:
+    for ws in list(_LIVE):
+        ws._forget()
+    _LIVE.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+__all__ = ["DRAIN_MAX", "WakeSocket", "address", "same_netns"]
