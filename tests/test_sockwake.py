@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from _procs import async_reader_gaps, inherited_async_reader, later, process_group
 
-from shmcast import BroadcastQueue, FutexWait, QueueClosed
+from shmcast import BroadcastQueue, FutexWait, QueueClosed, _sockwake
 from shmcast import _layout as L
 from shmcast._sockwake import DRAIN_MAX, address, same_netns
 
@@ -69,7 +69,9 @@ def test_no_datagram_while_no_reader_sleeps_on_a_socket(pair) -> None:
 
 
 @pytest.mark.parametrize("readers", [1, 3])
-def test_no_wake_up_is_lost_across_thousands_of_sleeps(readers: int) -> None:
+def test_no_wake_up_is_lost_across_thousands_of_sleeps(readers: int, monkeypatch) -> None:
+    # Sockets for every reader here, whatever the CPUs (the forked readers inherit the limit).
+    monkeypatch.setattr(_sockwake, "SOCKET_READERS_MAX", readers)
     count = 3000
     with (
         process_group("fork", timeout=100) as group,
@@ -161,6 +163,25 @@ def test_a_squatted_address_falls_back_to_the_helper(pair) -> None:
         assert reader._aio_helper is not None
     finally:
         squatter.close()
+
+
+def test_a_queue_with_more_readers_than_spare_cpus_keeps_the_helper() -> None:
+    """Readers beyond the spare CPUs would all be run on the writer's core by the datagram's
+    wake-up (shmcast._sockwake): such a queue's readers sleep through the helper thread."""
+    n = _sockwake.SOCKET_READERS_MAX + 1
+    with (
+        BroadcastQueue(n, n_slots=8, slot_size=256) as writer,
+        BroadcastQueue.attach(writer.handle, 0, wait=LONG) as reader,
+    ):
+
+        async def main() -> Any:
+            later(0.1, writer.put, "through the helper")
+            return await reader.get_async(timeout=10)
+
+        assert asyncio.run(main()) == "through the helper"
+        assert reader._aio_sock == (os.getpid(), None)
+        assert reader._aio_helper is not None
+        assert writer._writer.cursor.signals == 0
 
 
 def test_only_a_writer_in_our_network_namespace_counts() -> None:

@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import _layout as L
+from . import _sockwake
 from ._endpoint import Endpoint, as_bytes_view, check_max_count, check_timeout
 from ._errors import QueueClosed, QueueTimeout
 from ._ring import RingReader, RingWriter, timeout_error
@@ -464,8 +465,11 @@ class BroadcastAsync(AsyncEndpoint):
         if got is None or got[0] != pid:
             sock = None
             # The writer must reach our address: the same network namespace (abstract names
-            # live there).  A taken address (squatted) falls back too.
-            if same_netns(waiter.writer_pid()):
+            # live there).  A taken address (squatted) falls back too, and so does a queue
+            # with more readers than spare CPUs (the kernel would run them all on the
+            # writer's core: see shmcast._sockwake).
+            fits = self._geometry.n_peers <= _sockwake.SOCKET_READERS_MAX
+            if fits and same_netns(waiter.writer_pid()):
                 with contextlib.suppress(OSError):
                     sock = WakeSocket(waiter.nonce, waiter.index)
             got = self._aio_sock = (pid, sock)

@@ -27,6 +27,15 @@ socket, or none), the reader keeps the helper thread of :mod:`shmcast._aio` inst
 
 A socket belongs to the process that bound it: an inherited one is closed in a forked child
 (an endpoint refuses to work there anyway), and it is close-on-exec.
+
+Only queues whose readers fit the spare CPUs (:data:`SOCKET_READERS_MAX`: the CPUs this
+process may use, minus the writer's) sleep on sockets.  The kernel treats a datagram's wake-up
+as a hand-over (a "synchronous" wake-up: the sender is expected to sleep soon) and tends to
+run the woken reader on the sender's CPU; one reader there costs nothing, but a writer that
+wakes more readers than there are other CPUs queues them on its own core, where a futex
+wake-up spreads them.  Measured with four readers on two CPUs (docs/benchmarks.md, "asyncio
+readers"): the socket's p50 was about three times the helper thread's unless the readers were
+pinned two per core.  Such queues keep the helper thread.
 """
 
 from __future__ import annotations
@@ -38,9 +47,15 @@ import time
 import weakref
 from collections.abc import Callable
 
+from ._wait import SPARE_CPUS
+
 #: Datagrams one drain reads at most (a hostile sender cannot keep a drain going: what is
 #: left only makes the next await return at once, and the reader re-checks).
 DRAIN_MAX = 64
+
+#: Queues of at most this many readers sleep on sockets (see the module docstring); larger
+#: ones keep the helper thread.  The spare CPUs of this process, at least one.
+SOCKET_READERS_MAX = max(1, SPARE_CPUS)
 
 _LIVE: weakref.WeakSet[WakeSocket] = weakref.WeakSet()
 
