@@ -34,8 +34,8 @@ as a hand-over (a "synchronous" wake-up: the sender is expected to sleep soon) a
 run the woken reader on the sender's CPU; one reader there costs nothing, but a writer that
 wakes more readers than there are other CPUs queues them on its own core, where a futex
 wake-up spreads them.  Measured with four readers on two CPUs (docs/benchmarks.md, "asyncio
-readers"): the socket's p50 was about three times the helper thread's unless the readers were
-pinned two per core.  Such queues keep the helper thread.
+readers"): the socket's p50 was about three times the helper thread's.  Such queues keep the
+helper thread.
 """
 
 from __future__ import annotations
