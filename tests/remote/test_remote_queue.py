@@ -350,11 +350,13 @@ def test_a_reader_that_only_pauses_is_never_dropped() -> None:
     """It reads nothing for three times dead_after while the writer is blocked on it: its
     heartbeats go on, so even with on_dead_reader="drop" it gets every message."""
     plan = [(RAW, 3000)] * 40
-    options = RemoteOptions(bind=LOOP4, window_messages=4, heartbeat=0.1, dead_after=0.5)
+    # A heartbeat every 0.2 s against 1 s of silence: a run on a busy machine may delay one
+    # by most of a second without the reader being taken for dead.
+    options = RemoteOptions(bind=LOOP4, window_messages=4, heartbeat=0.2, dead_after=1.0)
     writer = BroadcastQueue(1, remote=options, on_dead_reader="drop", **SMALL)
     with writer, process_group("forkserver") as group:
         group.start(remote_reader_plan, writer.handle, 0, 9, plan,
-                    {"network": True, "pause": 1.5})  # fmt: skip
+                    {"network": True, "pause": 3.0})  # fmt: skip
         writer.wait_until_ready(timeout=30)
         from _procs import send_plan
 
