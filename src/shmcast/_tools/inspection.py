@@ -512,6 +512,17 @@ def inspect_queue(name: str) -> QueueState:
     return _inspect(loc)[0]
 
 
+def inspect_open_segment(fd: int, name: str) -> QueueState:
+    """Read the queue of a segment the caller holds open (``fd``, named ``name`` in messages),
+    as :func:`inspect_queue` does, without looking for it: for an endpoint that wants a look at
+    its own queue.  Raises as :func:`inspect_queue` does."""
+    try:
+        size = os.fstat(fd).st_size
+    except OSError as exc:
+        raise _Unusable(_STATUS_MISSING, name, f"cannot read it: {exc}") from None
+    return _snapshot(fd, size, name)[0]
+
+
 def _file_size(loc: _Location) -> int:
     try:
         return os.stat(loc.path).st_size

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._errors import SegmentError
-from .._tools.inspection import inspect_queue
+from .._tools.inspection import inspect_open_segment
 from .._wait import FutexWait, Waiter
 
 #: vLLM's default: a reader counts as busy for one second after its last read.
@@ -126,16 +126,16 @@ class RingFlags:
     reuse the slot as far as that reader is concerned.  A message held by ``acquire_read`` is
     not released until its block ends.  A reader that left keeps the position it had.
 
-    The bytes are a snapshot computed from the sequences in the segment
-    (:func:`shmcast._tools.inspection.inspect_queue`, which reads the readers' sequences before the
-    writer's, so that a reader's flag never claims a slot the writer had not published);
+    The bytes are a snapshot computed from the sequences in the segment, read through this
+    end's own descriptor (:func:`shmcast._tools.inspection.inspect_open_segment`, which reads
+    the readers' sequences before the writer's, so that a reader's flag never claims a slot the
+    writer had not published);
     writing into them changes nothing.  Where vLLM differs: its ``get_metadata(i)`` yields the
     flag bytes of chunk ``i`` of ``max_chunks`` themselves, in shared memory, which its writer
     and readers write; the drop-in's ring has ``n_slots`` slots of its own size, and no flag
-    bytes: a slot's state follows from the sequences.  A look costs a few milliseconds (the
-    segment is found through the descriptors of this host's processes).
+    bytes: a slot's state follows from the sequences.
 
-    SegmentError once the queue's segment is gone, or if its sequences are impossible;
+    SegmentError once this end was shut down, or if the segment's sequences are impossible;
     IndexError for a slot outside the ring.  Any thread may call it.
     """
 
@@ -153,7 +153,10 @@ class RingFlags:
             raise TypeError(f"a slot index must be an int, not {type(index).__name__}")
         if not 0 <= index < self.n_slots:
             raise IndexError(f"slot {index} is outside the ring (slots 0 to {self.n_slots - 1})")
-        ring = inspect_queue(self._queue.name).rings[0]
+        seg = self._queue._seg
+        if seg.fd < 0:
+            raise SegmentError(f"{self._queue.name}: this end of the queue was shut down")
+        ring = inspect_open_segment(seg.fd, self._queue.name).rings[0]
         written = ring.writer.seq
         flags = bytearray(self.metadata_size)
         if written <= index:
