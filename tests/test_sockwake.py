@@ -148,19 +148,25 @@ def test_a_cancelled_await_undoes_its_mark(pair) -> None:
     assert asyncio.run(main()) == "after"
 
 
+def assert_served_by_the_helper(writer: BroadcastQueue, reader: BroadcastQueue) -> None:
+    """An await of ``reader`` gets a message put a little later, through the helper thread:
+    no wake-up socket for this process."""
+
+    async def main() -> Any:
+        later(0.1, writer.put, "through the helper")
+        return await reader.get_async(timeout=10)
+
+    assert asyncio.run(main()) == "through the helper"
+    assert reader._aio_sock == (os.getpid(), None)
+    assert reader._aio_helper is not None
+
+
 def test_a_squatted_address_falls_back_to_the_helper(pair) -> None:
     writer, reader = pair
     squatter = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     squatter.bind(address(_nonce(reader), 0, os.getpid()))
     try:
-
-        async def main() -> Any:
-            later(0.1, writer.put, "through the helper")
-            return await reader.get_async(timeout=10)
-
-        assert asyncio.run(main()) == "through the helper"
-        assert reader._aio_sock == (os.getpid(), None)
-        assert reader._aio_helper is not None
+        assert_served_by_the_helper(writer, reader)
     finally:
         squatter.close()
 
@@ -173,14 +179,7 @@ def test_a_queue_with_more_readers_than_spare_cpus_keeps_the_helper() -> None:
         BroadcastQueue(n, n_slots=8, slot_size=256) as writer,
         BroadcastQueue.attach(writer.handle, 0, wait=LONG) as reader,
     ):
-
-        async def main() -> Any:
-            later(0.1, writer.put, "through the helper")
-            return await reader.get_async(timeout=10)
-
-        assert asyncio.run(main()) == "through the helper"
-        assert reader._aio_sock == (os.getpid(), None)
-        assert reader._aio_helper is not None
+        assert_served_by_the_helper(writer, reader)
         assert writer._writer.cursor.signals == 0
 
 
