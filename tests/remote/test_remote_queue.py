@@ -422,12 +422,14 @@ def test_a_payload_changed_in_the_ring_never_reaches_a_remote_reader() -> None:
     """With checksums, the publisher checks what it sends: a message whose bytes another
     process changed in the ring is not sent; the publisher stops (the segment is not to be
     trusted any more) and the remote reader is told the writer is gone."""
-    with BroadcastQueue(1, remote=RemoteOptions(bind=LOOP4), checksum=True, **SMALL) as writer:
+    remote = RemoteOptions(bind=LOOP4)
+    with BroadcastQueue(1, remote=remote, checksum=True, n_slots=32, slot_size=4096) as writer:
         reader = BroadcastQueue.attach(writer.handle, 0, network=True, allow_pickle=True)
         try:
             writer.wait_until_ready(timeout=10)
-            writer.put_bytes(b"intact" * 100, timeout=5)
-            assert reader.get_bytes(timeout=5) == b"intact" * 100
+            for intact in (b"intact" * 100, os.urandom(100_000)):  # gathered; a frame alone
+                writer.put_bytes(intact, timeout=5)
+                assert reader.get_bytes(timeout=5) == intact
             payload = os.urandom(3000)
             with writer._publisher._lock:  # the publisher takes nothing meanwhile
                 writer.put_bytes(payload, timeout=5)

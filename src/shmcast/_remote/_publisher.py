@@ -476,8 +476,9 @@ class Publisher:
         payloads: list[Any] = [] if large is None else [large[0]]
         frames = W.data_frames(self._nonce, s.next_seq, entries, small, payloads)
         # copy=False for what is ours alone (the gathered bytes, a streamed message's private
-        # copy: nothing writes to them again); ring slots are copied before they go back.
-        in_ring = large is not None and large[1] != 0
+        # copy, the checked copy taken with checksums: nothing writes to them again); ring
+        # slots (a view of the segment) are copied before they go back.
+        in_ring = large is not None and large[1] != 0 and isinstance(large[0], memoryview)
         ok = self._send(s, frames, copy=in_ring)
         if large is not None:
             s.ring.finish_message(large[1])  # after the copy: the writer may reuse the slots
