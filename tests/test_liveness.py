@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import subprocess
 import sys
 
 import pytest
 from _procs import process_group, report_identity, wait_for_state
 
-from shmcast._liveness import identity, is_alive, process_start_time
+from shmcast import _liveness
+from shmcast._liveness import exit_fd, identity, is_alive, process_start_time
 
 
 def _stat_start_time(pid: int) -> int:
@@ -111,3 +114,98 @@ def test_command_names_with_spaces_and_parentheses() -> None:
     finally:
         child.communicate(timeout=30)
     assert not is_alive(child.pid, start_before)
+
+
+# -- the pidfd cache ----------------------------------------------------------------------------
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
+
+
+@pytest.mark.timeout(60)
+def test_a_watched_process_is_dead_as_soon_as_it_ends() -> None:
+    child = _sleeper()
+    try:
+        start = _stat_start_time(child.pid)
+        assert is_alive(child.pid, start)  # looked up once, then watched
+        fd = exit_fd(child.pid, start)
+        assert fd is not None and not _readable(fd, 0)
+        child.kill()
+        try:
+            assert _readable(fd, 10)  # the descriptor tells, before anyone reaps the child
+            assert not is_alive(child.pid, start)  # a zombie now: dead
+        finally:
+            os.close(fd)  # the caller's own copy
+        assert (child.pid, start) not in _liveness._WATCHES._fds  # a dead one's goes at once
+    finally:
+        child.kill()
+        child.wait(10)
+    assert exit_fd(child.pid, start) is None
+
+
+def test_no_exit_descriptor_without_a_start_time_or_a_process() -> None:
+    pid, start = identity()
+    assert exit_fd(pid, 0) is None  # unknown start: existence only, never cached
+    assert exit_fd(pid, start + 1) is None  # another process's identity
+    assert exit_fd(0, 5) is None and exit_fd(2**63, 5) is None
+
+
+@pytest.mark.timeout(60)
+def test_the_cache_keeps_at_most_its_bound(monkeypatch) -> None:
+    watches = _liveness._Watches()
+    monkeypatch.setattr(_liveness, "_WATCHES", watches)
+    monkeypatch.setattr(_liveness, "WATCHED_MAX", 2)
+    children = [_sleeper() for _ in range(3)]
+    try:
+        known = [(c.pid, _stat_start_time(c.pid)) for c in children]
+        for _ in range(2):
+            assert all(is_alive(pid, start) for pid, start in known)
+            assert len(watches._fds) == 2
+        children[0].kill()
+        children[0].wait(10)
+        assert not is_alive(*known[0])  # evicted earlier: looked up again, and dead
+        assert all(is_alive(pid, start) for pid, start in known[1:])
+    finally:
+        for c in children:
+            c.kill()
+            c.wait(10)
+    assert not any(is_alive(pid, start) for pid, start in known)
+    assert not watches._fds
+
+
+@pytest.mark.parametrize("err", [errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.EMFILE])
+def test_without_pidfds_proc_answers(monkeypatch, err: int) -> None:
+    watches = _liveness._Watches()
+    monkeypatch.setattr(_liveness, "_WATCHES", watches)
+
+    def refuse(pid: int, flags: int = 0) -> int:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "pidfd_open", refuse)
+    pid, start = identity()
+    assert is_alive(pid, start) and is_alive(os.getppid(), process_start_time(os.getppid()))
+    assert not is_alive(pid, start + 1)
+    assert exit_fd(pid, start) is None
+    assert not watches._fds
+    # A kernel or sandbox without them stops asking; a one-off refusal does not.
+    assert watches._unavailable == (err in (errno.ENOSYS, errno.EPERM))
+
+
+@pytest.mark.timeout(60)
+def test_the_cache_is_usable_in_a_forked_child() -> None:
+    parent = os.getppid(), process_start_time(os.getppid())
+    assert is_alive(*parent)  # cached before the fork
+    with process_group("fork", timeout=30) as group:
+        child = group.start(_alive_in_child, parent)
+        assert group.result(child) is True
+
+
+def _alive_in_child(who: tuple[int, int]) -> bool:
+    return is_alive(*who) and is_alive(*identity())

@@ -7,6 +7,7 @@ hostile datagrams or garbage in the marks only cost spurious wake-ups and bounde
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import threading
@@ -14,9 +15,23 @@ import time
 from typing import Any
 
 import pytest
-from _procs import async_reader_gaps, inherited_async_reader, later, process_group
+from _procs import (
+    async_reader_gaps,
+    inherited_async_reader,
+    later,
+    process_group,
+    writer_then_die,
+)
 
-from shmcast import BroadcastQueue, FutexWait, QueueClosed, _sockwake
+from shmcast import (
+    BroadcastQueue,
+    FutexWait,
+    QueueBroken,
+    QueueClosed,
+    QueueTimeout,
+    _aio,
+    _sockwake,
+)
 from shmcast import _layout as L
 from shmcast._sockwake import DRAIN_MAX, address, same_netns
 
@@ -159,6 +174,82 @@ def assert_served_by_the_helper(writer: BroadcastQueue, reader: BroadcastQueue) 
     assert asyncio.run(main()) == "through the helper"
     assert reader._aio_sock == (os.getpid(), None)
     assert reader._aio_helper is not None
+
+
+# -- the writer's pidfd -----------------------------------------------------------------------
+
+
+def test_a_dead_writer_wakes_the_await_through_its_pidfd() -> None:
+    """With a 30 s slice only the writer's pidfd, which the loop watches, can end the await
+    in time: QueueBroken once its last message is read."""
+    with process_group("fork", timeout=60) as group:
+        report, report_child = group.back_channel()
+        control, control_child = group.channel()
+        child = group.start(writer_then_die, report_child, 1, [b"last"], control_child)
+        assert report.poll(30)
+        with BroadcastQueue.attach(report.recv(), 0, wait=LONG) as reader:
+            assert report.poll(30) and report.recv() == "sent"
+
+            async def main() -> float:
+                assert await reader.get_async(timeout=20) == b"last"
+                later(0.2, group.kill, child)
+                start = time.monotonic()
+                with pytest.raises(QueueBroken):
+                    await reader.get_async(timeout=20)
+                return time.monotonic() - start
+
+            took = asyncio.run(main())
+            assert reader._aio_helper is None  # on its socket, not through the helper
+            assert took < 5.0, took  # the kill, and a loaded machine's delay: not 30 s
+        control.close()
+
+
+def _count_looks(reader: BroadcastQueue, monkeypatch) -> list[float]:
+    looks: list[float] = []
+    ring = type(reader._reader)
+    tick = ring.tick
+
+    def counted(self) -> None:
+        looks.append(time.monotonic())
+        tick(self)
+
+    monkeypatch.setattr(ring, "tick", counted)
+    return looks
+
+
+def test_an_idle_await_looks_once_per_sixteen_slices_while_the_writer_is_watched(
+    monkeypatch,
+) -> None:
+    slice_ = 0.05
+    with (
+        BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
+        BroadcastQueue.attach(
+            writer.handle, 0, wait=FutexWait(spin_us=0, min_spin_us=0, slice=slice_)
+        ) as reader,
+    ):
+        looks = _count_looks(reader, monkeypatch)
+        with pytest.raises(QueueTimeout):
+            asyncio.run(reader.get_async(timeout=2.0))
+        assert reader._aio_helper is None
+    # 2 s in slices of 50 ms: 40 looks unwatched; with the writer watched one per 0.8 s.
+    assert 1 <= len(looks) <= 2 / (_aio.WATCHED_LOOK_SLICES * slice_) + 1, looks
+
+
+def test_a_long_wait_is_still_logged_on_time(monkeypatch, caplog) -> None:
+    policy = FutexWait(spin_us=0, min_spin_us=0, slice=0.05, warn_after=0.3)
+    with (
+        BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
+        BroadcastQueue.attach(writer.handle, 0, wait=policy) as reader,
+        caplog.at_level(logging.INFO, logger="shmcast"),
+    ):
+        looks = _count_looks(reader, monkeypatch)
+        with pytest.raises(QueueTimeout):
+            asyncio.run(reader.get_async(timeout=1.0))
+    logged = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+    assert logged, caplog.records
+    waited = float(logged[0].split("has waited ")[1].split(" s")[0])
+    assert 0.3 <= waited < 0.6, logged  # the look comes when the log is due, not 0.8 s on
+    assert len(looks) < 1.0 / 0.05, looks  # and the idle wait still looks less than per slice
 
 
 def test_a_squatted_address_falls_back_to_the_helper(pair) -> None:

@@ -14,8 +14,10 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
 3. **Sleep.**  A broadcast reader sleeps on its own wake-up socket (:mod:`shmcast._sockwake`,
    docs/protocol.md "P3 on a socket"), which its event loop watches and the publisher signals:
    one wake-up.  Rounds in the loop's thread: drain, mark and announce, re-check, await the
-   socket's readability, with a look and the waiter's ``tick`` once per slice (QueueBroken for
-   a dead writer, long-wait logs); when the condition holds, the attempt of step 1 again.
+   socket's readability, with a look and the waiter's ``tick`` now and then (QueueBroken for
+   a dead writer, long-wait logs): when the writer's pidfd, which the loop also watches, says
+   it ended, and otherwise once per slice, or once per :data:`WATCHED_LOOK_SLICES` slices
+   while that pidfd is watched.  When the condition holds, the attempt of step 1 again.
    Everything else (a ``put_async`` waiting for room, a gather reader, a reader whose address
    could not be bound or whose writer is in another network namespace) sleeps through the
    endpoint's helper thread: one thread per endpoint, started on the first wait that gets this
@@ -64,6 +66,10 @@ from ._sockwake import WakeSocket, same_netns
 from ._wait import SPARE_CPUS, FutexWait
 
 _DEFAULTS = FutexWait()
+
+#: An awaiting reader whose loop watches its writer's pidfd looks at the ring (and logs a long
+#: wait) once per this many slices: the writer's death wakes it without a look.
+WATCHED_LOOK_SLICES = 16
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
@@ -251,46 +257,66 @@ class AsyncEndpoint(Endpoint):
         """The wake-up socket a data wait of ``waiter`` sleeps on, or None: the helper thread."""
         return None
 
-    async def _aio_sleep_on(self, sock: WakeSocket, attempt: Callable[[], Any], waiter: Any,
-                            deadline: float | None, timeout: float | None,
-                            what: str) -> Any:  # fmt: skip
+    async def _aio_sleep_on(self, sock: WakeSocket, attempt: Callable[[], Any],
+                            waiter: RingReader, deadline: float | None,
+                            timeout: float | None, what: str) -> Any:  # fmt: skip
         """Step 3 on the reader's socket (shmcast._sockwake): rounds of drain, mark and
-        announce, re-check, await a datagram (a look and the waiter's tick once per slice),
-        until ``attempt()`` succeeds.  The guard is held during a round (a
-        close meanwhile unmaps after it, never under a mark); ``attempt`` takes it itself."""
+        announce, re-check, await a datagram, until ``attempt()`` succeeds.  The guard is held
+        during a round (a close meanwhile unmaps after it, never under a mark); ``attempt``
+        takes it itself.
+
+        Between datagrams the reader looks at the ring and ticks (a dead writer, long-wait
+        logs).  With the writer's pidfd watched by the loop (``RingReader.writer_exit_fd``)
+        its death is a wake-up of its own, so the look comes only every
+        :data:`WATCHED_LOOK_SLICES` slices, or when a long-wait log is due; without one, once
+        per slice, as a synchronous wait ticks."""
         loop = asyncio.get_running_loop()
         clock = time.monotonic
         slice_ = self._policy.slice
-        next_tick = clock() + slice_
+        exit_fd = waiter.writer_exit_fd()
+        if exit_fd is None:
 
-        def on_slice() -> bool:  # a slice without a datagram: look, and tick
+            def next_look() -> float:
+                return slice_
+        else:
+
+            def next_look() -> float:
+                return max(slice_, min(WATCHED_LOOK_SLICES * slice_, waiter.log_due_in()))
+
+        next_tick = clock() + next_look()
+
+        def on_look() -> bool:  # no datagram for a while, or the writer ended: look, and tick
             nonlocal next_tick
             if waiter.ready():
                 return True
             waiter.tick()  # a dead writer (QueueBroken), long-wait logs
-            next_tick = clock() + slice_
+            next_tick = clock() + next_look()
             return False
 
-        while True:
-            if deadline is not None and clock() >= deadline:
-                raise timeout_error(what, timeout)
-            with self._guard:
-                sock.drain()  # P3 step 1: a datagram pending from now on is a fresh signal
-                ready = waiter.sock_arm()  # steps 2-4: mark, announce, re-check
-                if not ready:
+        try:
+            while True:
+                if deadline is not None and clock() >= deadline:
+                    raise timeout_error(what, timeout)
+                with self._guard:
+                    sock.drain()  # P3 step 1: a datagram pending from now on is a fresh signal
+                    ready = waiter.sock_arm()  # steps 2-4: mark, announce, re-check
+                    if not ready:
+                        try:
+                            # step 5, until a datagram or the deadline (a cancellation lands here)
+                            await sock.wait(loop, deadline, next_look, on_look, exit_fd)
+                        finally:
+                            waiter.sock_disarm()
+                        ready = waiter.ready()
+                    if not ready and clock() >= next_tick:  # stray datagrams, one after another
+                        on_look()
+                if ready:
                     try:
-                        # step 5, until a datagram or the deadline (a cancellation lands here)
-                        await sock.wait(loop, deadline, slice_, on_slice)
-                    finally:
-                        waiter.sock_disarm()
-                    ready = waiter.ready()
-                if not ready and clock() >= next_tick:  # stray datagrams, one after another
-                    on_slice()
-            if ready:
-                try:
-                    return attempt()
-                except QueueTimeout:
-                    pass
+                        return attempt()
+                    except QueueTimeout:
+                        pass
+        finally:
+            if exit_fd is not None:
+                os.close(exit_fd)
 
     # -- sending --------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ to the process attached at its index.  Neither is thread-safe; the queue seriali
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 
@@ -50,6 +51,7 @@ from ._errors import (
     QueueTimeout,
     SegmentError,
 )
+from ._liveness import exit_fd
 from ._native import EARLY_WRAP_MIN, Cursor, crc32c
 from ._participants import announce, read_participant, signal_sockets
 from ._segment import Segment
@@ -439,6 +441,12 @@ class SlowWait:
         self._next = waited + min(max(waited, policy.warn_after), 600.0)
         return waited
 
+    def due_in(self, policy: WaitPolicy) -> float:
+        """Seconds until the next message is due (infinity: none will be)."""
+        if policy.warn_after is None:
+            return math.inf
+        return max(self._next, policy.warn_after) - (time.monotonic() - self._started)
+
 
 class _Source:
     """Copies a list of byte views, in order, into successive destination views."""
@@ -646,6 +654,16 @@ class RingReader:
                 "get on %s has waited %.1f s for %s (%s); nothing new since sequence %d",
                 self.label, waited, self.writer_name, who, self.cursor.pos,
             )  # fmt: skip
+
+    def log_due_in(self) -> float:
+        """Seconds until :meth:`tick` logs the wait (infinity: never)."""
+        return self._slow.due_in(self.policy)
+
+    def writer_exit_fd(self) -> int | None:
+        """A new descriptor (the caller closes it) that becomes readable when the attached
+        writer ends, or None (not attached, gone, or no pidfds: see shmcast._liveness)."""
+        p = read_participant(self._a, self._ring.writer, f"the {self.writer_name}")
+        return exit_fd(p.pid, p.start) if p.state == L.ATTACHED else None
 
     def writer_pid(self) -> int:
         """The pid in this ring's writer line (checked: SegmentError for garbage)."""

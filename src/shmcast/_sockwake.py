@@ -12,8 +12,9 @@ the process ends.  The sleep (docs/protocol.md, P3 "on a socket"):
    ``sock_sleepers`` word;
 3. announce, as a futex sleeper does (``announced`` and ``sleepers``);
 4. re-check; if the condition holds, undo and take;
-5. else await the socket's readability (a look and the waiter's tick once per slice without
-   a datagram, in a timer callback), undo, and go round.
+5. else await the socket's readability (with a look and the waiter's tick in a timer
+   callback now and then, and at once when the writer's pidfd says it ended), undo, and go
+   round.
 
 A wake that decides to wake (the writer's publish, a close or detach) sends one byte to every
 marked reader while the count is non-zero (``_csrc/sockwake.c``).  A datagram stays until it is
@@ -110,46 +111,64 @@ class WakeSocket:
                 return
 
     async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float | None,
-                   slice_: float, on_slice: Callable[[], bool]) -> bool:  # fmt: skip
-        """Step 5: await readability until ``deadline`` (None: no end), calling
-        ``on_slice()`` after every ``slice_`` seconds without a datagram (it returns True to
-        stop, or raises); True if a datagram came.  Reads nothing (the next drain does).  The
-        loop watches the socket for the whole wait, not once per slice."""
+                   next_look: Callable[[], float], on_look: Callable[[], bool],
+                   exit_fd: int | None = None) -> bool:  # fmt: skip
+        """Step 5: await readability until ``deadline`` (None: no end), calling ``on_look()``
+        after ``next_look()`` seconds without a datagram, and again after each further
+        ``next_look()`` (it returns True to stop, or raises); True if a datagram came.  With
+        ``exit_fd`` (a pidfd of the peer), ``on_look()`` is also called once when the peer
+        ends.  Reads nothing (the next drain does).  The loop watches the descriptors for the
+        whole wait, each look is a timer callback."""
         fut = loop.create_future()
         clock = time.monotonic
         timer: asyncio.TimerHandle | None = None
+        watching_exit = False
 
         def readable() -> None:
             if not fut.done():
                 fut.set_result(True)
 
-        def slice_ended() -> None:  # in a timer callback: the task resumes only at the end
+        def look() -> None:  # in a callback: the task resumes only at the end
             nonlocal timer
+            if timer is not None:
+                timer.cancel()
+                timer = None
             if fut.done():
                 return
             try:
-                stop = on_slice()
+                stop = on_look()
             except Exception as exc:  # QueueBroken, SegmentError...: the await raises it
                 fut.set_exception(exc)
                 return
-            wait = slice_ if deadline is None else min(slice_, deadline - clock())
+            wait = next_look() if deadline is None else min(next_look(), deadline - clock())
             if stop or wait <= 0:
                 fut.set_result(False)
             else:
-                timer = loop.call_later(wait, slice_ended)
+                timer = loop.call_later(wait, look)
+
+        def peer_ended() -> None:  # level-triggered: once is enough, the timer goes on
+            nonlocal watching_exit
+            loop.remove_reader(exit_fd)
+            watching_exit = False
+            look()
 
         fd = self._sock.fileno()
         self._waiting = True
         loop.add_reader(fd, readable)
         try:
-            first = slice_ if deadline is None else min(slice_, deadline - clock())
+            first = next_look() if deadline is None else min(next_look(), deadline - clock())
             if first <= 0:
                 return False
-            timer = loop.call_later(first, slice_ended)
+            if exit_fd is not None:
+                loop.add_reader(exit_fd, peer_ended)
+                watching_exit = True
+            timer = loop.call_later(first, look)
             woke = await fut
         finally:
             if timer is not None:
                 timer.cancel()
+            if watching_exit:
+                loop.remove_reader(exit_fd)
             loop.remove_reader(fd)
             self._waiting = False
             if self._closed:  # closed while we waited: now that the loop let go of it
