@@ -25,12 +25,16 @@ from _procs import (
 
 from shmcast import (
     BroadcastQueue,
+    FutexWait,
     GatherQueue,
     MessageKindError,
     QueueBroken,
     QueueTimeout,
     RoleError,
+    _aio,
+    _wait,
 )
+from shmcast import _layout as L
 
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 LOOPS = [
@@ -181,6 +185,47 @@ def test_cancelled_in_the_spin_phase_loses_nothing(pair) -> None:
         return got
 
     assert run(main()) == list(range(0, 200, 3))
+
+
+def _spin_record(reader: BroadcastQueue, monkeypatch, crowded: bool) -> list[int]:
+    """Make the machine look crowded (or not) to the async waits, and record the spinning
+    counts their spin phase adds."""
+    monkeypatch.setattr(_wait.LOAD, "crowded", lambda now, idle: crowded)
+    counts: list[int] = []
+    ring = reader._reader
+    count = ring.count_spin
+    monkeypatch.setattr(ring, "count_spin", lambda d: (counts.append(d), count(d)))
+    reader._aio_budget = 0.05  # a spin phase of up to 50 ms, whatever came before
+    return counts
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_a_polite_spinner_does_not_start_on_a_crowded_machine(crowded: bool, monkeypatch) -> None:
+    policy = FutexWait(max_spinners=0, spin_us=50_000)  # never eager: polite spins only
+    with (
+        BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
+        BroadcastQueue.attach(writer.handle, 0, wait=policy) as reader,
+    ):
+        counts = _spin_record(reader, monkeypatch, crowded)
+        later(0.01, writer.put, "x")
+        assert run(reader.get_async(timeout=10)) == "x"
+    assert counts == ([] if crowded else [1, -1])
+
+
+def test_an_eager_spinner_ends_its_spin_when_every_core_is_taken(monkeypatch) -> None:
+    policy = FutexWait(max_spinners=1, spin_us=50_000)
+    with (
+        BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
+        BroadcastQueue.attach(writer.handle, 0, wait=policy) as reader,
+    ):
+        counts = _spin_record(reader, monkeypatch, True)
+        yields = []
+        monkeypatch.setattr(_aio.os, "sched_yield", lambda: yields.append(1))
+        with pytest.raises(QueueTimeout):
+            run(reader.get_async(timeout=0.2))
+        assert writer._seg.atomics.load32(L.SPINNERS_OFF) == 0  # its place given back
+    assert counts == [1, -1]  # it started (eager), then the load ended it:
+    assert len(yields) == 4  # 64 looks, a yield every 16, far short of the 50 ms budget
 
 
 def test_kinds_and_many(pair) -> None:
