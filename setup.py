@@ -3,7 +3,8 @@
 from setuptools import Extension, setup
 
 #: The parts of the native core, one idea each (src/shmcast/_csrc/module.c says which).
-SOURCES = ("module", "atomics", "cursor", "guard", "crc32c", "probe", "load", "lease", "sockwake")
+SOURCES = ("module", "atomics", "cursor", "guard", "crc32c", "probe", "load", "lease", "sockwake",
+           "uring")
 
 setup(
     ext_modules=[

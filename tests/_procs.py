@@ -1101,7 +1101,7 @@ def async_reader_gaps(handle: Any, reader: int, count: int, slice_: float,
                 raise AssertionError(f"reader {reader}: message {number} was {got!r}")
             now = time.monotonic()
             longest, last = max(longest, now - last), now
-        sock = queue._aio_sock[1] if queue._aio_sock else None
+        sock = queue._aio_sleep[1] if queue._aio_sleep else None
         return {
             "longest": longest,
             "wakes": sock.wakes if sock is not None else 0,
@@ -1119,7 +1119,7 @@ def inherited_async_reader(queue: Any) -> dict[str, Any]:
 
     from shmcast import InheritedEndpoint
 
-    sock = queue._aio_sock[1]
+    sock = queue._aio_sleep[1]
     try:
         asyncio.run(queue.get_async(timeout=0.5))
         refused = False

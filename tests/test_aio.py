@@ -195,25 +195,25 @@ def _spin_record(reader: BroadcastQueue, monkeypatch, crowded: bool) -> list[int
     ring = reader._reader
     count = ring.count_spin
     monkeypatch.setattr(ring, "count_spin", lambda d: (counts.append(d), count(d)))
-    reader._aio_budget = 0.05  # a spin phase of up to 50 ms, whatever came before
+    reader._aio_budget = 1.0  # a spin phase of up to 1 s, whatever came before
     return counts
 
 
 @pytest.mark.parametrize("crowded", [False, True])
 def test_a_polite_spinner_does_not_start_on_a_crowded_machine(crowded: bool, monkeypatch) -> None:
-    policy = FutexWait(max_spinners=0, spin_us=50_000)  # never eager: polite spins only
+    policy = FutexWait(max_spinners=0, spin_us=1e6)  # never eager: polite spins only
     with (
         BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
         BroadcastQueue.attach(writer.handle, 0, wait=policy) as reader,
     ):
         counts = _spin_record(reader, monkeypatch, crowded)
-        later(0.01, writer.put, "x")
+        later(0.2, writer.put, "x")  # well after the first attempt, even on a busy machine
         assert run(reader.get_async(timeout=10)) == "x"
     assert counts == ([] if crowded else [1, -1])
 
 
 def test_an_eager_spinner_ends_its_spin_when_every_core_is_taken(monkeypatch) -> None:
-    policy = FutexWait(max_spinners=1, spin_us=50_000)
+    policy = FutexWait(max_spinners=1, spin_us=1e6)
     with (
         BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
         BroadcastQueue.attach(writer.handle, 0, wait=policy) as reader,
@@ -222,10 +222,10 @@ def test_an_eager_spinner_ends_its_spin_when_every_core_is_taken(monkeypatch) ->
         yields = []
         monkeypatch.setattr(_aio.os, "sched_yield", lambda: yields.append(1))
         with pytest.raises(QueueTimeout):
-            run(reader.get_async(timeout=0.2))
+            run(reader.get_async(timeout=2.0))
         assert writer._seg.atomics.load32(L.SPINNERS_OFF) == 0  # its place given back
     assert counts == [1, -1]  # it started (eager), then the load ended it:
-    assert len(yields) == 4  # 64 looks, a yield every 16, far short of the 50 ms budget
+    assert len(yields) == 4  # 64 looks, a yield every 16, far short of the 1 s budget
 
 
 def test_kinds_and_many(pair) -> None:

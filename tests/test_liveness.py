@@ -199,13 +199,22 @@ def test_without_pidfds_proc_answers(monkeypatch, err: int) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_the_cache_is_usable_in_a_forked_child() -> None:
-    parent = os.getppid(), process_start_time(os.getppid())
-    assert is_alive(*parent)  # cached before the fork
-    with process_group("fork", timeout=30) as group:
-        child = group.start(_alive_in_child, parent)
-        assert group.result(child) is True
+def test_a_forked_child_starts_with_an_empty_cache_and_still_answers() -> None:
+    sleeper = _sleeper()
+    try:
+        watched = sleeper.pid, _stat_start_time(sleeper.pid)
+        assert is_alive(*watched)  # cached before the fork
+        with process_group("fork", timeout=30) as group:
+            child = group.start(_alive_in_child, watched)
+            assert group.result(child) == (0, True, True)
+        sleeper.kill()
+        sleeper.wait(10)
+        assert not is_alive(*watched)  # the parent's copy still answers
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
 
 
-def _alive_in_child(who: tuple[int, int]) -> bool:
-    return is_alive(*who) and is_alive(*identity())
+def _alive_in_child(who: tuple[int, int]) -> tuple[int, bool, bool]:
+    inherited = len(_liveness._WATCHES._fds)
+    return inherited, is_alive(*who), is_alive(*identity())

@@ -41,6 +41,13 @@ pytestmark = pytest.mark.timeout(120)
 LONG = FutexWait(spin_us=0, min_spin_us=0, slice=30.0)
 
 
+@pytest.fixture(autouse=True)
+def socket_sleep(monkeypatch):
+    """Every await here sleeps on its socket where the queue allows, not through io_uring
+    (the forked readers inherit the choice)."""
+    monkeypatch.setenv(_aio.SLEEP_ENV, "socket")
+
+
 @pytest.fixture
 def pair():
     with (
@@ -67,7 +74,7 @@ def test_a_sleeping_reader_is_woken_by_the_publishers_datagram(pair) -> None:
     start = time.monotonic()
     assert asyncio.run(main()) == list(range(5))
     assert time.monotonic() - start < 10  # no await lasted a slice
-    sock = reader._aio_sock[1]
+    sock = reader._aio_sleep[1]
     assert sock is not None and sock.wakes >= 5
     assert writer._writer.cursor.signals >= 5
     assert reader._aio_helper is None  # the direct path, never the helper thread
@@ -172,7 +179,7 @@ def assert_served_by_the_helper(writer: BroadcastQueue, reader: BroadcastQueue) 
         return await reader.get_async(timeout=10)
 
     assert asyncio.run(main()) == "through the helper"
-    assert reader._aio_sock == (os.getpid(), None)
+    assert reader._aio_sleep == (os.getpid(), None)
     assert reader._aio_helper is not None
 
 
@@ -287,7 +294,7 @@ def test_a_forked_child_neither_shares_nor_uses_the_socket(pair) -> None:
         return await reader.get_async(timeout=10)
 
     assert asyncio.run(sleep_once()) == 1
-    sock = reader._aio_sock[1]
+    sock = reader._aio_sleep[1]
     with process_group("fork", timeout=60) as group:
         group.start(inherited_async_reader, reader)
         (result,) = group.results()

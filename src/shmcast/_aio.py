@@ -16,15 +16,18 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    at again, and a machine whose cores are all taken ends the spin.  (Measured with four
    readers on two cores, an eager spinner that never yielded held a core for its whole
    budget: a p99 of 4 ms, one scheduler slice, against 0.3 ms now.)
-3. **Sleep.**  A broadcast reader sleeps on its own wake-up socket (:mod:`shmcast._sockwake`,
-   docs/protocol.md "P3 on a socket"), which its event loop watches and the publisher signals:
-   one wake-up.  Rounds in the loop's thread: drain, mark and announce, re-check, await the
-   socket's readability, with a look and the waiter's ``tick`` now and then (QueueBroken for
-   a dead writer, long-wait logs): when the writer's pidfd, which the loop also watches, says
-   it ended, and otherwise once per slice, or once per :data:`WATCHED_LOOK_SLICES` slices
-   while that pidfd is watched.  When the condition holds, the attempt of step 1 again.
-   Everything else (a ``put_async`` waiting for room, a gather reader, a reader whose address
-   could not be bound or whose writer is in another network namespace) sleeps through the
+3. **Sleep.**  A broadcast reader sleeps in its loop, on a descriptor the loop watches and
+   the publisher's wake makes readable (:mod:`shmcast._loopwake`): where the kernel allows,
+   its futex sleep itself, step 4 submitted through io_uring (docs/protocol.md "P3 through
+   io_uring"), else its own wake-up socket (:mod:`shmcast._sockwake`, "P3 on a socket");
+   ``$SHMCAST_AIO_SLEEP`` (:data:`SLEEP_ENV`) can pick one.  Rounds in the loop's thread:
+   drain, announce, re-check, await the descriptor, with a look and the waiter's ``tick`` now
+   and then (QueueBroken for a dead writer, long-wait logs): when the writer's pidfd, which
+   the loop also watches, says it ended, and otherwise once per slice, or once per
+   :data:`WATCHED_LOOK_SLICES` slices while that pidfd is watched.  When the condition
+   holds, the attempt of step 1 again.
+   Everything else (a ``put_async`` waiting for room, a gather reader, a reader that could
+   have neither: see ``_aio_new_sleeper``) sleeps through the
    endpoint's helper thread: one thread per endpoint, started on the first wait that gets this
    far and stopped when the endpoint closes, runs the synchronous path's sleep loop for the
    call (:class:`~shmcast.FutexWait` with no spin): rounds of the waiter's own ``sleep`` (the
@@ -66,12 +69,21 @@ from . import _layout as L
 from . import _sockwake
 from ._endpoint import Endpoint, as_bytes_view, check_max_count, check_timeout
 from ._errors import QueueClosed, QueueTimeout
+from ._loopwake import FutexSleeper
 from ._ring import RingReader, RingWriter, timeout_error
 from ._sockwake import WakeSocket, same_netns
 from ._wait import LOAD, SPARE_CPUS, FutexWait
 
 _DEFAULTS = FutexWait()
 _NOTHING = object()  # the spin phase ended without a result
+
+#: What an awaiting broadcast reader sleeps on in its loop (shmcast._loopwake).
+Sleeper = FutexSleeper | WakeSocket
+#: The environment variable that picks it: "auto" (the default: the futex through io_uring
+#: where the kernel allows, else the socket where the queue allows, else the helper thread),
+#: or one of "uring", "socket", "thread" (that one where it can be had, else the helper).
+SLEEP_ENV = "SHMCAST_AIO_SLEEP"
+SLEEP_CHOICES = ("auto", "uring", "socket", "thread")
 
 #: An awaiting reader whose loop watches its writer's pidfd looks at the ring (and logs a long
 #: wait) once per this many slices: the writer's death wakes it without a look.
@@ -164,8 +176,8 @@ class AsyncEndpoint(Endpoint):
     """The awaitable calls both queues share; each queue adds its own receive signatures."""
 
     _aio_helper: _Helper | None = None
-    #: (pid, the wake-up socket or None for "use the helper") once decided in that process
-    _aio_sock: tuple[int, WakeSocket | None] | None = None
+    #: (pid, the loop sleeper or None for "use the helper") once decided in that process
+    _aio_sleep: tuple[int, Sleeper | None] | None = None
     _aio_busy = False
     _aio_budget = _DEFAULTS.min_spin_us * 1e-6
 
@@ -252,10 +264,12 @@ class AsyncEndpoint(Endpoint):
                                                      start + budget, deadline)  # fmt: skip
                     if got is not _NOTHING:
                         return got
-            # Step 3, a broadcast reader: sleep on its own socket, which the publisher signals.
-            sock = self._aio_socket(waiter)
-            if sock is not None:
-                return await self._aio_sleep_on(sock, attempt, waiter, deadline, timeout, what)
+            # Step 3, a broadcast reader: sleep on a descriptor its loop watches, which the
+            # publisher's wake makes readable (shmcast._loopwake).
+            sleeper = self._aio_loop_sleeper(waiter)
+            if sleeper is not None:
+                return await self._aio_sleep_on(sleeper, attempt, waiter, deadline, timeout,
+                                                what)  # fmt: skip
             # Step 3, otherwise: the helper thread sleeps as a sync call would, then hands over.
             helper = self._aio_helper
             if helper is None or helper.pid != os.getpid():
@@ -286,15 +300,16 @@ class AsyncEndpoint(Endpoint):
             took = clock() - start  # FutexWait's rule for the next spin budget
             self._aio_budget = max(floor, min(cap, 2 * took)) if took <= cap else floor
 
-    def _aio_socket(self, waiter: Any) -> WakeSocket | None:
-        """The wake-up socket a data wait of ``waiter`` sleeps on, or None: the helper thread."""
+    def _aio_loop_sleeper(self, waiter: Any) -> Sleeper | None:
+        """What a wait of ``waiter`` sleeps on in the loop (shmcast._loopwake), or None: the
+        helper thread."""
         return None
 
-    async def _aio_sleep_on(self, sock: WakeSocket, attempt: Callable[[], Any],
+    async def _aio_sleep_on(self, sleeper: Sleeper, attempt: Callable[[], Any],
                             waiter: RingReader, deadline: float | None,
                             timeout: float | None, what: str) -> Any:  # fmt: skip
-        """Step 3 on the reader's socket (shmcast._sockwake): rounds of drain, mark and
-        announce, re-check, await a datagram, until ``attempt()`` succeeds.  The guard is held
+        """Step 3 in the loop (shmcast._loopwake): rounds of drain, announce and re-check,
+        await the sleeper's descriptor, until ``attempt()`` succeeds.  The guard is held
         during a round (a close meanwhile unmaps after it, never under a mark); ``attempt``
         takes it itself.
 
@@ -306,19 +321,14 @@ class AsyncEndpoint(Endpoint):
         loop = asyncio.get_running_loop()
         clock = time.monotonic
         slice_ = self._policy.slice
-        exit_fd = waiter.writer_exit_fd()
-        if exit_fd is None:
+        exit_fd: int | None = None
 
-            def next_look() -> float:
+        def next_look() -> float:
+            if exit_fd is None:
                 return slice_
-        else:
+            return max(slice_, min(WATCHED_LOOK_SLICES * slice_, waiter.log_due_in()))
 
-            def next_look() -> float:
-                return max(slice_, min(WATCHED_LOOK_SLICES * slice_, waiter.log_due_in()))
-
-        next_tick = clock() + next_look()
-
-        def on_look() -> bool:  # no datagram for a while, or the writer ended: look, and tick
+        def on_look() -> bool:  # no wake for a while, or the writer ended: look, and tick
             nonlocal next_tick
             if waiter.ready():
                 return True
@@ -327,20 +337,23 @@ class AsyncEndpoint(Endpoint):
             return False
 
         try:
+            with self._guard:  # the segment stays mapped while its writer line is read
+                exit_fd = waiter.writer_exit_fd()
+            next_tick = clock() + next_look()
             while True:
                 if deadline is not None and clock() >= deadline:
                     raise timeout_error(what, timeout)
                 with self._guard:
-                    sock.drain()  # P3 step 1: a datagram pending from now on is a fresh signal
-                    ready = waiter.sock_arm()  # steps 2-4: mark, announce, re-check
+                    sleeper.drain()  # what an earlier wake left: a signal from now on is fresh
+                    ready = sleeper.arm(waiter)  # announce, re-check
                     if not ready:
                         try:
-                            # step 5, until a datagram or the deadline (a cancellation lands here)
-                            await sock.wait(loop, deadline, next_look, on_look, exit_fd)
+                            # until a wake or the deadline (a cancellation lands here)
+                            await sleeper.wait(loop, deadline, next_look, on_look, exit_fd)
                         finally:
-                            waiter.sock_disarm()
+                            sleeper.disarm(waiter)
                         ready = waiter.ready()
-                    if not ready and clock() >= next_tick:  # stray datagrams, one after another
+                    if not ready and clock() >= next_tick:  # stray wakes, one after another
                         on_look()
                 if ready:
                     try:
@@ -493,9 +506,9 @@ class AsyncEndpoint(Endpoint):
         """As :meth:`Endpoint.close`; also ends the endpoint's asyncio helper thread and
         closes its wake-up socket."""
         super().close()  # wakes a round in flight (the close's own futex bumps, P5)
-        got = self._aio_sock
+        got = self._aio_sleep
         if got is not None and got[0] == os.getpid():
-            self._aio_sock = None
+            self._aio_sleep = None
             if got[1] is not None:
                 got[1].close()  # after the round in flight, if any
         helper = self._aio_helper
@@ -516,13 +529,27 @@ class BroadcastAsync(AsyncEndpoint):
     def _aio_data_waiter(self, source: int | None) -> Any:
         return self._reader
 
-    def _aio_socket(self, waiter: Any) -> WakeSocket | None:
+    def _aio_loop_sleeper(self, waiter: Any) -> Sleeper | None:
         if not isinstance(waiter, RingReader):  # a put waits for room: the helper (P4)
             return None
         pid = os.getpid()
-        got = self._aio_sock
+        got = self._aio_sleep
         if got is None or got[0] != pid:
-            sock = None
+            got = self._aio_sleep = (pid, self._aio_new_sleeper(waiter))
+        return got[1]
+
+    def _aio_new_sleeper(self, waiter: RingReader) -> Sleeper | None:
+        """The first of: the futex through io_uring, the socket, None (the helper thread),
+        that this kernel and queue allow and ``$SHMCAST_AIO_SLEEP`` does not rule out."""
+        choice = os.environ.get(SLEEP_ENV, "auto")
+        if choice not in SLEEP_CHOICES:
+            raise ValueError(
+                f"${SLEEP_ENV} is {choice!r}; it must be one of {', '.join(SLEEP_CHOICES)}"
+            )
+        if choice in ("auto", "uring"):
+            with contextlib.suppress(OSError):  # before Linux 6.7, or io_uring refused
+                return FutexSleeper()
+        if choice in ("auto", "socket"):
             # The writer must reach our address: the same network namespace (abstract names
             # live there).  A taken address (squatted) falls back too, and so does a queue
             # with more readers than spare CPUs (the kernel would run them all on the
@@ -530,9 +557,8 @@ class BroadcastAsync(AsyncEndpoint):
             fits = self._geometry.n_peers <= _sockwake.SOCKET_READERS_MAX
             if fits and same_netns(waiter.writer_pid()):
                 with contextlib.suppress(OSError):
-                    sock = WakeSocket(waiter.nonce, waiter.index)
-            got = self._aio_sock = (pid, sock)
-        return got[1]
+                    return WakeSocket(waiter.nonce, waiter.index)
+        return None
 
     async def get_async(self, timeout: float | None = None) -> Any:
         """Receive the next message, awaiting it without blocking the event loop.  Returns,

@@ -5,14 +5,16 @@ A peer known by pid *and* start time is looked up in /proc once; after that a pi
 process ends, so each later look is one ``poll`` instead of a read of /proc/PID/stat (a few
 microseconds instead of about 200 on a process that slept, which is most of what an idle
 waiter's liveness tick costs).  The cache holds at most :data:`WATCHED_MAX` descriptors
-(close-on-exec; the least recently used goes first, a dead process's at once), and the
-descriptor is what an event loop can watch to learn of the death without looking
-(:func:`exit_fd`).  A pid with an unknown start time (0) is never cached: "exists" is all that
-is asked of it, and a pidfd would keep answering for a process the pid no longer names.
+(close-on-exec; the least recently used goes first, a dead process's at once; a forked child
+starts with none), and a copy of one is what an event loop can watch to learn of the death
+without looking (:func:`exit_fd`).  A pid with an unknown start time (0) is never cached:
+"exists" is all that is asked of it, and a pidfd would keep answering for a process the pid
+no longer names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -113,14 +115,23 @@ class _Watches:
     def dup(self, pid: int, start: int) -> int | None:
         with self._lock:
             fd = self._look(pid, start)[1]
-            return None if fd is None else os.dup(fd)  # close-on-exec, as a pidfd is
+            if fd is None:
+                return None
+            try:
+                return os.dup(fd)  # close-on-exec, as a pidfd is
+            except OSError:  # EMFILE: the caller does without
+                return None
 
     def _look(self, pid: int, start: int) -> tuple[bool, int | None]:
         """(alive, its cached pidfd or None), with the lock held."""
         key = (pid, start)
         fd = self._fds.get(key)
         if fd is not None:
-            if not _ended(fd):
+            ended = _ended(fd)
+            if ended is None:  # closed behind our back (closerange...): not ours any more
+                del self._fds[key]
+                return _looked_up(pid, start), None
+            if not ended:
                 self._fds.move_to_end(key)
                 return True, fd
             del self._fds[key]
@@ -148,15 +159,25 @@ class _Watches:
         return True, fd
 
     def after_fork_in_child(self) -> None:
-        # Another thread may have held the lock at the fork; the descriptors stay valid.
+        # Another thread may have held the lock at the fork.  The child starts empty: its
+        # copies are closed while they are surely still the pidfds (a child that later
+        # closes descriptors wholesale cannot leave the cache with numbers reused).
         self._lock = threading.Lock()
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
 
 
-def _ended(fd: int) -> bool:
-    """True when the pidfd ``fd`` is readable: its process has ended."""
+def _ended(fd: int) -> bool | None:
+    """True when the pidfd ``fd`` is readable (its process has ended), False while it runs,
+    None if ``fd`` is no longer an open descriptor."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
+    events = poller.poll(0)
+    if events and events[0][1] & select.POLLNVAL:
+        return None
+    return bool(events)
 
 
 _WATCHES = _Watches()

@@ -240,6 +240,24 @@ class Lease:
     @property
     def nbytes(self) -> int: ...
 
+class FutexRing:
+    """Futex waits through io_uring, for an event loop to watch (``_csrc/uring.c``).  The
+    constructor raises OSError where the kernel cannot (before Linux 6.7, io_uring refused).
+    One thread at a time, in the process that made it."""
+
+    def __init__(self) -> None: ...
+    def submit_wait(self, atomics: Atomics, off: int, expected: int, tag: int) -> None:
+        """Queue FUTEX_WAIT(the 32-bit word at ``off``, ``expected``); its completion comes
+        with :meth:`reap`.  IndexError/ValueError for a bad offset, OSError if the kernel
+        refuses, ValueError once closed."""
+    def reap(self) -> list[tuple[int, int]]:
+        """The completions so far, ``(tag, result)``: 0 woken, -11 (EAGAIN) the word had
+        changed, another negative errno otherwise."""
+    def fileno(self) -> int:
+        """The ring's descriptor, readable while a completion waits to be reaped."""
+    def close(self) -> None:
+        """Release the ring (idempotent); a wait still queued is cancelled."""
+
 def runnable_tasks() -> int:
     """Tasks runnable now on the machine (``/proc/loadavg``, the caller included), or -1."""
 

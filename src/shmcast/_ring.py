@@ -41,6 +41,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from . import _layout as L
 from ._errors import (
@@ -593,6 +594,20 @@ class RingReader:
         return bool(state & (L.DETACHED | L.DROPPED)) or self.closing
 
     def sleep(self, timeout: float) -> bool:
+        seen = self.futex_arm()  # steps 1-3
+        if seen is None:
+            return True
+        try:
+            self._a.wait32(self._ring.data_futex, seen, timeout)  # step 4
+            return False
+        finally:
+            self.futex_disarm()
+
+    def futex_arm(self) -> int | None:
+        """Steps 1-3 of a P3 sleep on the data futex: None if the re-check found the
+        condition (the announcement undone), else the futex word's value for step 4 (the
+        caller waits, on the futex or through shmcast._loopwake, then calls
+        :meth:`futex_disarm`)."""
         a, ring = self._a, self._ring
         # P3.  The futex word comes first: a writer that counted our announcement before its
         # last wake has bumped the word after that count, so either `seen` is older than that
@@ -602,13 +617,28 @@ class RingReader:
         a.add32(ring.sleepers, 1)  # ... in both words the writer looks at
         a.store32(self._line + L.SLEEPING, 1)
         try:
-            if self.ready():  # step 3: re-check
-                return True
-            a.wait32(ring.data_futex, seen, timeout)  # step 4
-            return False
-        finally:
-            a.store32(self._line + L.SLEEPING, 0)
-            a.add32(ring.sleepers, _DEC)
+            ready = self.ready()  # step 3: re-check
+        except BaseException:
+            self.futex_disarm()
+            raise
+        if ready:
+            self.futex_disarm()
+            return None
+        return seen
+
+    def futex_disarm(self) -> None:
+        """Undo :meth:`futex_arm` (after the wait)."""
+        self._a.store32(self._line + L.SLEEPING, 0)
+        self._a.add32(self._ring.sleepers, _DEC)
+
+    @property
+    def futex_atomics(self) -> Any:
+        """The segment's Atomics, and the data futex's offset in it (for a FutexRing)."""
+        return self._a
+
+    @property
+    def futex_off(self) -> int:
+        return self._ring.data_futex
 
     def sock_arm(self) -> bool:
         """P3 for a reader whose event loop sleeps on its socket (shmcast._sockwake): mark the

@@ -44,10 +44,11 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
+from ._loopwake import await_readable
 from ._wait import SPARE_CPUS
 
 #: Datagrams one drain reads at most (a hostile sender cannot keep a drain going: what is
@@ -110,66 +111,25 @@ class WakeSocket:
             except (BlockingIOError, InterruptedError):
                 return
 
+    # -- the sleeper interface of shmcast._aio (shared with shmcast._loopwake.FutexSleeper) --
+
+    def arm(self, waiter: Any) -> bool:
+        """Steps 2-4 (mark, announce, re-check): True if the condition holds (undone)."""
+        return waiter.sock_arm()
+
+    def disarm(self, waiter: Any) -> None:
+        waiter.sock_disarm()
+
     async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float | None,
                    next_look: Callable[[], float], on_look: Callable[[], bool],
                    exit_fd: int | None = None) -> bool:  # fmt: skip
-        """Step 5: await readability until ``deadline`` (None: no end), calling ``on_look()``
-        after ``next_look()`` seconds without a datagram, and again after each further
-        ``next_look()`` (it returns True to stop, or raises); True if a datagram came.  With
-        ``exit_fd`` (a pidfd of the peer), ``on_look()`` is also called once when the peer
-        ends.  Reads nothing (the next drain does).  The loop watches the descriptors for the
-        whole wait, each look is a timer callback."""
-        fut = loop.create_future()
-        clock = time.monotonic
-        timer: asyncio.TimerHandle | None = None
-        watching_exit = False
-
-        def readable() -> None:
-            if not fut.done():
-                fut.set_result(True)
-
-        def look() -> None:  # in a callback: the task resumes only at the end
-            nonlocal timer
-            if timer is not None:
-                timer.cancel()
-                timer = None
-            if fut.done():
-                return
-            try:
-                stop = on_look()
-            except Exception as exc:  # QueueBroken, SegmentError...: the await raises it
-                fut.set_exception(exc)
-                return
-            wait = next_look() if deadline is None else min(next_look(), deadline - clock())
-            if stop or wait <= 0:
-                fut.set_result(False)
-            else:
-                timer = loop.call_later(wait, look)
-
-        def peer_ended() -> None:  # level-triggered: once is enough, the timer goes on
-            nonlocal watching_exit
-            loop.remove_reader(exit_fd)
-            watching_exit = False
-            look()
-
-        fd = self._sock.fileno()
+        """Step 5: :func:`shmcast._loopwake.await_readable` on the socket; True if a
+        datagram came.  Reads nothing (the next drain does)."""
         self._waiting = True
-        loop.add_reader(fd, readable)
         try:
-            first = next_look() if deadline is None else min(next_look(), deadline - clock())
-            if first <= 0:
-                return False
-            if exit_fd is not None:
-                loop.add_reader(exit_fd, peer_ended)
-                watching_exit = True
-            timer = loop.call_later(first, look)
-            woke = await fut
+            woke = await await_readable(loop, self._sock.fileno(), deadline, next_look,
+                                        on_look, exit_fd)  # fmt: skip
         finally:
-            if timer is not None:
-                timer.cancel()
-            if watching_exit:
-                loop.remove_reader(exit_fd)
-            loop.remove_reader(fd)
             self._waiting = False
             if self._closed:  # closed while we waited: now that the loop let go of it
                 self._sock.close()

@@ -16,6 +16,8 @@
  *     that hands the piece back (clears its mark) when its last view is gone;
  *   - sockwake.c: the datagram a wake sends to an async reader asleep on its
  *     own socket (docs/protocol.md, P3);
+ *   - uring.c: the FutexRing type, a futex wait submitted through io_uring, whose
+ *     descriptor an event loop watches (docs/protocol.md, P3);
  *   - load.c: `runnable_tasks`, how crowded the CPUs are, for the futex
  *     wait policy's choice between spinning and sleeping;
  *   - probe.c: `core_to_core_ns`, a diagnostic for benchmarks, the round trip
@@ -123,9 +125,10 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    PyTypeObject *types[] = {&AtomicsType, &CursorType, &GuardType, &HoldType, &LeaseType};
-    const char *names[] = {"Atomics", "Cursor", "Guard", "Hold", "Lease"};
-    for (int i = 0; i < 5; i++)
+    PyTypeObject *types[] = {&AtomicsType, &CursorType, &GuardType, &HoldType, &LeaseType,
+                             &FutexRingType};
+    const char *names[] = {"Atomics", "Cursor", "Guard", "Hold", "Lease", "FutexRing"};
+    for (int i = 0; i < 6; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
     shmcast_crc32c_init();
@@ -141,7 +144,7 @@ PyInit__native(void)
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL)
         return NULL;
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < 6; i++)
         if (PyModule_AddObjectRef(m, names[i], (PyObject *)types[i]) < 0)
             goto fail;
     if (PyModule_AddIntConstant(m, "HAVE_FUTEX", SHMCAST_HAVE_FUTEX) < 0 ||

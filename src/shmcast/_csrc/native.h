@@ -31,6 +31,7 @@ extern PyTypeObject CursorType;
 extern PyTypeObject GuardType;
 extern PyTypeObject HoldType;
 extern PyTypeObject LeaseType;
+extern PyTypeObject FutexRingType;
 
 /* module.c: the exception classes of shmcast._errors that the native code
  * raises, registered once by set_errors() (RuntimeError until then). */
