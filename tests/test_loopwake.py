@@ -6,8 +6,10 @@ once, a forked child does not use the parent's ring, and $SHMCAST_AIO_SLEEP pick
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 import os
+import threading
 import time
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 from _procs import async_reader_gaps, later, process_group, writer_then_die
 
 from shmcast import BroadcastQueue, FutexWait, QueueBroken, QueueClosed, QueueTimeout, _aio
+from shmcast import _layout as L
 from shmcast._loopwake import FutexSleeper
 from shmcast._native import Atomics, FutexRing
 
@@ -282,3 +285,54 @@ def test_an_unknown_choice_is_refused(pair, monkeypatch) -> None:
     monkeypatch.setenv(_aio.SLEEP_ENV, "auto")
     with pytest.raises(QueueTimeout):  # the endpoint is still usable
         asyncio.run(reader.get_async(timeout=0.1))
+
+
+class _Refusing:
+    """A FutexRing whose submissions the kernel refuses (EAGAIN), otherwise the real one."""
+
+    def __init__(self, ring: FutexRing) -> None:
+        self._ring = ring
+
+    def submit_wait(self, *args: Any) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ring, name)
+
+
+@needs_uring
+def test_a_refused_submission_falls_back_to_the_helper(pair) -> None:
+    writer, reader = pair
+
+    async def main() -> list[Any]:
+        with pytest.raises(QueueTimeout):
+            await reader.get_async(timeout=0.05)  # makes the sleeper
+        sleeper = _sleeper(reader)
+        sleeper.drain()
+        sleeper._queued = None
+        sleeper._ring = _Refusing(sleeper._ring)
+        later(0.1, writer.put, "through the helper")
+        return [await reader.get_async(timeout=10)]
+
+    assert asyncio.run(main()) == ["through the helper"]
+    assert reader._aio_sleep == (os.getpid(), None)  # never that ring again
+    assert reader._aio_helper is not None
+    a = writer._seg.atomics
+    assert a.load32(L.SLEEPERS_OFF) == 0  # every announcement undone
+
+
+async def _await_until_closed(reader: BroadcastQueue, delay: float) -> None:
+    threading.Timer(delay, reader.close).start()
+    with pytest.raises(QueueClosed):
+        for _ in range(1000):  # rounds until the close lands, wherever
+            with contextlib.suppress(QueueTimeout):
+                await reader.get_async(timeout=0.001)
+
+
+@needs_uring
+def test_a_close_from_another_thread_always_ends_the_await_with_queue_closed() -> None:
+    for i in range(30):
+        with BroadcastQueue(1, n_slots=8, slot_size=256) as writer:
+            reader = BroadcastQueue.attach(writer.handle, 0, wait=LONG)
+            asyncio.run(_await_until_closed(reader, 0.0005 * (i % 10)))
+            reader.close()

@@ -68,7 +68,7 @@ from typing import Any
 from . import _layout as L
 from . import _sockwake
 from ._endpoint import Endpoint, as_bytes_view, check_max_count, check_timeout
-from ._errors import QueueClosed, QueueTimeout
+from ._errors import QueueClosed, QueueTimeout, ShmcastError
 from ._loopwake import FutexSleeper
 from ._ring import RingReader, RingWriter, timeout_error
 from ._sockwake import WakeSocket, same_netns
@@ -268,8 +268,11 @@ class AsyncEndpoint(Endpoint):
             # publisher's wake makes readable (shmcast._loopwake).
             sleeper = self._aio_loop_sleeper(waiter)
             if sleeper is not None:
-                return await self._aio_sleep_on(sleeper, attempt, waiter, deadline, timeout,
-                                                what)  # fmt: skip
+                got = await self._aio_sleep_on(sleeper, attempt, waiter, deadline, timeout,
+                                               what)  # fmt: skip
+                if got is not _NOTHING:
+                    return got
+                # The sleeper failed (the kernel refused a submission): the helper from now.
             # Step 3, otherwise: the helper thread sleeps as a sync call would, then hands over.
             helper = self._aio_helper
             if helper is None or helper.pid != os.getpid():
@@ -344,15 +347,24 @@ class AsyncEndpoint(Endpoint):
                 if deadline is not None and clock() >= deadline:
                     raise timeout_error(what, timeout)
                 with self._guard:
-                    sleeper.drain()  # what an earlier wake left: a signal from now on is fresh
-                    ready = sleeper.arm(waiter)  # announce, re-check
-                    if not ready:
-                        try:
-                            # until a wake or the deadline (a cancellation lands here)
-                            await sleeper.wait(loop, deadline, next_look, on_look, exit_fd)
-                        finally:
-                            sleeper.disarm(waiter)
-                        ready = waiter.ready()
+                    try:
+                        sleeper.drain()  # what an earlier wake left: from now on it is fresh
+                        ready = sleeper.arm(waiter)  # announce, re-check
+                        if not ready:
+                            try:
+                                # until a wake or the deadline (a cancellation lands here)
+                                await sleeper.wait(loop, deadline, next_look, on_look, exit_fd)
+                            finally:
+                                sleeper.disarm(waiter)
+                            ready = waiter.ready()
+                    except (OSError, ValueError) as exc:
+                        if isinstance(exc, ShmcastError):  # the queue's own: QueueBroken...
+                            raise
+                        if not sleeper.closed:  # the kernel refused: never this one again
+                            sleeper.close()
+                            self._aio_sleep = (os.getpid(), None)
+                            return _NOTHING
+                        ready = True  # closed from another thread: the attempt raises
                     if not ready and clock() >= next_tick:  # stray wakes, one after another
                         on_look()
                 if ready:
@@ -504,7 +516,7 @@ class AsyncEndpoint(Endpoint):
 
     def close(self) -> None:
         """As :meth:`Endpoint.close`; also ends the endpoint's asyncio helper thread and
-        closes its wake-up socket."""
+        releases what its awaits sleep on in the loop (an io_uring or a wake-up socket)."""
         super().close()  # wakes a round in flight (the close's own futex bumps, P5)
         got = self._aio_sleep
         if got is not None and got[0] == os.getpid():

@@ -117,11 +117,15 @@ class FutexSleeper:
         self._closed = False
         _LIVE.add(self)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def drain(self) -> None:
-        """Step 1's counterpart: take the completions; a queued wait that ended is gone."""
-        for tag, _result in self._ring.reap():
-            if tag == self._queued:
-                self._queued = None
+        """Step 1's counterpart: take the completions.  At most one wait is ever in the
+        kernel, so any completion means it ended."""
+        if self._ring.reap():
+            self._queued = None
 
     def arm(self, waiter: Any) -> bool:
         """Steps 1-3 (load the word, announce, re-check), then step 4 submitted unless a wait
@@ -133,7 +137,7 @@ class FutexSleeper:
             try:
                 tag = next(_TAGS)
                 self._ring.submit_wait(waiter.futex_atomics, waiter.futex_off, seen, tag)
-            except BaseException:
+            except BaseException:  # OSError: the kernel refused (the caller falls back)
                 waiter.futex_disarm()
                 raise
             self._queued = tag

@@ -113,6 +113,10 @@ class WakeSocket:
 
     # -- the sleeper interface of shmcast._aio (shared with shmcast._loopwake.FutexSleeper) --
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def arm(self, waiter: Any) -> bool:
         """Steps 2-4 (mark, announce, re-check): True if the condition holds (undone)."""
         return waiter.sock_arm()

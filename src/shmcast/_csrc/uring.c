@@ -37,7 +37,7 @@ typedef struct {
     int fd;
     void *sq_map, *cq_map, *sqe_map;
     size_t sq_len, cq_len, sqe_len;
-    unsigned *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array, *cq_head, *cq_tail, *cq_mask;
     struct io_uring_sqe *sqes;
     struct io_uring_cqe *cqes;
     unsigned sq_entries;
@@ -79,9 +79,14 @@ ring_submit_wait(FutexRingObject *self, uint32_t *addr, uint32_t expected, uint6
     do {
         r = syscall(__NR_io_uring_enter, self->fd, 1, 0, 0, NULL, 0);
     } while (r < 0 && errno == EINTR);
-    if (r < 0)
-        return -errno;
-    return r == 1 ? 0 : -EBUSY;
+    int err = r < 0 ? errno : 0;
+    if (r == 1)
+        return 0;
+    /* Not taken (an error, or nothing consumed): take the entry back, so that a later
+     * submission is not answered by this stale one. */
+    if (__atomic_load_n(self->sq_head, __ATOMIC_ACQUIRE) == tail)
+        __atomic_store_n(self->sq_tail, tail, __ATOMIC_RELEASE);
+    return err ? -err : -EBUSY;
 }
 
 /* Take every completion: at most `max` (tag, res) pairs into out; how many. */
@@ -139,6 +144,7 @@ ring_setup(FutexRingObject *self)
     self->sqe_map = sqes;
     self->sqes = sqes;
     self->sq_entries = p.sq_entries;
+    self->sq_head = (unsigned *)((char *)sq + p.sq_off.head);
     self->sq_tail = (unsigned *)((char *)sq + p.sq_off.tail);
     self->sq_mask = (unsigned *)((char *)sq + p.sq_off.ring_mask);
     self->sq_array = (unsigned *)((char *)sq + p.sq_off.array);
@@ -165,8 +171,11 @@ ring_setup(FutexRingObject *self)
 static PyObject *
 FutexRing_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    if (!PyArg_ParseTuple(args, ":FutexRing"))
+    if (!PyArg_ParseTuple(args, ":FutexRing") || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "FutexRing() takes no arguments");
         return NULL;
+    }
     FutexRingObject *self = (FutexRingObject *)type->tp_alloc(type, 0);
     if (self == NULL)
         return NULL;
