@@ -1080,12 +1080,68 @@ def async_gather_writer(
         return asyncio.run(main(queue))
 
 
+def async_wait_for_a_dead_writer(policy: Any) -> tuple[float, Any, bool]:
+    """A forked writer sends one message and is killed while this process, attached with
+    ``policy``, awaits the next: ``(seconds from the kill's start to QueueBroken, what the
+    await slept on in the loop or None, whether the helper thread was started)``."""
+    import asyncio
+
+    from shmcast import BroadcastQueue, QueueBroken
+
+    with process_group("fork", timeout=60) as group:
+        report, report_child = group.back_channel()
+        control, control_child = group.channel()
+        child = group.start(writer_then_die, report_child, 1, [b"last"], control_child)
+        if not report.poll(30):
+            raise AssertionError("the writer did not report its handle")
+        with BroadcastQueue.attach(report.recv(), 0, wait=policy) as reader:
+            if not (report.poll(30) and report.recv() == "sent"):
+                raise AssertionError("the writer did not send")
+
+            async def main() -> float:
+                if await reader.get_async(timeout=20) != b"last":
+                    raise AssertionError("not the writer's message")
+                later(0.2, group.kill, child)
+                start = time.monotonic()
+                try:
+                    await reader.get_async(timeout=20)
+                except QueueBroken:
+                    return time.monotonic() - start
+                raise AssertionError("a message after the writer's last")
+
+            took = asyncio.run(main())
+            sleeper = reader._aio_sleep[1] if reader._aio_sleep else None
+            helper = reader._aio_helper is not None
+        control.close()
+    return took, sleeper, helper
+
+
+def async_readers_through_sleeps(readers: int, count: int = 3000) -> list[dict[str, Any]]:
+    """``readers`` forked :func:`async_reader_gaps` readers (30 s slices) of a queue this
+    process writes ``count`` messages to, pausing now and then so that they fall asleep in
+    between; their results.  A lost wake-up shows as a gap of a slice."""
+    from shmcast import BroadcastQueue
+
+    with (
+        process_group("fork", timeout=100) as group,
+        BroadcastQueue(readers, n_slots=4, slot_size=256) as writer,
+    ):
+        for i in range(readers):
+            group.start(async_reader_gaps, writer.handle, i, count, 30.0, 80.0)
+        writer.wait_until_ready(timeout=60)
+        for n in range(count):
+            writer.put(n, timeout=30)
+            if n % 3 == 0:
+                time.sleep(0.0002 * (n % 7))  # let the readers fall asleep in between
+        return group.results()
+
+
 def async_reader_gaps(handle: Any, reader: int, count: int, slice_: float,
                       timeout: float = 60.0) -> dict[str, Any]:  # fmt: skip
     """Attach as ``reader`` with a wait policy that does not spin and sleeps in slices of
     ``slice_`` seconds, and receive ``count`` messages (0, 1, ... in order) with
-    ``get_async``.  Returns the longest gap between two messages, how many awaits a datagram
-    ended, and whether the helper thread was ever started."""
+    ``get_async``.  Returns the longest gap between two messages, how many awaits a wake
+    ended (a datagram, an io_uring completion), and whether the helper thread was started."""
     import asyncio
 
     from shmcast import BroadcastQueue, FutexWait

@@ -14,9 +14,14 @@ import time
 from typing import Any
 
 import pytest
-from _procs import async_reader_gaps, later, process_group, writer_then_die
+from _procs import (
+    async_readers_through_sleeps,
+    async_wait_for_a_dead_writer,
+    later,
+    process_group,
+)
 
-from shmcast import BroadcastQueue, FutexWait, QueueBroken, QueueClosed, QueueTimeout, _aio
+from shmcast import BroadcastQueue, FutexWait, QueueClosed, QueueTimeout, _aio
 from shmcast import _layout as L
 from shmcast._loopwake import FutexSleeper
 from shmcast._native import Atomics, FutexRing
@@ -120,19 +125,7 @@ def test_a_sleeping_reader_is_woken_by_the_writers_futex_wake(pair) -> None:
 @needs_uring
 @pytest.mark.parametrize("readers", [1, 3])
 def test_no_wake_up_is_lost_across_thousands_of_sleeps(readers: int) -> None:
-    count = 3000
-    with (
-        process_group("fork", timeout=100) as group,
-        BroadcastQueue(readers, n_slots=4, slot_size=256) as writer,
-    ):
-        for i in range(readers):
-            group.start(async_reader_gaps, writer.handle, i, count, 30.0, 80.0)
-        writer.wait_until_ready(timeout=60)
-        for n in range(count):
-            writer.put(n, timeout=30)
-            if n % 3 == 0:
-                time.sleep(0.0002 * (n % 7))  # let the readers fall asleep in between
-        results = group.results()
+    results = async_readers_through_sleeps(readers)
     for r in results:
         # A lost wake-up would leave a reader asleep until its 30 s slice ends.
         assert r["longest"] < 5.0, r
@@ -206,26 +199,9 @@ def test_closing_the_reader_or_the_writer_ends_an_await_at_once(pair) -> None:
 
 @needs_uring
 def test_a_dead_writer_ends_the_await() -> None:
-    with process_group("fork", timeout=60) as group:
-        report, report_child = group.back_channel()
-        control, control_child = group.channel()
-        child = group.start(writer_then_die, report_child, 1, [b"last"], control_child)
-        assert report.poll(30)
-        with BroadcastQueue.attach(report.recv(), 0, wait=LONG) as reader:
-            assert report.poll(30) and report.recv() == "sent"
-
-            async def main() -> float:
-                assert await reader.get_async(timeout=20) == b"last"
-                later(0.2, group.kill, child)
-                start = time.monotonic()
-                with pytest.raises(QueueBroken):
-                    await reader.get_async(timeout=20)
-                return time.monotonic() - start
-
-            took = asyncio.run(main())
-            assert isinstance(_sleeper(reader), FutexSleeper)
-            assert took < 5.0, took
-        control.close()
+    took, sleeper, helper = async_wait_for_a_dead_writer(LONG)
+    assert isinstance(sleeper, FutexSleeper) and not helper
+    assert took < 5.0, took  # the kill, and a loaded machine's delay: not a 30 s slice
 
 
 @needs_uring

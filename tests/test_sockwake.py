@@ -16,17 +16,16 @@ from typing import Any
 
 import pytest
 from _procs import (
-    async_reader_gaps,
+    async_readers_through_sleeps,
+    async_wait_for_a_dead_writer,
     inherited_async_reader,
     later,
     process_group,
-    writer_then_die,
 )
 
 from shmcast import (
     BroadcastQueue,
     FutexWait,
-    QueueBroken,
     QueueClosed,
     QueueTimeout,
     _aio,
@@ -94,19 +93,7 @@ def test_no_datagram_while_no_reader_sleeps_on_a_socket(pair) -> None:
 def test_no_wake_up_is_lost_across_thousands_of_sleeps(readers: int, monkeypatch) -> None:
     # Sockets for every reader here, whatever the CPUs (the forked readers inherit the limit).
     monkeypatch.setattr(_sockwake, "SOCKET_READERS_MAX", readers)
-    count = 3000
-    with (
-        process_group("fork", timeout=100) as group,
-        BroadcastQueue(readers, n_slots=4, slot_size=256) as writer,
-    ):
-        for i in range(readers):
-            group.start(async_reader_gaps, writer.handle, i, count, 30.0, 80.0)
-        writer.wait_until_ready(timeout=60)
-        for n in range(count):
-            writer.put(n, timeout=30)
-            if n % 3 == 0:
-                time.sleep(0.0002 * (n % 7))  # let the readers fall asleep in between
-        results = group.results()
+    results = async_readers_through_sleeps(readers)
     for r in results:
         # A lost wake-up would leave a reader asleep until its 30 s slice ends.
         assert r["longest"] < 5.0, r
@@ -189,26 +176,9 @@ def assert_served_by_the_helper(writer: BroadcastQueue, reader: BroadcastQueue) 
 def test_a_dead_writer_wakes_the_await_through_its_pidfd() -> None:
     """With a 30 s slice only the writer's pidfd, which the loop watches, can end the await
     in time: QueueBroken once its last message is read."""
-    with process_group("fork", timeout=60) as group:
-        report, report_child = group.back_channel()
-        control, control_child = group.channel()
-        child = group.start(writer_then_die, report_child, 1, [b"last"], control_child)
-        assert report.poll(30)
-        with BroadcastQueue.attach(report.recv(), 0, wait=LONG) as reader:
-            assert report.poll(30) and report.recv() == "sent"
-
-            async def main() -> float:
-                assert await reader.get_async(timeout=20) == b"last"
-                later(0.2, group.kill, child)
-                start = time.monotonic()
-                with pytest.raises(QueueBroken):
-                    await reader.get_async(timeout=20)
-                return time.monotonic() - start
-
-            took = asyncio.run(main())
-            assert reader._aio_helper is None  # on its socket, not through the helper
-            assert took < 5.0, took  # the kill, and a loaded machine's delay: not 30 s
-        control.close()
+    took, sleeper, helper = async_wait_for_a_dead_writer(LONG)
+    assert isinstance(sleeper, _sockwake.WakeSocket) and not helper  # on its socket
+    assert took < 5.0, took  # the kill, and a loaded machine's delay: not 30 s
 
 
 def _count_looks(reader: BroadcastQueue, monkeypatch) -> list[float]:

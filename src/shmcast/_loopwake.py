@@ -94,11 +94,65 @@ async def await_readable(loop: asyncio.AbstractEventLoop, fd: int, deadline: flo
         loop.remove_reader(fd)
 
 
-_LIVE: weakref.WeakSet[FutexSleeper] = weakref.WeakSet()
+class LoopSleeper:
+    """What the loop sleepers share: one descriptor the loop watches while an await is in
+    progress, closed when the endpoint closes (deferred to the end of an await, so that the
+    loop never watches a closed descriptor) and in a forked child (the parent's is left
+    alone).  A subclass gives the descriptor (``_fileno``) and how to release it
+    (``_release``), and the steps ``drain``, ``arm`` and ``disarm``."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.wakes = 0  #: awaits ended by a wake (statistics, tests)
+        self._waiting = False
+        self._closed = False
+        _LIVE.add(self)
+
+    def _fileno(self) -> int:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float | None,
+                   next_look: Callable[[], float], on_look: Callable[[], bool],
+                   exit_fd: int | None = None) -> bool:  # fmt: skip
+        """:func:`await_readable` on the descriptor; True if a wake came.  Takes nothing
+        (the next ``drain`` does)."""
+        self._waiting = True
+        try:
+            woke = await await_readable(loop, self._fileno(), deadline, next_look, on_look,
+                                        exit_fd)  # fmt: skip
+        finally:
+            self._waiting = False
+            if self._closed:  # closed while we waited: now that the loop let go of it
+                self._release()
+        if woke:
+            self.wakes += 1
+        return woke
+
+    def close(self) -> None:
+        """Release the descriptor; deferred to the end of an await in progress."""
+        self._closed = True
+        _LIVE.discard(self)
+        if not self._waiting:
+            self._release()
+
+    def _forget(self) -> None:
+        """In a forked child: release the inherited copy."""
+        self._closed = True
+        self._release()
+
+
+_LIVE: weakref.WeakSet[LoopSleeper] = weakref.WeakSet()
 _TAGS = itertools.count(1)
 
 
-class FutexSleeper:
+class FutexSleeper(LoopSleeper):
     """One reader endpoint's futex sleeps through io_uring, in this process.
 
     At most one wait is queued in the kernel at a time, and it is kept across rounds and
@@ -109,17 +163,15 @@ class FutexSleeper:
     """
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.wakes = 0  #: awaits ended by a completion (statistics, tests)
         self._ring = FutexRing()
         self._queued: int | None = None  # the tag of the wait queued in the kernel, if any
-        self._waiting = False
-        self._closed = False
-        _LIVE.add(self)
+        super().__init__()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def _fileno(self) -> int:
+        return self._ring.fileno()
+
+    def _release(self) -> None:
+        self._ring.close()  # a wait still queued is cancelled
 
     def drain(self) -> None:
         """Step 1's counterpart: take the completions.  At most one wait is ever in the
@@ -146,36 +198,6 @@ class FutexSleeper:
     def disarm(self, waiter: Any) -> None:
         waiter.futex_disarm()
 
-    async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float | None,
-                   next_look: Callable[[], float], on_look: Callable[[], bool],
-                   exit_fd: int | None = None) -> bool:  # fmt: skip
-        """Await the queued wait's completion (:func:`await_readable` on the ring); True if
-        it came.  Reaps nothing (the next drain does)."""
-        self._waiting = True
-        try:
-            woke = await await_readable(loop, self._ring.fileno(), deadline, next_look,
-                                        on_look, exit_fd)  # fmt: skip
-        finally:
-            self._waiting = False
-            if self._closed:  # closed while we waited: now that the loop let go of it
-                self._ring.close()
-        if woke:
-            self.wakes += 1
-        return woke
-
-    def close(self) -> None:
-        """Release the ring (a queued wait is cancelled); deferred to the end of an await in
-        progress, so that the loop never watches a closed descriptor."""
-        self._closed = True
-        _LIVE.discard(self)
-        if not self._waiting:
-            self._ring.close()
-
-    def _forget(self) -> None:
-        """In a forked child: close the inherited copy (the parent's ring is untouched)."""
-        self._closed = True
-        self._ring.close()
-
 
 def _after_fork_in_child() -> None:
     for sleeper in list(_LIVE):
@@ -185,4 +207,4 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-__all__ = ["FutexSleeper", "await_readable"]
+__all__ = ["FutexSleeper", "LoopSleeper", "await_readable"]

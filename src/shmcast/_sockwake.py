@@ -41,14 +41,11 @@ helper thread.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-import weakref
-from collections.abc import Callable
 from typing import Any
 
-from ._loopwake import await_readable
+from ._loopwake import LoopSleeper
 from ._wait import SPARE_CPUS
 
 #: Datagrams one drain reads at most (a hostile sender cannot keep a drain going: what is
@@ -58,8 +55,6 @@ DRAIN_MAX = 64
 #: Queues of at most this many readers sleep on sockets (see the module docstring); larger
 #: ones keep the helper thread.  The spare CPUs of this process, at least one.
 SOCKET_READERS_MAX = max(1, SPARE_CPUS)
-
-_LIVE: weakref.WeakSet[WakeSocket] = weakref.WeakSet()
 
 
 def address(nonce: int, index: int, pid: int) -> bytes:
@@ -79,7 +74,7 @@ def same_netns(pid: int) -> bool:
     return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
-class WakeSocket:
+class WakeSocket(LoopSleeper):
     """One reader endpoint's wake-up socket in this process.
 
     Who may call: the thread of the event loop that awaits on the endpoint (one call at a time,
@@ -88,19 +83,21 @@ class WakeSocket:
     """
 
     def __init__(self, nonce: int, index: int) -> None:
-        self.pid = os.getpid()
-        self.wakes = 0  #: awaits ended by a datagram (statistics, tests)
-        self._waiting = False
-        self._closed = False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             sock.setblocking(False)
-            sock.bind(address(nonce, index, self.pid))
+            sock.bind(address(nonce, index, os.getpid()))
         except OSError:
             sock.close()
             raise
         self._sock = sock
-        _LIVE.add(self)
+        super().__init__()
+
+    def _fileno(self) -> int:
+        return self._sock.fileno()
+
+    def _release(self) -> None:
+        self._sock.close()  # its name is free again
 
     def drain(self) -> None:
         """Step 1: read what is pending (at most DRAIN_MAX datagrams)."""
@@ -111,12 +108,6 @@ class WakeSocket:
             except (BlockingIOError, InterruptedError):
                 return
 
-    # -- the sleeper interface of shmcast._aio (shared with shmcast._loopwake.FutexSleeper) --
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def arm(self, waiter: Any) -> bool:
         """Steps 2-4 (mark, announce, re-check): True if the condition holds (undone)."""
         return waiter.sock_arm()
@@ -124,43 +115,5 @@ class WakeSocket:
     def disarm(self, waiter: Any) -> None:
         waiter.sock_disarm()
 
-    async def wait(self, loop: asyncio.AbstractEventLoop, deadline: float | None,
-                   next_look: Callable[[], float], on_look: Callable[[], bool],
-                   exit_fd: int | None = None) -> bool:  # fmt: skip
-        """Step 5: :func:`shmcast._loopwake.await_readable` on the socket; True if a
-        datagram came.  Reads nothing (the next drain does)."""
-        self._waiting = True
-        try:
-            woke = await await_readable(loop, self._sock.fileno(), deadline, next_look,
-                                        on_look, exit_fd)  # fmt: skip
-        finally:
-            self._waiting = False
-            if self._closed:  # closed while we waited: now that the loop let go of it
-                self._sock.close()
-        if woke:
-            self.wakes += 1
-        return woke
-
-    def close(self) -> None:
-        """Close the socket (its name is free again); deferred to the end of an await in
-        progress, so that the loop never watches a closed descriptor."""
-        self._closed = True
-        _LIVE.discard(self)
-        if not self._waiting:
-            self._sock.close()
-
-    def _forget(self) -> None:
-        """In a forked child: close the inherited copy (the parent's stays bound)."""
-        self._closed = True
-        self._sock.close()
-
-
-def _after_fork_in_child() -> None:
-    for ws in list(_LIVE):
-        ws._forget()
-    _LIVE.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 __all__ = ["DRAIN_MAX", "WakeSocket", "address", "same_netns"]
