@@ -69,7 +69,7 @@ from . import _layout as L
 from . import _sockwake
 from ._endpoint import Endpoint, as_bytes_view, check_max_count, check_timeout
 from ._errors import QueueClosed, QueueTimeout, ShmcastError
-from ._loopwake import FutexSleeper
+from ._loopwake import FutexSleeper, LoopSleeper
 from ._ring import RingReader, RingWriter, timeout_error
 from ._sockwake import WakeSocket, same_netns
 from ._wait import LOAD, SPARE_CPUS, FutexWait
@@ -78,7 +78,7 @@ _DEFAULTS = FutexWait()
 _NOTHING = object()  # the spin phase ended without a result
 
 #: What an awaiting broadcast reader sleeps on in its loop (shmcast._loopwake).
-Sleeper = FutexSleeper | WakeSocket
+Sleeper = LoopSleeper
 #: The environment variable that picks it: "auto" (the default: the futex through io_uring
 #: where the kernel allows, else the socket where the queue allows, else the helper thread),
 #: or one of "uring", "socket", "thread" (that one where it can be had, else the helper).
@@ -316,7 +316,7 @@ class AsyncEndpoint(Endpoint):
         during a round (a close meanwhile unmaps after it, never under a mark); ``attempt``
         takes it itself.
 
-        Between datagrams the reader looks at the ring and ticks (a dead writer, long-wait
+        Between wakes the reader looks at the ring and ticks (a dead writer, long-wait
         logs).  With the writer's pidfd watched by the loop (``RingReader.writer_exit_fd``)
         its death is a wake-up of its own, so the look comes only every
         :data:`WATCHED_LOOK_SLICES` slices, or when a long-wait log is due; without one, once
