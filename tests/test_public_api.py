@@ -122,14 +122,15 @@ def test_every_implementation_module_is_private() -> None:
 
 
 def test_the_queues_import_nothing_from_the_tools() -> None:
-    """The layers: the core and the endpoints (the modules at the package's top level) and the
-    transports import nothing from ``shmcast._tools`` (the command line, demo, stress, bench,
-    inspection); only ``python -m shmcast`` starts the command line."""
+    """The layers: the core and the endpoints (the modules at the package's top level), the
+    transports and the adapters for others' APIs import nothing from ``shmcast._tools`` (the
+    command line, demo, stress, bench, inspection); only ``python -m shmcast`` starts the
+    command line."""
     import ast
     from pathlib import Path
 
     root = Path(shmcast.__file__).parent
-    layers = [*root.glob("*.py"), *(root / "_remote").glob("*.py")]
+    layers = [*root.glob("*.py"), *(root / "_remote").glob("*.py"), *(root / "compat").glob("*.py")]
     offenders = []
     for path in layers:
         if path.name == "__main__.py":  # the command line's entry point

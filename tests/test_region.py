@@ -341,8 +341,8 @@ def test_slabs_of_a_reader_killed_while_holding_views_are_reclaimed() -> None:
 
 
 def test_the_tools_name_a_region_for_what_it_is(queue) -> None:
-    from shmcast._tools import inspection
+    from shmcast import _snapshot
 
     region = queue._region._seg
-    with pytest.raises(inspection._Unusable, match="shared region"):
-        inspection._read_header(bytes(region.buf[:256]), region.size, region.name)
+    with pytest.raises(_snapshot.Unusable, match="shared region"):
+        _snapshot.read_header(bytes(region.buf[:256]), region.size, region.name)

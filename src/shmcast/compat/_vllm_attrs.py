@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .._errors import SegmentError
-from .._tools.inspection import inspect_open_segment
+from .._snapshot import inspect_open_segment
 from .._wait import FutexWait, Waiter
 
 #: vLLM's default: a reader counts as busy for one second after its last read.
@@ -127,7 +127,7 @@ class RingFlags:
     not released until its block ends.  A reader that left keeps the position it had.
 
     The bytes are a snapshot computed from the sequences in the segment, read through this
-    end's own descriptor (:func:`shmcast._tools.inspection.inspect_open_segment`, which reads
+    end's own descriptor (:func:`shmcast._snapshot.inspect_open_segment`, which reads
     the readers' sequences before the writer's, so that a reader's flag never claims a slot the
     writer had not published);
     writing into them changes nothing.  Where vLLM differs: its ``get_metadata(i)`` yields the
