@@ -33,7 +33,7 @@ from ._errors import SegmentError
 from ._liveness import is_alive
 from ._region import MAGIC as REGION_MAGIC
 
-# SegmentInfo.status values.
+#: What a segment is (the ``status`` of :class:`Unusable`, and of the tools' SegmentInfo).
 STATUS_OK = "ok"  #: a valid shmcast queue of this layout version
 STATUS_NOT_SHMCAST = "not-shmcast"  #: empty, too small, no magic, or not a regular file
 STATUS_OTHER_VERSION = "other-version"  #: a shmcast segment of another layout version
@@ -119,7 +119,7 @@ class RingState:
 
 @dataclass(frozen=True)
 class QueueState:
-    """A snapshot of one queue, from :func:`inspect_queue`."""
+    """A snapshot of one queue (:func:`read_snapshot`; the tools' ``inspect_queue``)."""
 
     name: str
     kind: str  #: "broadcast" or "gather"
@@ -327,8 +327,9 @@ def read_snapshot(fd: int, size: int, name: str) -> tuple[QueueState, int]:
 
 def inspect_open_segment(fd: int, name: str) -> QueueState:
     """Read the queue of a segment the caller holds open (``fd``, named ``name`` in messages),
-    as :func:`inspect_queue` does, without looking for it: for an endpoint that wants a look at
-    its own queue.  Raises as :func:`inspect_queue` does."""
+    as the tools' ``inspect_queue`` does by name, without looking for it: for an endpoint that
+    wants a look at its own queue.  Raises :class:`Unusable` (a SegmentError) when it cannot
+    be read or is not a queue of this layout version."""
     try:
         size = os.fstat(fd).st_size
     except OSError as exc:
