@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from shmcast import FutexWait
 from shmcast._liveness import all_stat_fields
 from shmcast._segment import SHM_DIR
 
@@ -1169,19 +1170,53 @@ def async_reader_gaps(handle: Any, reader: int, count: int, slice_: float,
 
 
 def inherited_async_reader(queue: Any) -> dict[str, Any]:
-    """In a forked child: what an async reader inherited from the parent does here (its
-    wake-up socket is closed, the endpoint refuses)."""
+    """In a forked child: what an async reader inherited from the parent does here (its loop
+    sleeper, a socket or an io_uring, is released in the child; the endpoint refuses)."""
     import asyncio
 
     from shmcast import InheritedEndpoint
 
-    sock = queue._aio_sleep[1]
+    sleeper = queue._aio_sleep[1]
+    try:  # a closed socket's descriptor reads -1, a closed ring refuses
+        released = sleeper.closed and sleeper._fileno() == -1
+    except ValueError:
+        released = sleeper.closed
     try:
         asyncio.run(queue.get_async(timeout=0.5))
         refused = False
     except InheritedEndpoint:
         refused = True
-    return {"socket_closed": sock._sock.fileno() == -1, "refused": refused}
+    return {"released": released, "refused": refused}
+
+
+#: A wait policy that never spins and sleeps in slices far longer than any test waits: only a
+#: wake (a futex wake, a datagram, a pidfd) can end such a reader's await in time.
+LONG_SLICES = FutexWait(spin_us=0, min_spin_us=0, slice=30.0)
+
+
+def why_no_uring() -> str | None:
+    """Why this machine cannot wait on futexes through io_uring (a skip reason), or None."""
+    from shmcast._native import FutexRing
+
+    try:
+        FutexRing().close()
+    except OSError as exc:
+        return f"no futex waits through io_uring here ({exc}; Linux 6.7 and io_uring needed)"
+    return None
+
+
+def assert_served_by_the_helper(writer: Any, reader: Any) -> None:
+    """An await of ``reader`` gets a message ``writer`` puts a little later through the
+    helper thread: no loop sleeper (io_uring or socket) for this process."""
+    import asyncio
+
+    async def main() -> Any:
+        later(0.1, writer.put, "through the helper")
+        return await reader.get_async(timeout=10)
+
+    assert asyncio.run(main()) == "through the helper"
+    assert reader._aio_sleep == (os.getpid(), None)
+    assert reader._aio_helper is not None
 
 
 def later(delay: float, fn: Callable, *args: Any) -> threading.Thread:

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import pytest
 from _procs import (
+    LONG_SLICES,
     descendants,
     multiprocessing_helpers,
     planted_by,
@@ -38,6 +39,7 @@ from _procs import (
     segment_users,
 )
 
+from shmcast import BroadcastQueue
 from shmcast._errors import SegmentError
 from shmcast._layout import HEADER, MAGIC
 from shmcast._segment import PREFIX, SHM_DIR, check_name
@@ -248,3 +250,13 @@ def no_leaks() -> Iterator[None]:
         problems.append("shmcast segments left open by this process: " + ", ".join(left_open))
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def long_slice_pair() -> Iterator[tuple[BroadcastQueue, BroadcastQueue]]:
+    """A writer and its one reader, which waits with ``_procs.LONG_SLICES``."""
+    with (
+        BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
+        BroadcastQueue.attach(writer.handle, 0, wait=LONG_SLICES) as reader,
+    ):
+        yield writer, reader

@@ -1,27 +1,20 @@
 """An awaiting reader's futex sleep through io_uring (shmcast._loopwake, docs/protocol.md "P3
-through io_uring"): the writer's ordinary futex wake ends a get_async asleep in its loop, no
-wake-up is lost, a queued wait serves later sleeps, close and a dead writer end an await at
-once, a forked child does not use the parent's ring, and $SHMCAST_AIO_SLEEP picks the way."""
+through io_uring"), what only it has: the native ring, a queued wait that serves later sleeps,
+no helper whatever the readers per CPU, a refused submission that falls back, and
+$SHMCAST_AIO_SLEEP's choice.  What it shares with the socket is in test_loop_sleepers.py."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import mmap
 import os
-import threading
 import time
 from typing import Any
 
 import pytest
-from _procs import (
-    async_readers_through_sleeps,
-    async_wait_for_a_dead_writer,
-    later,
-    process_group,
-)
+from _procs import LONG_SLICES, assert_served_by_the_helper, later, why_no_uring
 
-from shmcast import BroadcastQueue, FutexWait, QueueClosed, QueueTimeout, _aio
+from shmcast import BroadcastQueue, QueueTimeout, _aio
 from shmcast import _layout as L
 from shmcast._loopwake import FutexSleeper
 from shmcast._native import Atomics, FutexRing
@@ -29,33 +22,13 @@ from shmcast._native import Atomics, FutexRing
 pytestmark = pytest.mark.timeout(120)
 
 
-def _why_not() -> str | None:
-    try:
-        FutexRing().close()
-    except OSError as exc:
-        return f"no futex waits through io_uring here ({exc}; Linux 6.7 and io_uring needed)"
-    return None
-
-
-WHY_NOT = _why_not()
+WHY_NOT = why_no_uring()
 needs_uring = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
-
-#: A slice far longer than any test waits: only a wake can end an await in time.
-LONG = FutexWait(spin_us=0, min_spin_us=0, slice=30.0)
 
 
 @pytest.fixture(autouse=True)
 def uring_sleep(monkeypatch):
     monkeypatch.setenv(_aio.SLEEP_ENV, "uring")
-
-
-@pytest.fixture
-def pair():
-    with (
-        BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
-        BroadcastQueue.attach(writer.handle, 0, wait=LONG) as reader,
-    ):
-        yield writer, reader
 
 
 def _sleeper(reader: BroadcastQueue) -> Any:
@@ -103,38 +76,8 @@ def test_the_ring_waits_on_a_shared_word() -> None:
 
 
 @needs_uring
-def test_a_sleeping_reader_is_woken_by_the_writers_futex_wake(pair) -> None:
-    writer, reader = pair
-
-    async def main() -> list[Any]:
-        got = []
-        for n in range(5):
-            later(0.05, writer.put, n)
-            got.append(await reader.get_async(timeout=10))
-        return got
-
-    start = time.monotonic()
-    assert asyncio.run(main()) == list(range(5))
-    assert time.monotonic() - start < 10  # no await lasted a slice
-    sleeper = _sleeper(reader)
-    assert isinstance(sleeper, FutexSleeper) and sleeper.wakes >= 5
-    assert reader._aio_helper is None  # no thread
-    assert writer._writer.cursor.signals == 0  # no datagram either: a futex wake
-
-
-@needs_uring
-@pytest.mark.parametrize("readers", [1, 3])
-def test_no_wake_up_is_lost_across_thousands_of_sleeps(readers: int) -> None:
-    results = async_readers_through_sleeps(readers)
-    for r in results:
-        # A lost wake-up would leave a reader asleep until its 30 s slice ends.
-        assert r["longest"] < 5.0, r
-        assert r["wakes"] > 0 and not r["helper"], r
-
-
-@needs_uring
-def test_a_queued_wait_serves_the_next_sleeps(pair) -> None:
-    writer, reader = pair
+def test_a_queued_wait_serves_the_next_sleeps(long_slice_pair) -> None:
+    writer, reader = long_slice_pair
 
     async def main() -> list[Any]:
         with pytest.raises(QueueTimeout):
@@ -158,7 +101,7 @@ def test_a_queue_with_more_readers_than_cpus_needs_no_helper() -> None:
     n = os.cpu_count() + 2
     with (
         BroadcastQueue(n, n_slots=8, slot_size=256) as writer,
-        BroadcastQueue.attach(writer.handle, 0, wait=LONG) as reader,
+        BroadcastQueue.attach(writer.handle, 0, wait=LONG_SLICES) as reader,
     ):
 
         async def main() -> Any:
@@ -170,92 +113,17 @@ def test_a_queue_with_more_readers_than_cpus_needs_no_helper() -> None:
         assert reader._aio_helper is None
 
 
-@needs_uring
-def test_closing_the_reader_or_the_writer_ends_an_await_at_once(pair) -> None:
-    writer, reader = pair
-
-    async def main() -> None:
-        later(0.2, writer.close)
-        assert [m async for m in reader] == []
-
-    start = time.monotonic()
-    asyncio.run(main())
-    assert time.monotonic() - start < 5
-
-    with (
-        BroadcastQueue(1, n_slots=8, slot_size=256) as w2,
-        BroadcastQueue.attach(w2.handle, 0, wait=LONG) as r2,
-    ):
-
-        async def own() -> None:
-            later(0.2, r2.close)
-            with pytest.raises(QueueClosed):
-                await r2.get_async(timeout=20)
-
-        start = time.monotonic()
-        asyncio.run(own())
-        assert time.monotonic() - start < 5
-
-
-@needs_uring
-def test_a_dead_writer_ends_the_await() -> None:
-    took, sleeper, helper = async_wait_for_a_dead_writer(LONG)
-    assert isinstance(sleeper, FutexSleeper) and not helper
-    assert took < 5.0, took  # the kill, and a loaded machine's delay: not a 30 s slice
-
-
-@needs_uring
-def test_a_forked_child_does_not_use_the_parents_ring(pair) -> None:
-    writer, reader = pair
-
-    async def sleep_once() -> Any:
-        later(0.05, writer.put, 1)
-        return await reader.get_async(timeout=10)
-
-    assert asyncio.run(sleep_once()) == 1
-    with process_group("fork", timeout=60) as group:
-        group.start(_inherited_reader, reader)
-        assert group.results() == [{"ring_closed": True, "refused": True}]
-    assert asyncio.run(sleep_once()) == 1  # the parent's ring still works
-    assert _sleeper(reader).wakes >= 2
-
-
-def _inherited_reader(queue: Any) -> dict[str, Any]:
-    from shmcast import InheritedEndpoint
-
-    sleeper = queue._aio_sleep[1]
-    try:
-        sleeper._ring.fileno()
-        closed = False
-    except ValueError:
-        closed = True
-    try:
-        asyncio.run(queue.get_async(timeout=0.5))
-        refused = False
-    except InheritedEndpoint:
-        refused = True
-    return {"ring_closed": closed, "refused": refused}
-
-
 # -- the choice ---------------------------------------------------------------------------------
 
 
-def test_the_thread_choice_keeps_the_helper(pair, monkeypatch) -> None:
+def test_the_thread_choice_keeps_the_helper(long_slice_pair, monkeypatch) -> None:
     monkeypatch.setenv(_aio.SLEEP_ENV, "thread")
-    writer, reader = pair
-
-    async def main() -> Any:
-        later(0.1, writer.put, "through the helper")
-        return await reader.get_async(timeout=10)
-
-    assert asyncio.run(main()) == "through the helper"
-    assert reader._aio_sleep == (os.getpid(), None)
-    assert reader._aio_helper is not None
+    assert_served_by_the_helper(*long_slice_pair)
 
 
-def test_an_unknown_choice_is_refused(pair, monkeypatch) -> None:
+def test_an_unknown_choice_is_refused(long_slice_pair, monkeypatch) -> None:
     monkeypatch.setenv(_aio.SLEEP_ENV, "carrier-pigeon")
-    _writer, reader = pair
+    _writer, reader = long_slice_pair
     with pytest.raises(ValueError, match="SHMCAST_AIO_SLEEP"):
         asyncio.run(reader.get_async(timeout=0.2))
     monkeypatch.setenv(_aio.SLEEP_ENV, "auto")
@@ -277,8 +145,8 @@ class _Refusing:
 
 
 @needs_uring
-def test_a_refused_submission_falls_back_to_the_helper(pair) -> None:
-    writer, reader = pair
+def test_a_refused_submission_falls_back_to_the_helper(long_slice_pair) -> None:
+    writer, reader = long_slice_pair
 
     async def main() -> list[Any]:
         with pytest.raises(QueueTimeout):
@@ -295,20 +163,3 @@ def test_a_refused_submission_falls_back_to_the_helper(pair) -> None:
     assert reader._aio_helper is not None
     a = writer._seg.atomics
     assert a.load32(L.SLEEPERS_OFF) == 0  # every announcement undone
-
-
-async def _await_until_closed(reader: BroadcastQueue, delay: float) -> None:
-    threading.Timer(delay, reader.close).start()
-    with pytest.raises(QueueClosed):
-        for _ in range(1000):  # rounds until the close lands, wherever
-            with contextlib.suppress(QueueTimeout):
-                await reader.get_async(timeout=0.001)
-
-
-@needs_uring
-def test_a_close_from_another_thread_always_ends_the_await_with_queue_closed() -> None:
-    for i in range(30):
-        with BroadcastQueue(1, n_slots=8, slot_size=256) as writer:
-            reader = BroadcastQueue.attach(writer.handle, 0, wait=LONG)
-            asyncio.run(_await_until_closed(reader, 0.0005 * (i % 10)))
-            reader.close()
