@@ -10,12 +10,16 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    the condition between passes of the event loop (``await asyncio.sleep(0)``): other tasks
    run between two looks, so the loop is never blocked, and a message that comes quickly is
    taken without any wake-up.  As in the synchronous path, a spinner is counted in the
-   queue's ``spinning`` word; one that holds one of the spare cores' places (eager) yields
-   the CPU every 16 looks, the others (polite) at every look and do not start while every
-   core is taken by work (:class:`~shmcast._wait.CpuLoad`); every 64 looks the load is looked
-   at again, and a machine whose cores are all taken ends the spin.  (Measured with four
-   readers on two cores, an eager spinner that never yielded held a core for its whole
-   budget: a p99 of 4 ms, one scheduler slice, against 0.3 ms now.)
+   queue's ``spinning`` word, and yields the CPU at every look (``sched_yield``); one that
+   holds one of the spare cores' places (eager) spins whatever the load, the others (polite)
+   do not start while every core is taken by work (:class:`~shmcast._wait.CpuLoad`); every
+   64 looks the load is looked at again, and a machine whose cores are all taken ends the
+   spin.  Unlike the sync spin, whose eager spinner yields every 16 looks, every look yields:
+   a look here is a pass of the loop (about 2.5 us, where a sync look is a load), so 16 of
+   them held a core for some 40 us, and with four readers on two cores the readers queued
+   behind it (p50 1.4 times the sync reader's, against 1.05 yielding at every look; measured
+   with four readers on two cores, docs/benchmarks.md).  An eager spinner that never yielded
+   held a core for its whole budget: a p99 of 4 ms, one scheduler slice.
 3. **Sleep.**  A broadcast reader sleeps in its loop, on a descriptor the loop watches and
    the publisher's wake makes readable (:mod:`shmcast._loopwake`): where the kernel allows,
    its futex sleep itself, step 4 submitted through io_uring (docs/protocol.md "P3 through
@@ -195,13 +199,12 @@ class AsyncEndpoint(Endpoint):
                               detect: bool, end: float,
                               deadline: float | None) -> Any:  # fmt: skip
         """Step 2 until ``end`` (or ``deadline``): what ``attempt()`` returned, or _NOTHING.
-        An eager spinner (it holds one of the queue's spinning places, which this gives
-        back) yields the CPU every 16 looks, a polite one at every look; every 64 looks the
-        load is looked at again, and a machine whose cores are all taken ends the spin."""
+        Every look yields the CPU; every 64 looks the load is looked at again, and a machine
+        whose cores are all taken ends the spin.  ``eager``: the caller holds one of the
+        queue's spinning places, which this gives back."""
         if deadline is not None:
             end = min(end, deadline)
         clock = time.monotonic
-        every = 15 if eager else 0  # yield when looks & every == 0
         waiter.count_spin(1)
         try:
             looks = 0
@@ -213,10 +216,9 @@ class AsyncEndpoint(Endpoint):
                     except QueueTimeout:
                         pass
                 looks += 1
-                if not looks & every:
-                    os.sched_yield()  # hand the core to any process that wants it
-                    if detect and not looks & 63 and LOAD.crowded(now, waiter.spinning()):
-                        break  # every core is taken: sleep
+                os.sched_yield()  # hand the core to any process that wants it
+                if detect and not looks & 63 and LOAD.crowded(now, waiter.spinning()):
+                    break  # every core is taken: sleep
             return _NOTHING
         finally:
             waiter.count_spin(-1)
