@@ -626,13 +626,16 @@ def test_saturated_credits_hold_the_writer_to_the_slowest_reader(tmp_path: Path)
     assert m["max_us"] < 100_000
 
 
-def _target_doc() -> dict[str, Any]:
-    def case(impl: str, rnd: int, workload: str, variant: str, readers: int,
-             **metrics: float) -> dict[str, Any]:  # fmt: skip
-        return {"impl": impl, "round": rnd, "workload": workload, "variant": variant,
-                "readers": readers, "payload": "bytes", "size": 1 << 20, "status": "ok",
-                "core_to_core_ns": [70, 70], "metrics": metrics}  # fmt: skip
+def _case(impl: str, rnd: int, workload: str, variant: str, readers: int,
+          **metrics: float) -> dict[str, Any]:  # fmt: skip
+    """A verified case of a run, as the bench records it, for the target tests."""
+    return {"impl": impl, "round": rnd, "workload": workload, "variant": variant,
+            "readers": readers, "payload": "bytes", "size": 1 << 20, "status": "ok",
+            "core_to_core_ns": [70, 70], "metrics": metrics}  # fmt: skip
 
+
+def _target_doc() -> dict[str, Any]:
+    case = _case
     cases = []
     for rnd, (ours, vllm, best) in enumerate([(10.0, 20.0, 12.0), (30.0, 20.0, 15.0)]):
         cases += [
@@ -696,6 +699,40 @@ def test_targets_give_every_round_and_the_medians() -> None:
     text = report.format_tables(doc)
     assert "2 of 7 met" in text
     assert "2.00/0.67" in text and "1.20/0.50" in text
+
+
+def test_asyncio_targets_compare_the_awaiting_reader_with_the_sync_one_and_the_pool() -> None:
+    cases = []
+    for rnd, (sync, aio, pool) in enumerate([(40.0, 50.0, 150.0), (40.0, 70.0, 120.0)]):
+        cases += [
+            _case("shmcast-futex", rnd, "latency", "dict", 4, p50_us=sync),
+            _case("shmcast-async", rnd, "latency", "dict", 4, p50_us=aio),
+            _case("shmcast-executor", rnd, "latency", "dict", 4, p50_us=pool),
+            _case("shmcast-futex", rnd, "latency", "dict", 1, p50_us=20.0),
+            _case("shmcast-async", rnd, "latency", "dict", 1, p50_us=20.0),
+            _case("shmcast-futex", rnd, "idle_cpu", "dict", 1, reader_cpu_s_max=0.004),
+            _case("shmcast-async", rnd, "idle_cpu", "dict", 1, reader_cpu_s_max=0.002),
+        ]
+    doc = {
+        "settings": {"rounds": 2, "cases": [
+            {"workload": "latency", "variant": "dict", "readers": 4},
+            {"workload": "latency", "variant": "dict", "readers": 1},
+            {"workload": "idle_cpu", "variant": "dict", "readers": 1}]},
+        "cases": cases,
+    }  # fmt: skip
+    rows = {(r["target"], r["case"]): r for r in targets.compute_targets(doc)["figures"]}
+    slower = rows[("latency p50 async / sync", "dict r4")]
+    assert slower["per_round"] == [pytest.approx(1.25), pytest.approx(1.75)]
+    assert slower["value"] == pytest.approx(60 / 40) and slower["met"]  # 1.5: just met
+    pool = rows[("latency p50 thread pool / async", "dict r4")]
+    assert pool["per_round"] == [pytest.approx(3.0), pytest.approx(120 / 70)]
+    assert pool["value"] == pytest.approx(135 / 60) and pool["met"]
+    idle = rows[("idle CPU async / sync", "dict r1")]
+    assert idle["value"] == pytest.approx(0.5) and idle["met"]
+    assert rows[("latency p50 async / sync", "dict r1")]["value"] == pytest.approx(1.0)
+    # no thread-pool reader with one reader: no row for it
+    assert ("latency p50 thread pool / async", "dict r1") not in rows
+    assert len(rows) == 5  # and the sync reader's own idle-CPU row
 
 
 def test_wake_floor_output_is_parsed_or_rejected(tmp_path: Path) -> None:

@@ -12,7 +12,10 @@ thresholds):
   from memory measured in the same run; met from 0.8;
 - *wake-up against the C floor*: the wake-up latency over the bare C futex wake-up
   (``floor.py``) measured in the same round; met up to 3;
-- *idle CPU*: the CPU seconds the busiest reader used while idle; met up to 0.01.
+- *idle CPU*: the CPU seconds the busiest reader used while idle; met up to 0.01;
+- *asyncio* (when ``shmcast-async`` ran): ``get_async``'s latency p50 over the sync reader's
+  (met up to 1.5), the thread pool's (``shmcast-executor``) over ``get_async``'s (met from 2),
+  and the awaiting reader's idle CPU over the sync reader's (met up to 1).
 
 A cell that did not run or did not verify has no figure ("-") and is not met.
 """
@@ -35,6 +38,14 @@ BEST_IN_CELL = [
 MEMCPY_SHARE = 0.8
 WAKE_FACTOR = 3.0
 IDLE_CPU_S = 0.01
+ASYNC = "shmcast-async"
+EXECUTOR = "shmcast-executor"
+#: (workload, metric, label, numerator, denominator, need, higher is met)
+ASYNC_FACTORS = [
+    ("latency", "p50_us", "latency p50 async / sync", ASYNC, OURS, 1.5, False),
+    ("latency", "p50_us", "latency p50 thread pool / async", EXECUTOR, ASYNC, 2.0, True),
+    ("idle_cpu", "reader_cpu_s_max", "idle CPU async / sync", ASYNC, OURS, 1.0, False),
+]
 
 
 def _round_count(doc: dict[str, Any]) -> int:
@@ -42,14 +53,14 @@ def _round_count(doc: dict[str, Any]) -> int:
 
 
 def _ours(doc: dict[str, Any], workload: str, variant: str, readers: int,
-          round_index: int | None) -> dict[str, Any] | None:  # fmt: skip
-    """shmcast-futex's verified case (of one round, or the medians when ``round_index`` is
-    None)."""
+          round_index: int | None, impl: str = OURS) -> dict[str, Any] | None:  # fmt: skip
+    """``impl``'s verified case (of one round, or the medians when ``round_index`` is
+    None); shmcast-futex's by default."""
     from .report import merge_rounds
 
     cases = [
         c for c in doc["cases"]
-        if c["impl"] == OURS and c.get("net", "local") == "local" and c["workload"] == workload
+        if c["impl"] == impl and c.get("net", "local") == "local" and c["workload"] == workload
         and c["variant"] == variant and c["readers"] == readers
         and (round_index is None or c["round"] == round_index)
     ]  # fmt: skip
@@ -167,10 +178,39 @@ def _figure_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _quotient(doc: dict[str, Any], cell: tuple[str, str, int], metric: str, top: str,
+              bottom: str, round_index: int | None) -> float | None:  # fmt: skip
+    """``top``'s ``metric`` over ``bottom``'s in ``cell`` (workload, variant, readers)."""
+    num, den = _ours(doc, *cell, round_index, top), _ours(doc, *cell, round_index, bottom)
+    if num is None or den is None or not den["metrics"].get(metric):
+        return None
+    return num["metrics"][metric] / den["metrics"][metric]
+
+
+def _async_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The asyncio reader's factors (ASYNC_FACTORS), per round and between the medians, for
+    every cell where both implementations of a factor ran."""
+    rounds = range(_round_count(doc))
+    rows = []
+    for workload, metric, label, top, bottom, need, higher in ASYNC_FACTORS:
+        for variant, readers in _cells(doc, workload):
+            cell = (workload, variant, readers)
+            per = [_quotient(doc, cell, metric, top, bottom, r) for r in rounds]
+            if all(f is None for f in per):
+                continue  # one of the two did not run here
+            value = _quotient(doc, cell, metric, top, bottom, None)
+            met = value is not None and (value >= need if higher else value <= need)
+            rows.append({
+                "target": label, "case": f"{variant} r{readers}", "per_round": per,
+                "value": value, "need": f"{'>=' if higher else '<='} {need:g}", "met": met,
+            })  # fmt: skip
+    return rows
+
+
 def compute_targets(doc: dict[str, Any]) -> dict[str, Any]:
     """Every target row of the run (recorded in the JSON as ``targets``)."""
     best = _best_rows(doc)
-    figures = _figure_rows(doc)
+    figures = _figure_rows(doc) + _async_rows(doc)
     return {
         "impl": OURS,
         "rounds": _round_count(doc),
