@@ -228,6 +228,40 @@ def test_an_eager_spinner_ends_its_spin_when_every_core_is_taken(monkeypatch) ->
     assert len(yields) == 64  # 64 looks, a yield at each, far short of the 1 s budget
 
 
+def test_other_tasks_run_while_a_get_async_spins(monkeypatch) -> None:
+    policy = FutexWait(max_spinners=1, spin_us=1e6)
+    with (
+        BroadcastQueue(1, n_slots=8, slot_size=256) as writer,
+        BroadcastQueue.attach(writer.handle, 0, wait=policy) as reader,
+    ):
+        counts = _spin_record(reader, monkeypatch, False)  # a spin of up to 1 s
+        passes = 0
+
+        async def sibling(stop: asyncio.Event) -> None:
+            nonlocal passes
+            while not stop.is_set():
+                await asyncio.sleep(0)
+                passes += 1
+
+        async def main() -> Any:
+            stop = asyncio.Event()
+            other = asyncio.create_task(sibling(stop))
+            await asyncio.sleep(0)  # the sibling is running
+            before = passes
+            later(0.2, writer.put, "x")
+            got = await reader.get_async(timeout=10)
+            during = passes - before
+            stop.set()
+            await other
+            return got, during
+
+        got, during = run(main())
+    assert got == "x" and counts == [1, -1]  # taken in the spin phase, which lasted 0.2 s
+    # the loop made a pass at least every LOOP_PASS_EVERY of spinning: thousands in 0.2 s
+    # (one every 200 us would be 1,000, far below even a busy machine's figure)
+    assert during > 1000, during
+
+
 def test_kinds_and_many(pair) -> None:
     writer, reader = pair
     writer.put("object")

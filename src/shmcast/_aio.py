@@ -7,19 +7,20 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    A ``QueueTimeout`` from that attempt means "not yet", with nothing taken or sent.
 2. **Spin cooperatively.**  Within the budget :class:`~shmcast.FutexWait` would spin (twice the
    previous wait, at most ``spin_us``; ``min_spin_us`` after a long wait), the call looks at
-   the condition between passes of the event loop (``await asyncio.sleep(0)``): other tasks
-   run between two looks, so the loop is never blocked, and a message that comes quickly is
-   taken without any wake-up.  As in the synchronous path, a spinner is counted in the
-   queue's ``spinning`` word, and yields the CPU at every look (``sched_yield``); one that
-   holds one of the spare cores' places (eager) spins whatever the load, the others (polite)
-   do not start while every core is taken by work (:class:`~shmcast._wait.CpuLoad`); every
-   64 looks the load is looked at again, and a machine whose cores are all taken ends the
-   spin.  Unlike the sync spin, whose eager spinner yields every 16 looks, every look yields:
-   a look here is a pass of the loop (about 2.5 us, where a sync look is a load), so 16 of
-   them held a core for some 40 us, and with four readers on two cores the readers queued
-   behind it (p50 1.4 times the sync reader's, against 1.05 yielding at every look; measured
-   with four readers on two cores, docs/benchmarks.md).  An eager spinner that never yielded
-   held a core for its whole budget: a p99 of 4 ms, one scheduler slice.
+   the condition and yields the CPU (``sched_yield``), again and again, and lets the event
+   loop make a pass (``await asyncio.sleep(0)``) whenever :data:`LOOP_PASS_EVERY` (10 us)
+   have gone by since the last: other tasks run at least that often, so the loop is never
+   blocked, and a message that comes quickly is taken without any wake-up.  As in the
+   synchronous path, a spinner is counted in the queue's ``spinning`` word; one that holds
+   one of the spare cores' places (eager) spins whatever the load, the others (polite) do not
+   start while every core is taken by work (:class:`~shmcast._wait.CpuLoad`); every 64 looks
+   the load is looked at again, and a machine whose cores are all taken ends the spin.
+   Unlike the sync spin, whose eager spinner yields every 16 looks, every look yields, and
+   the loop does not pass at every look: a pass costs about 2.5 us where a look costs a load,
+   and with four readers on two cores, readers that passed at every look and yielded every
+   16 held a core for some 40 us between yields, the others queued behind them
+   (docs/benchmarks.md, "asyncio").  An eager spinner that never yielded held a core for its
+   whole budget: a p99 of 4 ms, one scheduler slice.
 3. **Sleep.**  A broadcast reader sleeps in its loop, on a descriptor the loop watches and
    the publisher's wake makes readable (:mod:`shmcast._loopwake`): where the kernel allows,
    its futex sleep itself, step 4 submitted through io_uring (docs/protocol.md "P3 through
@@ -89,6 +90,9 @@ Sleeper = LoopSleeper
 SLEEP_ENV = "SHMCAST_AIO_SLEEP"
 SLEEP_CHOICES = ("auto", "uring", "socket", "thread")
 
+#: The longest the cooperative spin looks (and yields the CPU) without a pass of the event
+#: loop, in seconds: other tasks wait at most that long, plus what the yields give away.
+LOOP_PASS_EVERY = 10e-6
 #: An awaiting reader whose loop watches its writer's pidfd looks at the ring (and logs a long
 #: wait) once per this many slices: the writer's death wakes it without a look.
 WATCHED_LOOK_SLICES = 16
@@ -199,17 +203,21 @@ class AsyncEndpoint(Endpoint):
                               detect: bool, end: float,
                               deadline: float | None) -> Any:  # fmt: skip
         """Step 2 until ``end`` (or ``deadline``): what ``attempt()`` returned, or _NOTHING.
-        Every look yields the CPU; every 64 looks the load is looked at again, and a machine
-        whose cores are all taken ends the spin.  ``eager``: the caller holds one of the
-        queue's spinning places, which this gives back."""
+        Every look yields the CPU, and the loop makes a pass whenever LOOP_PASS_EVERY has gone
+        by since the last; every 64 looks the load is looked at again, and a machine whose
+        cores are all taken ends the spin.  ``eager``: the caller holds one of the queue's
+        spinning places, which this gives back."""
         if deadline is not None:
             end = min(end, deadline)
         clock = time.monotonic
         waiter.count_spin(1)
         try:
             looks = 0
+            passed = clock()  # a pass of the loop at least every LOOP_PASS_EVERY from here
             while (now := clock()) < end:
-                await asyncio.sleep(0)  # one pass of the loop: other tasks run
+                if now - passed >= LOOP_PASS_EVERY:
+                    await asyncio.sleep(0)  # one pass of the loop: other tasks run
+                    passed = clock()
                 if waiter.ready():
                     try:
                         return attempt()
@@ -255,7 +263,7 @@ class AsyncEndpoint(Endpoint):
         cap, floor, max_spinners, polite, detect = self._aio_spin()
         budget = min(self._aio_budget, cap)
         try:
-            # Step 2: look between passes of the loop, counted in the queue's ``spinning``
+            # Step 2: look, with passes of the loop, counted in the queue's ``spinning``
             # word; a polite spinner does not start while every core is taken by work.
             if budget > 0:
                 limit = SPARE_CPUS if max_spinners is None else max_spinners
