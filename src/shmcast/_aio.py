@@ -11,16 +11,25 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    loop make a pass (``await asyncio.sleep(0)``) whenever :data:`LOOP_PASS_EVERY` (10 us)
    have gone by since the last: other tasks run at least that often, so the loop is never
    blocked, and a message that comes quickly is taken without any wake-up.  As in the
-   synchronous path, a spinner is counted in the queue's ``spinning`` word; one that holds
-   one of the spare cores' places (eager) spins whatever the load, the others (polite) do not
-   start while every core is taken by work (:class:`~shmcast._wait.CpuLoad`); every 64 looks
-   the load is looked at again, and a machine whose cores are all taken ends the spin.
-   Unlike the sync spin, whose eager spinner yields every 16 looks, every look yields, and
-   the loop does not pass at every look: a pass costs about 2.5 us where a look costs a load,
-   and with four readers on two cores, readers that passed at every look and yielded every
-   16 held a core for some 40 us between yields, the others queued behind them
-   (docs/benchmarks.md, "asyncio").  An eager spinner that never yielded held a core for its
-   whole budget: a p99 of 4 ms, one scheduler slice.
+   synchronous path, a spinner is counted in the queue's ``spinning`` word, one that does
+   not hold one of the spare cores' places spins only if the policy is ``polite``, and every
+   64 looks the load is looked at (:class:`~shmcast._wait.CpuLoad`): a machine whose cores
+   are all taken by work ends the spin.
+
+   Where it differs from the sync spin, measured with four readers on two cores
+   (docs/benchmarks.md, "asyncio"):
+
+   - Every look yields, and the loop does not pass at every look.  A pass costs about 2.5 us
+     where a look costs a load: readers that passed at every look and yielded every 16, as
+     the sync eager spinner does, held a core for some 40 us between yields, and the others
+     queued behind them.  (An eager spinner that never yielded held a core for its whole
+     budget: a p99 of 4 ms, one scheduler slice.)
+   - A machine found crowded when the wait begins does not keep the spin from starting: the
+     first look at the load is after 64 looks.  The sync spin naps a ``quantum_us`` (200
+     us) then, and spins once a core is free again; the loop's timers have a granularity of
+     a millisecond, so a nap here would last the whole budget, and a reader fed every
+     millisecond would pay a wake-up for every message that came in a burst of work (a p99
+     twice the sync reader's, against level with it now).
 3. **Sleep.**  A broadcast reader sleeps in its loop, on a descriptor the loop watches and
    the publisher's wake makes readable (:mod:`shmcast._loopwake`): where the kernel allows,
    its futex sleep itself, step 4 submitted through io_uring (docs/protocol.md "P3 through
@@ -264,12 +273,11 @@ class AsyncEndpoint(Endpoint):
         budget = min(self._aio_budget, cap)
         try:
             # Step 2: look, with passes of the loop, counted in the queue's ``spinning``
-            # word; a polite spinner does not start while every core is taken by work.
+            # word; without a spinning place only a polite spinner spins.
             if budget > 0:
                 limit = SPARE_CPUS if max_spinners is None else max_spinners
                 eager = waiter.begin_spin(limit)
-                crowded = detect and not eager and LOAD.crowded(start, waiter.spinning() + 1)
-                if eager or (polite and not crowded):
+                if eager or polite:
                     got = await self._aio_spin_phase(attempt, waiter, eager, detect,
                                                      start + budget, deadline)  # fmt: skip
                     if got is not _NOTHING:
