@@ -185,6 +185,7 @@ def test_cancelled_in_the_spin_phase_loses_nothing(pair) -> None:
         return got
 
     assert run(main()) == list(range(0, 200, 3))
+    assert _aio._HERE.count == 0  # every cancelled spin counted itself out
 
 
 def _spin_record(reader: BroadcastQueue, monkeypatch, crowded: bool) -> list[int]:
@@ -263,6 +264,38 @@ def test_other_tasks_run_while_a_get_async_spins(monkeypatch) -> None:
     # the loop made a pass at least every LOOP_PASS_EVERY of spinning: thousands in 0.2 s
     # (one every 200 us would be 1,000, far below even a busy machine's figure)
     assert during > 1000, during
+
+
+def test_calls_spinning_in_one_loop_share_its_passes(monkeypatch) -> None:
+    policy = FutexWait(max_spinners=2, spin_us=1e6)
+    writer = BroadcastQueue(2, n_slots=8, slot_size=256)
+    readers = [BroadcastQueue.attach(writer.handle, i, wait=policy) for i in range(2)]
+    try:
+        monkeypatch.setattr(_wait.LOAD, "crowded", lambda now, idle: False)
+        for r in readers:
+            r._aio_budget = 1.0  # spin phases of up to 1 s
+        seen: list[int] = []
+
+        async def watch(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                seen.append(_aio._HERE.count)
+                await asyncio.sleep(0)
+
+        async def main() -> list[Any]:
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(watch(stop))
+            later(0.2, writer.put, "x")
+            got = await asyncio.gather(*(r.get_async(timeout=10) for r in readers))
+            stop.set()
+            await watcher
+            return got
+
+        assert run(main()) == ["x", "x"]
+        # both spun at once, each taking its share of the loop's passes, and both counted out
+        assert max(seen) == 2 and _aio._HERE.count == 0
+    finally:
+        for q in [*readers, writer]:
+            q.close()
 
 
 def test_kinds_and_many(pair) -> None:

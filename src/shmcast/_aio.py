@@ -9,8 +9,9 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    previous wait, at most ``spin_us``; ``min_spin_us`` after a long wait), the call looks at
    the condition and yields the CPU (``sched_yield``), again and again, and lets the event
    loop make a pass (``await asyncio.sleep(0)``) whenever :data:`LOOP_PASS_EVERY` (10 us)
-   have gone by since the last: other tasks run at least that often, so the loop is never
-   blocked, and a message that comes quickly is taken without any wake-up.  As in the
+   have gone by since the last, a share of it each when several calls spin in one loop:
+   other tasks run at least that often, so the loop is never blocked, and a message that
+   comes quickly is taken without any wake-up.  As in the
    synchronous path, a spinner is counted in the queue's ``spinning`` word, one that does
    not hold one of the spare cores' places spins only if the policy is ``polite``, and every
    64 looks the load is looked at (:class:`~shmcast._wait.CpuLoad`): a machine whose cores
@@ -23,7 +24,10 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
      where a look costs a load: readers that passed at every look and yielded every 16, as
      the sync eager spinner does, held a core for some 40 us between yields, and the others
      queued behind them.  (An eager spinner that never yielded held a core for its whole
-     budget: a p99 of 4 ms, one scheduler slice.)
+     budget: a p99 of 4 ms, one scheduler slice.)  Calls spinning in one loop share the 10
+     us (eight of them taking 10 us each would make a round of the loop 80 us): eight
+     readers awaited in one loop stay level with a pass at every look
+     (benchmarks/aio_one_loop.py).
    - A machine found crowded when the wait begins does not keep the spin from starting: the
      first look at the load is after 64 looks.  The sync spin naps a ``quantum_us`` (200
      us) then, and spins once a core is free again; the loop's timers have a granularity of
@@ -101,7 +105,18 @@ SLEEP_CHOICES = ("auto", "uring", "socket", "thread")
 
 #: The longest the cooperative spin looks (and yields the CPU) without a pass of the event
 #: loop, in seconds: other tasks wait at most that long, plus what the yields give away.
+#: Several calls spinning in one loop share it: each passes after its share of it, so that
+#: they look in turn and the loop still makes a pass that often.
 LOOP_PASS_EVERY = 10e-6
+
+
+class _LoopSpinners(threading.local):
+    """How many calls spin cooperatively in this thread's event loop now."""
+
+    count = 0
+
+
+_HERE = _LoopSpinners()
 #: An awaiting reader whose loop watches its writer's pidfd looks at the ring (and logs a long
 #: wait) once per this many slices: the writer's death wakes it without a look.
 WATCHED_LOOK_SLICES = 16
@@ -219,12 +234,14 @@ class AsyncEndpoint(Endpoint):
         if deadline is not None:
             end = min(end, deadline)
         clock = time.monotonic
+        here = _HERE
         waiter.count_spin(1)
+        here.count += 1
         try:
             looks = 0
             passed = clock()  # a pass of the loop at least every LOOP_PASS_EVERY from here
             while (now := clock()) < end:
-                if now - passed >= LOOP_PASS_EVERY:
+                if (now - passed) * here.count >= LOOP_PASS_EVERY:
                     await asyncio.sleep(0)  # one pass of the loop: other tasks run
                     passed = clock()
                 if waiter.ready():
@@ -238,6 +255,7 @@ class AsyncEndpoint(Endpoint):
                     break  # every core is taken: sleep
             return _NOTHING
         finally:
+            here.count -= 1
             waiter.count_spin(-1)
             if eager:
                 waiter.end_spin()

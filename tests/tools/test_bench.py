@@ -7,8 +7,8 @@
   started is left: no process of its group, no shared-memory segment;
 - the report places each case (the core-to-core round trip around it) and compares large
   messages with this machine's memcpy;
-- the probes beside the harness run: ``call_costs.py`` (warm and cold), ``wake_floor.c`` and
-  ``wake_layers.py``;
+- the probes beside the harness run: ``call_costs.py`` (warm and cold), ``wake_floor.c``,
+  ``wake_layers.py`` and ``aio_one_loop.py``;
 - the saturated latency workload bounds the messages in flight per reader by the harness's
   credits, and the targets table gives each target per round and between the medians;
 - iceoryx2 (where its wheel is installed) runs every workload kind verified, through its own
@@ -529,6 +529,26 @@ def test_wake_layers_probe_reports_every_layer() -> None:
     for row in rows.values():
         median, largest = float(row[1]), float(row[3])
         assert 0 < median <= largest < 10_000_000, out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("rule", [[], ["--loop-pass-every", "0"]])
+def test_aio_one_loop_probe_reports_its_readers_latency(rule: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "aio_one_loop.py"), "--readers", "3", "--messages",
+         "60", "--warmup", "10", *rule],
+        capture_output=True, text=True, timeout=100, check=True,
+    ).stdout  # fmt: skip
+    got = re.search(r"p50 ([0-9.]+) us +p99 ([0-9.]+) us +\((\d+) samples\)", out)
+    assert got, out
+    p50, p99, samples = float(got[1]), float(got[2]), int(got[3])
+    assert 0 < p50 <= p99 < 10_000_000 and samples == 3 * 50, out
+    assert ("0 us" if rule else "default") in out
+    bad = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "aio_one_loop.py"), "--messages", "5", "--warmup", "5"],
+        capture_output=True, text=True, timeout=100,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--warmup < --messages" in bad.stderr
 
 
 @pytest.mark.timeout(180)
