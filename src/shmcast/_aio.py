@@ -7,11 +7,12 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    A ``QueueTimeout`` from that attempt means "not yet", with nothing taken or sent.
 2. **Spin cooperatively.**  Within the budget :class:`~shmcast.FutexWait` would spin (twice the
    previous wait, at most ``spin_us``; ``min_spin_us`` after a long wait), the call looks at
-   the condition and yields the CPU (``sched_yield``), again and again, and lets the event
-   loop make a pass (``await asyncio.sleep(0)``) whenever :data:`LOOP_PASS_EVERY` (10 us)
-   have gone by since the last, a share of it each when several calls spin in one loop:
-   other tasks run at least that often, so the loop is never blocked, and a message that
-   comes quickly is taken without any wake-up.  As in the
+   the condition and yields the CPU (``sched_yield``), again and again; it lets the event
+   loop make a pass (``await asyncio.sleep(0)``) first, and again whenever
+   :data:`LOOP_PASS_EVERY` (10 us) have gone by since the last, a share of it each when
+   several calls spin in one loop: other tasks run that often (and whenever a yield gives
+   the core to another process, this one waits too), so the loop is never blocked, and a
+   message that comes quickly is taken without any wake-up.  As in the
    synchronous path, a spinner is counted in the queue's ``spinning`` word, one that does
    not hold one of the spare cores' places spins only if the policy is ``polite``, and every
    64 looks the load is looked at (:class:`~shmcast._wait.CpuLoad`): a machine whose cores
@@ -25,9 +26,11 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
      the sync eager spinner does, held a core for some 40 us between yields, and the others
      queued behind them.  (An eager spinner that never yielded held a core for its whole
      budget: a p99 of 4 ms, one scheduler slice.)  Calls spinning in one loop share the 10
-     us (eight of them taking 10 us each would make a round of the loop 80 us): eight
-     readers awaited in one loop stay level with a pass at every look
-     (benchmarks/aio_one_loop.py).
+     us (eight of them taking 10 us each would make a round of the loop 80 us);
+     benchmarks/aio_one_loop.py compares readers awaited in one loop under both rules.  The
+     count of spinners is kept per loop, in an object the spin holds, so that a spin whose
+     end runs in another thread (a pending task of a closed loop, collected there) counts
+     itself out of its own loop.
    - A machine found crowded when the wait begins does not keep the spin from starting: the
      first look at the load is after 64 looks.  The sync spin naps a ``quantum_us`` (200
      us) then, and spins once a core is free again; the loop's timers have a granularity of
@@ -104,19 +107,38 @@ SLEEP_ENV = "SHMCAST_AIO_SLEEP"
 SLEEP_CHOICES = ("auto", "uring", "socket", "thread")
 
 #: The longest the cooperative spin looks (and yields the CPU) without a pass of the event
-#: loop, in seconds: other tasks wait at most that long, plus what the yields give away.
-#: Several calls spinning in one loop share it: each passes after its share of it, so that
-#: they look in turn and the loop still makes a pass that often.
+#: loop, in seconds (each spin begins with one): other tasks wait at most that long, plus
+#: what the yields give to other processes.  Several calls spinning in one loop share it:
+#: each passes after its share, so that they look in turn and the loop still passes as often.
 LOOP_PASS_EVERY = 10e-6
 
 
-class _LoopSpinners(threading.local):
-    """How many calls spin cooperatively in this thread's event loop now."""
+class _LoopSpinners:
+    """How many calls spin cooperatively in one event loop now (``count``)."""
 
-    count = 0
+    __slots__ = ("__weakref__", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
 
 
-_HERE = _LoopSpinners()
+#: event loop -> its _LoopSpinners (a spin keeps its own loop's, wherever its end runs)
+_SPINNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _spinners_in(loop: asyncio.AbstractEventLoop) -> _LoopSpinners:
+    got = _SPINNERS.get(loop)
+    if got is None:
+        got = _SPINNERS[loop] = _LoopSpinners()
+    return got
+
+
+def _pass_due(since: float, spinners: int) -> bool:
+    """Whether a spinner that let the loop pass ``since`` seconds ago, one of ``spinners``
+    in its loop, lets it pass now."""
+    return since * max(1, spinners) >= LOOP_PASS_EVERY
+
+
 #: An awaiting reader whose loop watches its writer's pidfd looks at the ring (and logs a long
 #: wait) once per this many slices: the writer's death wakes it without a look.
 WATCHED_LOOK_SLICES = 16
@@ -227,21 +249,21 @@ class AsyncEndpoint(Endpoint):
                               detect: bool, end: float,
                               deadline: float | None) -> Any:  # fmt: skip
         """Step 2 until ``end`` (or ``deadline``): what ``attempt()`` returned, or _NOTHING.
-        Every look yields the CPU, and the loop makes a pass whenever LOOP_PASS_EVERY has gone
-        by since the last; every 64 looks the load is looked at again, and a machine whose
-        cores are all taken ends the spin.  ``eager``: the caller holds one of the queue's
-        spinning places, which this gives back."""
+        Every look yields the CPU; the loop makes a pass first, then whenever this call's
+        share of LOOP_PASS_EVERY has gone by since the last; every 64 looks the load is looked
+        at again, and a machine whose cores are all taken ends the spin.  ``eager``: the
+        caller holds one of the queue's spinning places, which this gives back."""
         if deadline is not None:
             end = min(end, deadline)
         clock = time.monotonic
-        here = _HERE
+        here = _spinners_in(asyncio.get_running_loop())
         waiter.count_spin(1)
         here.count += 1
         try:
             looks = 0
-            passed = clock()  # a pass of the loop at least every LOOP_PASS_EVERY from here
+            passed = float("-inf")  # a pass is due at once
             while (now := clock()) < end:
-                if (now - passed) * here.count >= LOOP_PASS_EVERY:
+                if _pass_due(now - passed, here.count):
                     await asyncio.sleep(0)  # one pass of the loop: other tasks run
                     passed = clock()
                 if waiter.ready():

@@ -753,6 +753,13 @@ def test_asyncio_targets_compare_the_awaiting_reader_with_the_sync_one_and_the_p
     # no thread-pool reader with one reader: no row for it
     assert ("latency p50 thread pool / async", "dict r1") not in rows
     assert len(rows) == 5  # and the sync reader's own idle-CPU row
+    # a figure missing (or a sync figure of 0): the row stays, unmet, with no value
+    for case in cases:
+        if case["workload"] == "idle_cpu":
+            case["metrics"] = {} if case["impl"] == "shmcast-async" else {"reader_cpu_s_max": 0}
+    rows = {(r["target"], r["case"]): r for r in targets.compute_targets(doc)["figures"]}
+    idle = rows[("idle CPU async / sync", "dict r1")]
+    assert idle["per_round"] == [None, None] and idle["value"] is None and not idle["met"]
 
 
 def test_wake_floor_output_is_parsed_or_rejected(tmp_path: Path) -> None:
