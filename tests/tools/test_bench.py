@@ -721,6 +721,11 @@ def test_targets_give_every_round_and_the_medians() -> None:
     assert "2.00/0.67" in text and "1.20/0.50" in text
 
 
+def test_figures_are_printed_alike_on_both_sides_of_a_rounding() -> None:
+    got = [report._fmt(v) for v in (999.6, 1234.4, 99.96, 150.2, 12.34, 0.5, None)]
+    assert got == ["1,000", "1,234", "100", "150", "12.3", "0.50", "-"]
+
+
 def test_asyncio_targets_compare_the_awaiting_reader_with_the_sync_one_and_the_pool() -> None:
     cases = []
     for rnd, (sync, aio, pool) in enumerate([(40.0, 50.0, 150.0), (40.0, 70.0, 120.0)]):

@@ -229,10 +229,8 @@ def _fmt(value: Any) -> str:
         if math.isnan(value):
             return "-"
         magnitude = abs(value)
-        if magnitude >= 1000:
+        if magnitude >= 99.95:  # what rounds to 1,000 and more gets its comma too
             return f"{value:,.0f}"
-        if magnitude >= 100:
-            return f"{value:.0f}"
         if magnitude >= 10:
             return f"{value:.1f}"
         if magnitude >= 0.01:
