@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import multiprocessing
 import time
 from typing import Any
@@ -52,14 +53,15 @@ def _readers(handle: Any, n: int, warmup: int, pass_every: float | None, out: An
             q.close()
 
 
-def measure(readers: int, messages: int, interval_us: float, warmup: int,
+def measure(queue: BroadcastQueue, messages: int, interval_us: float, warmup: int,
             pass_every: float | None) -> tuple[float, float, int]:  # fmt: skip
-    """(p50 us, p99 us, samples) of one run."""
+    """(p50 us, p99 us, samples) of one run through ``queue`` (closed at the end)."""
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    with BroadcastQueue(readers) as queue:
+    with queue:
         child = ctx.Process(target=_readers,
-                            args=(queue.handle, readers, warmup, pass_every, out))  # fmt: skip
+                            args=(queue.handle, queue.n_readers, warmup, pass_every,
+                                  out))  # fmt: skip
         child.start()
         try:
             queue.wait_until_ready(60)  # every reader attached
@@ -88,11 +90,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--loop-pass-every", type=float, default=None, metavar="US")
     args = parser.parse_args()
-    if args.readers < 1 or args.interval_us <= 0 or not 0 <= args.warmup < args.messages:
-        parser.error("needs --readers >= 1, --interval-us > 0, 0 <= --warmup < --messages")
-    pass_every = None if args.loop_pass_every is None else args.loop_pass_every * 1e-6
-    p50, p99, n = measure(args.readers, args.messages, args.interval_us, args.warmup,
-                          pass_every)  # fmt: skip
+    every = args.loop_pass_every
+    if not (math.isfinite(args.interval_us) and args.interval_us > 0):
+        parser.error(f"--interval-us must be a positive number, not {args.interval_us}")
+    if every is not None and not (math.isfinite(every) and every >= 0):
+        parser.error(f"--loop-pass-every must be a number >= 0, not {every}")
+    if not 0 <= args.warmup < args.messages:
+        parser.error("needs 0 <= --warmup < --messages")
+    try:
+        queue = BroadcastQueue(args.readers)
+    except ValueError as exc:  # the number of readers
+        parser.error(str(exc))
+    pass_every = None if every is None else every * 1e-6
+    p50, p99, n = measure(queue, args.messages, args.interval_us, args.warmup, pass_every)
     rule = "default" if pass_every is None else f"{args.loop_pass_every:g} us"
     print(f"{args.readers} readers in one loop, a message every {args.interval_us:g} us, "
           f"loop pass every {rule}: p50 {p50:.1f} us  p99 {p99:.1f} us  ({n} samples)")  # fmt: skip

@@ -27,7 +27,8 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
      queued behind them.  (An eager spinner that never yielded held a core for its whole
      budget: a p99 of 4 ms, one scheduler slice.)  Calls spinning in one loop share the 10
      us (eight of them taking 10 us each would make a round of the loop 80 us);
-     benchmarks/aio_one_loop.py compares readers awaited in one loop under both rules.  The
+     benchmarks/aio_one_loop.py compares readers awaited in one loop under this rule and
+     with a pass at every look.  The
      count of spinners is kept per loop, in an object the spin holds, so that a spin whose
      end runs in another thread (a pending task of a closed loop, collected there) counts
      itself out of its own loop.
@@ -108,8 +109,9 @@ SLEEP_CHOICES = ("auto", "uring", "socket", "thread")
 
 #: The longest the cooperative spin looks (and yields the CPU) without a pass of the event
 #: loop, in seconds (each spin begins with one): other tasks wait at most that long, plus
-#: what the yields give to other processes.  Several calls spinning in one loop share it:
-#: each passes after its share, so that they look in turn and the loop still passes as often.
+#: what the yields give to other processes and the taking of a message that came.  Several
+#: calls spinning in one loop share it: each passes after its share, so that they look in
+#: turn and the loop still passes as often.
 LOOP_PASS_EVERY = 10e-6
 
 
@@ -127,9 +129,14 @@ _SPINNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _spinners_in(loop: asyncio.AbstractEventLoop) -> _LoopSpinners:
-    got = _SPINNERS.get(loop)
-    if got is None:
-        got = _SPINNERS[loop] = _LoopSpinners()
+    """``loop``'s count; a count of its own for each call in a loop that cannot be weakly
+    referenced (no sharing there, never an error)."""
+    try:
+        got = _SPINNERS.get(loop)
+        if got is None:
+            got = _SPINNERS[loop] = _LoopSpinners()
+    except TypeError:
+        return _LoopSpinners()
     return got
 
 
@@ -245,18 +252,19 @@ class AsyncEndpoint(Endpoint):
                 p.detect_crowding)  # fmt: skip
 
     @staticmethod
-    async def _aio_spin_phase(attempt: Callable[[], Any], waiter: Any, eager: bool,
+    async def _aio_spin_phase(attempt: Callable[[], Any], waiter: Any, here: _LoopSpinners,
+                              eager: bool,
                               detect: bool, end: float,
                               deadline: float | None) -> Any:  # fmt: skip
         """Step 2 until ``end`` (or ``deadline``): what ``attempt()`` returned, or _NOTHING.
         Every look yields the CPU; the loop makes a pass first, then whenever this call's
         share of LOOP_PASS_EVERY has gone by since the last; every 64 looks the load is looked
         at again, and a machine whose cores are all taken ends the spin.  ``eager``: the
-        caller holds one of the queue's spinning places, which this gives back."""
+        caller holds one of the queue's spinning places, which this gives back; ``here``:
+        the count of calls spinning in the caller's loop."""
         if deadline is not None:
             end = min(end, deadline)
         clock = time.monotonic
-        here = _spinners_in(asyncio.get_running_loop())
         waiter.count_spin(1)
         here.count += 1
         try:
@@ -316,9 +324,10 @@ class AsyncEndpoint(Endpoint):
             # word; without a spinning place only a polite spinner spins.
             if budget > 0:
                 limit = SPARE_CPUS if max_spinners is None else max_spinners
+                here = _spinners_in(asyncio.get_running_loop())
                 eager = waiter.begin_spin(limit)
                 if eager or polite:
-                    got = await self._aio_spin_phase(attempt, waiter, eager, detect,
+                    got = await self._aio_spin_phase(attempt, waiter, here, eager, detect,
                                                      start + budget, deadline)  # fmt: skip
                     if got is not _NOTHING:
                         return got

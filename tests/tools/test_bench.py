@@ -544,11 +544,16 @@ def test_aio_one_loop_probe_reports_its_readers_latency(rule: list[str]) -> None
     p50, p99, samples = float(got[1]), float(got[2]), int(got[3])
     assert 0 < p50 <= p99 < 10_000_000 and samples == 3 * 50, out
     assert ("0 us" if rule else "default") in out
-    bad = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "aio_one_loop.py"), "--messages", "5", "--warmup", "5"],
-        capture_output=True, text=True, timeout=100,
-    )  # fmt: skip
-    assert bad.returncode == 2 and "--warmup < --messages" in bad.stderr
+    for wrong, says in [
+        (["--messages", "5", "--warmup", "5"], "--warmup < --messages"),
+        (["--loop-pass-every", "nan"], "--loop-pass-every must be"),
+        (["--loop-pass-every", "-1"], "--loop-pass-every must be"),
+        (["--interval-us", "nan"], "--interval-us must be"),
+        (["--readers", "100000"], "n_readers must be"),
+    ]:
+        bad = subprocess.run([sys.executable, str(BENCHMARKS / "aio_one_loop.py"), *wrong],
+                             capture_output=True, text=True, timeout=100)  # fmt: skip
+        assert bad.returncode == 2 and says in bad.stderr, (wrong, bad.stderr)
 
 
 @pytest.mark.timeout(180)
@@ -722,8 +727,10 @@ def test_targets_give_every_round_and_the_medians() -> None:
 
 
 def test_figures_are_printed_alike_on_both_sides_of_a_rounding() -> None:
-    got = [report._fmt(v) for v in (999.6, 1234.4, 99.96, 150.2, 12.34, 0.5, None)]
-    assert got == ["1,000", "1,234", "100", "150", "12.3", "0.50", "-"]
+    values = (999.6, 1000.0, 1234.4, 99.96, 100.0, 150.2, 9.996, 10.0, 12.34, 0.5, None)
+    got = [report._fmt(v) for v in values]
+    assert got == ["1,000", "1,000", "1,234", "100", "100", "150", "10.0", "10.0", "12.3",
+                   "0.50", "-"]  # fmt: skip
 
 
 def test_asyncio_targets_compare_the_awaiting_reader_with_the_sync_one_and_the_pool() -> None:

@@ -228,10 +228,10 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
-        magnitude = abs(value)
-        if magnitude >= 99.95:  # what rounds to 1,000 and more gets its comma too
+        magnitude = abs(value)  # each format from where its rounding begins: 9.996 is "10.0"
+        if magnitude >= 99.95:
             return f"{value:,.0f}"
-        if magnitude >= 10:
+        if magnitude >= 9.995:
             return f"{value:.1f}"
         if magnitude >= 0.01:
             return f"{value:.2f}"
