@@ -10,13 +10,13 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
    the condition and yields the CPU (``sched_yield``), again and again; it lets the event
    loop make a pass (``await asyncio.sleep(0)``) first, and again whenever
    :data:`LOOP_PASS_EVERY` (10 us) have gone by since the last, a share of it each when
-   several calls spin in one loop: other tasks run that often (and whenever a yield gives
-   the core to another process, this one waits too), so the loop is never blocked, and a
-   message that comes quickly is taken without any wake-up.  As in the
-   synchronous path, a spinner is counted in the queue's ``spinning`` word, one that does
-   not hold one of the spare cores' places spins only if the policy is ``polite``, and every
-   64 looks the load is looked at (:class:`~shmcast._wait.CpuLoad`): a machine whose cores
-   are all taken by work ends the spin.
+   several calls spin in one loop.  Other tasks run that often, apart from the time a yield
+   gives the core to another process, so the loop is never blocked, and a message that comes
+   quickly is taken without any wake-up.  As in the synchronous path, a spinner is counted
+   in the queue's ``spinning`` word, one that does not hold one of the spare cores' places
+   spins only if the policy is ``polite``, and every 64 looks the load is looked at
+   (:class:`~shmcast._wait.CpuLoad`): a machine whose cores are all taken by work ends the
+   spin.
 
    Where it differs from the sync spin, measured with four readers on two cores
    (docs/benchmarks.md, "asyncio"):
@@ -28,10 +28,9 @@ How an awaitable call waits (docs/protocol.md, "asyncio"):
      budget: a p99 of 4 ms, one scheduler slice.)  Calls spinning in one loop share the 10
      us (eight of them taking 10 us each would make a round of the loop 80 us);
      benchmarks/aio_one_loop.py compares readers awaited in one loop under this rule and
-     with a pass at every look.  The
-     count of spinners is kept per loop, in an object the spin holds, so that a spin whose
-     end runs in another thread (a pending task of a closed loop, collected there) counts
-     itself out of its own loop.
+     with a pass at every look.  The count of spinners is kept per loop, in an object the
+     spin holds, so that a spin whose end runs in another thread (a pending task of a
+     closed loop, collected there) counts itself out of its own loop.
    - A machine found crowded when the wait begins does not keep the spin from starting: the
      first look at the load is after 64 looks.  The sync spin naps a ``quantum_us`` (200
      us) then, and spins once a core is free again; the loop's timers have a granularity of
