@@ -22,6 +22,7 @@ from _procs import (
     send_plan,
     writer_then_die,
 )
+from _waiters import ScriptedWaiter
 
 from shmcast import (
     BroadcastQueue,
@@ -268,22 +269,6 @@ def test_other_tasks_run_while_a_get_async_spins(monkeypatch) -> None:
     assert during > 5, during
 
 
-class _ReadyWaiter:
-    """A waiter whose condition already holds: a spin over it ends at its first look."""
-
-    def ready(self) -> bool:
-        return True
-
-    def count_spin(self, delta: int) -> None:
-        pass
-
-    def spinning(self) -> int:
-        return 0
-
-    def end_spin(self) -> None:
-        pass
-
-
 def test_a_spin_lets_the_loop_pass_before_its_first_look() -> None:
     async def main() -> tuple[Any, int]:
         ran = 0
@@ -295,15 +280,17 @@ def test_a_spin_lets_the_loop_pass_before_its_first_look() -> None:
         task = asyncio.create_task(sibling())  # scheduled, not run yet
         spinners = _aio._spinners_in(asyncio.get_running_loop())
         got = await _aio.AsyncEndpoint._aio_spin_phase(
-            lambda: "x", _ReadyWaiter(), spinners, False, False, time.monotonic() + 10, None
+            lambda: "x", waiter, spinners, False, False, time.monotonic() + 10, None
         )
         seen = ran  # before the sibling's task is awaited below
         await task
         return got, seen
 
+    waiter = ScriptedWaiter(ready_on=1)  # a spin over it ends at its first look
     # The message was there at the first look, and the sibling still ran: a consumer whose
     # messages come a little after it asks cannot keep the loop from other tasks.
     assert run(main()) == ("x", 1)
+    assert waiter.ready_calls == 1 and waiter.spinning_now == 0  # counted in and out
 
 
 def test_the_loop_passes_after_each_spinners_share_of_the_interval() -> None:
