@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from shmcast import BroadcastQueue, _aio
+from shmcast._tools.bench.stats import latency_summary
 
 
 def _readers(handle: Any, n: int, warmup: int, pass_every: float | None, out: Any) -> None:
@@ -47,7 +48,7 @@ def _readers(handle: Any, n: int, warmup: int, pass_every: float | None, out: An
 
     try:
         asyncio.run(main())
-        out.put(sorted(latencies))
+        out.put(latencies)
     finally:
         for q in queues:
             q.close()
@@ -79,7 +80,8 @@ def measure(queue: BroadcastQueue, messages: int, interval_us: float, warmup: in
             if child.is_alive():
                 child.kill()
                 child.join(timeout=10)
-    return got[len(got) // 2] / 1e3, got[int(len(got) * 0.99)] / 1e3, len(got)
+    summary = latency_summary(got)  # the bench's percentiles
+    return summary["p50_us"], summary["p99_us"], summary["count"]
 
 
 def main() -> None:
